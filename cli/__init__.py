@@ -1,0 +1,1 @@
+"""The `wsmerge` command line: thin click commands over the libraries."""

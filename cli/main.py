@@ -1,0 +1,316 @@
+"""wsmerge: merge, inspect and generate neural-network weights.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage. Tracebacks are
+shown only with -v or WSMERGE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from weightspace.errors import WeightspaceError
+
+DEBUG_ENV = "WSMERGE_DEBUG"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from weightspace.sink import parse_size
+
+        try:
+            return parse_size(value)
+        except WeightspaceError as e:
+            self.fail(str(e), param, ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and per-tensor detail.")
+@click.version_option(package_name="weightspace", prog_name="wsmerge")
+def wsmerge(verbose: bool) -> None:
+    """Merge, inspect and generate neural-network weights.
+
+    \b
+    Start here:
+      wsmerge demo                        build tiny models and merge them several ways
+      wsmerge methods                     every merge method, its parameters and defaults
+      wsmerge run spec.yaml out/          run a YAML merge spec (mergekit's schema)
+      wsmerge run spec.yaml out/ --dry-run   the plan only: tensors, bytes, peak memory
+      wsmerge inspect MODEL --vs OTHER    structure, dtypes, per-tensor cosine vs OTHER
+
+    Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage. Set WSMERGE_DEBUG=1
+    (or pass -v) to see tracebacks.
+    """
+    if verbose:
+        os.environ[DEBUG_ENV] = "1"
+
+
+@wsmerge.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan; read no tensor data.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the math runs: auto, cpu, cuda or cuda:N.")
+@click.option("--shard-size", type=SizeType(), default="5G", show_default=True,
+              help="Largest output shard, in bytes or with K/M/G suffix (decimal; KiB/MiB/GiB binary).")
+@click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Output dtype; overrides the spec's out_dtype/dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
+@click.option("--allow-nonfinite", is_flag=True, help="Write NaN/Inf results instead of refusing.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan or the run's stats as JSON.")
+def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: int,
+        out_dtype: str | None, overwrite: bool, allow_nonfinite: bool, no_progress: bool,
+        as_json: bool) -> None:
+    """Run the merge described by SPEC (YAML) and write a checkpoint to OUT.
+
+    SPEC uses mergekit's schema (merge_method, base_model, models[].model,
+    models[].parameters, parameters, dtype, out_dtype, tokenizer_source,
+    slices). Models are local paths or Hub ids (org/name@revision); a path
+    that exists on disk never touches the network.
+
+    OUT becomes a directory that transformers' from_pretrained loads: sharded
+    safetensors with an index, config.json, tokenizer files and a model card.
+    It is written beside OUT and renamed into place only when complete.
+
+    \b
+    Example:
+      wsmerge run examples/ties.yaml out/ties
+      wsmerge run examples/ties.yaml --dry-run
+    """
+    from weightspace.merge import plan_merge, run_plan
+    from weightspace.spec import load_spec
+
+    if out is None and not dry_run:
+        raise click.UsageError("missing OUT (the output directory); or pass --dry-run")
+    if out is not None and not dry_run:
+        from weightspace.sink import check_output
+
+        check_output(out, overwrite)
+    s = load_spec(spec)
+    plan = plan_merge(s, spec_dir=spec.parent, out_dtype=out_dtype)
+    summary = plan.summary(shard_size)
+    if dry_run:
+        if as_json:
+            summary["steps"] = [
+                {"name": st.name, "shape": list(st.shape), "dtype": str(st.dtype).replace("torch.", ""),
+                 "read_bytes": st.read_bytes, "t": st.info.get("t")}
+                for st in plan.steps
+            ]
+            click.echo(json.dumps(summary, indent=2))
+            return
+        _print_plan(summary, plan)
+        return
+    progress = not no_progress and sys.stderr.isatty()
+    t0 = time.perf_counter()
+    stats = run_plan(plan, out, device=device, shard_size=shard_size, overwrite=overwrite,
+                     allow_nonfinite=allow_nonfinite, progress=progress)
+    dt = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps({**summary, **stats, "wall_seconds": dt}, indent=2))
+        return
+    click.echo(
+        f"{plan.method.name}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+        f"read {_human(stats['read_bytes'])}, wrote {_human(stats['written_bytes'])} "
+        f"in {stats['shards']} shard(s) to {out} in {dt:.2f} s"
+    )
+
+
+def _print_plan(summary: dict, plan) -> None:
+    click.echo(f"merge_method   {summary['merge_method']}")
+    if summary["base_model"]:
+        click.echo(f"base_model     {summary['base_model']}")
+    click.echo(f"models         {', '.join(summary['models'])}")
+    click.echo(f"tensors        {summary['tensors']} ({summary['parameters']:,} parameters)")
+    if summary["num_layers"]:
+        click.echo(f"layers         {summary['num_layers']}")
+    click.echo(f"compute dtype  {summary['compute_dtype']}; output dtypes {summary['out_dtypes']}")
+    click.echo(f"will read      {_human(summary['read_bytes'])}")
+    click.echo(f"will write     {_human(summary['write_bytes'])} in {summary['shards']} shard(s)")
+    click.echo(f"peak memory    about {_human(summary['estimated_peak_tensor_bytes'])} of tensors "
+               f"(plus the Python/torch runtime, ~0.3-0.5 GiB)")
+    for n in summary["notes"]:
+        click.echo(f"note           {n}")
+    if _debug():
+        for st in plan.steps:
+            dt = str(st.dtype).replace("torch.", "")
+            click.echo(f"  {st.name}  {list(st.shape)} {dt}  t={st.info.get('t', 0):.3f}")
+
+
+@wsmerge.command()
+@click.argument("model")
+@click.option("--vs", "other", default=None, help="Compare with this model, tensor by tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--top", default=10, show_default=True, help="With --vs: list the N most-changed tensors.")
+def inspect(model: str, other: str | None, as_json: bool, top: int) -> None:
+    """Describe MODEL: parameters, dtypes, shards, layer structure.
+
+    With --vs OTHER, also per-tensor cosine similarity and relative
+    difference ||a-b||/||a|| (streamed; one tensor pair in memory at a time).
+
+    \b
+    Example:
+      wsmerge inspect out/ties --vs examples/models/tiny-base
+    """
+    from weightspace.inspect import compare, summarize
+    from weightspace.sources import load_space
+
+    a = load_space(model)
+    info = summarize(a)
+    cmp = compare(a, load_space(other)) if other else None
+    if as_json:
+        click.echo(json.dumps({"model": info, "comparison": cmp}, indent=2))
+        return
+    click.echo(f"{info['source']}  ({info['format']}{', ' + info['model_type'] if info['model_type'] else ''})")
+    click.echo(f"  tensors     {info['tensors']}")
+    click.echo(f"  parameters  {info['parameters']:,} ({_human(info['bytes'])})")
+    click.echo("  dtypes      " + ", ".join(f"{k}: {v:,}" for k, v in info["dtypes"].items()))
+    if info["files"]:
+        click.echo(f"  files       {len(info['files'])}: " + ", ".join(
+            f"{f['name']} ({_human(f['bytes'])})" for f in info["files"][:6])
+            + (" ..." if len(info["files"]) > 6 else ""))
+    stacks = ", ".join(f"{p}.N x {n}" for p, n in info["layer_stacks"].items()) or "none"
+    click.echo(f"  layers      {stacks}")
+    click.echo(f"  non-layer   {len(info['non_layer_tensors'])} tensors")
+    if cmp is None:
+        return
+    click.echo(f"\nvs {cmp['b']}")
+    click.echo(f"  overall relative diff  {cmp['overall_rel_diff']:.6g}")
+    if cmp["min_cosine"] is not None:
+        click.echo(f"  min cosine             {cmp['min_cosine']:.6f}")
+    for key, label in (("only_in_a", "only in MODEL"), ("only_in_b", "only in OTHER")):
+        if cmp[key]:
+            click.echo(f"  {label}: {len(cmp[key])} tensors, e.g. {cmp[key][0]}")
+    for m in cmp["shape_mismatch"][:5]:
+        click.echo(f"  shape mismatch {m['name']}: {m['shape_a']} vs {m['shape_b']}")
+    rows = sorted(cmp["tensors"], key=lambda r: -r["rel_diff"])[:top]
+    if rows:
+        w = max(len(r["name"]) for r in rows)
+        click.echo(f"\n  {'tensor':<{w}}  {'cosine':>9}  {'rel diff':>10}")
+        for r in rows:
+            click.echo(f"  {r['name']:<{w}}  {r['cosine']:>9.5f}  {r['rel_diff']:>10.4g}")
+
+
+@wsmerge.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("name", required=False)
+def methods(as_json: bool, name: str | None) -> None:
+    """List every merge method with its parameters and defaults (or one, by NAME)."""
+    from weightspace.methods import all_methods, get_method
+
+    ms = {name: get_method(name)} if name else all_methods()
+
+    def pinfo(p) -> dict:
+        return {"name": p.name, "type": p.kind.__name__, "default": p.default,
+                "required": p.required and p.default is None, "doc": p.doc}
+
+    data = [
+        {"name": m.name, "pretty_name": m.pretty_name, "paper": m.paper, "url": m.reference_url,
+         "base_model": m.uses_base, "models": [m.min_models, m.max_models],
+         "global_parameters": [pinfo(p) for p in m.all_global_params()],
+         "model_parameters": [pinfo(p) for p in m.model_params],
+         "companions": list(m.companions)}
+        for m in ms.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for d in data:
+        base = {"required": "base model required", "optional": "base model optional",
+                "none": "no base model"}[d["base_model"]]
+        lo, hi = d["models"]
+        count = f"{lo}+" if hi is None else (str(lo) if lo == hi else f"{lo}-{hi}")
+        click.echo(f"{d['name']}  -  {d['pretty_name'] or d['name']} ({base}; {count} model(s))")
+        if d["paper"]:
+            click.echo(f"    {d['paper']}" + (f"  {d['url']}" if d["url"] else ""))
+        for kind in ("global_parameters", "model_parameters"):
+            for p in d[kind]:
+                where = "global" if kind == "global_parameters" else "per model"
+                req = "required" if p["required"] else f"default {p['default']!r}"
+                doc = f"  {p['doc']}" if p["doc"] else ""
+                click.echo(f"    {p['name']:<18} {p['type']:<5} {where:<9} {req}{doc}")
+        click.echo("")
+
+
+@wsmerge.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="wsmerge-demo")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def demo(out: Path, device: str) -> None:
+    """Build tiny checkpoints and merge them with several methods; needs no downloads.
+
+    Writes a base model and three "fine-tunes" (base + seeded deltas) to
+    OUT/models, merges them with linear, task_arithmetic, ties, dare_ties,
+    slerp and model_stock into OUT/merges, and prints how far each merge
+    lands from its inputs.
+    """
+    from cli.demo import run_demo
+
+    run_demo(out, device=device, echo=click.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point with our exit codes and error style."""
+
+    def _term(signum, frame):  # turn SIGTERM into a clean, atomic abort
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _term)
+    except ValueError:  # not the main thread (tests)
+        pass
+    try:
+        wsmerge.main(args=argv, prog_name="wsmerge", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        return 130
+    except WeightspaceError as e:
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - last resort, keep the one-line style
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for a traceback)", err=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

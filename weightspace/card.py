@@ -1,0 +1,49 @@
+"""README.md model cards with Hub metadata for merge outputs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import yaml
+
+if TYPE_CHECKING:
+    from weightspace.merge import MergePlan
+
+
+def _hub_name(ref: str) -> str | None:
+    """A Hub id for the card's `base_model`, or None for local paths."""
+    from weightspace.sources import HUB_ID_RE
+
+    if HUB_ID_RE.match(ref) and not ref.startswith((".", "/", "~")):
+        from pathlib import Path
+
+        if not Path(ref).exists():
+            return ref.split("@")[0]
+    return None
+
+
+def model_card(plan: MergePlan) -> str:
+    m = plan.method
+    refs = list(dict.fromkeys(plan.spaces))
+    hub = [h for r in refs if (h := plan.spaces[r].meta.get("hub_id") or _hub_name(r))]
+    front: dict = {}
+    if hub:
+        front["base_model"] = hub if len(hub) > 1 else hub[0]
+    front["library_name"] = "transformers"
+    front["tags"] = ["merge", "weightspace", m.name]
+    title = plan.spec.name or "merged model"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
+    pretty = m.pretty_name or m.name
+    lines.append(f"This model was made with [weightspace](https://pypi.org/project/weightspace/) "
+                 f"using the **{pretty}** merge method (`{m.name}`).")
+    if m.paper:
+        cite = f"[{m.paper}]({m.reference_url})" if m.reference_url else m.paper
+        lines += ["", f"Method: {cite}."]
+    lines += ["", "## Models merged", ""]
+    if plan.spec.base_model:
+        lines.append(f"- base: `{plan.spec.base_model}`")
+    for r in refs:
+        if r != plan.spec.base_model:
+            lines.append(f"- `{r}`")
+    lines += ["", "## Spec", "", "```yaml", plan.spec.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)

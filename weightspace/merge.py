@@ -1,0 +1,439 @@
+"""Turn a validated spec into a per-tensor plan, and run it.
+
+    plan = plan_merge(load_spec("ties.yaml"))      # reads headers only
+    print(plan.summary())
+    run_plan(plan, "out/", device="auto")          # streams tensor by tensor
+
+Everything that can be wrong with a spec or its inputs (unknown method or
+parameter, missing tensors, shapes or layer counts that disagree, bad
+layer ranges) is found here, before the first tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weightspace.errors import InputError, SpecError
+from weightspace.executor import Step, estimate_peak_bytes, execute
+from weightspace.ir import TensorRef, WeightSpace
+from weightspace.methods import MergeMethod, Param, TensorParams, get_method, suggest
+from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink, check_output
+from weightspace.sources import load_space
+from weightspace.spec import Condition, MergeSpec, parse_dtype
+from weightspace.structure import depth_t, is_pre_weight, parse_layer
+
+PREFETCH = 2
+
+
+@dataclass
+class MergePlan:
+    spec: MergeSpec
+    method: MergeMethod
+    steps: list[Step]
+    spaces: dict[str, WeightSpace]
+    reference: str  # model whose config/non-layer tensors lead
+    config: dict | None
+    tokenizer_files: dict[str, Path]
+    compute_dtype: torch.dtype
+    num_layers: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(s.read_bytes for s in self.steps)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(s.out_bytes for s in self.steps)
+
+    def peak_bytes(self) -> int:
+        return estimate_peak_bytes(self.steps, self.compute_dtype, PREFETCH)
+
+    def summary(self, shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
+        out_dtypes: dict[str, int] = {}
+        for s in self.steps:
+            k = str(s.dtype).replace("torch.", "")
+            out_dtypes[k] = out_dtypes.get(k, 0) + 1
+        from weightspace.sink import plan_shards
+
+        shards = plan_shards([(s.name, s.dtype, s.shape) for s in self.steps], shard_size)
+        return {
+            "merge_method": self.method.name,
+            "models": list(self.spaces),
+            "base_model": self.spec.base_model,
+            "tensors": len(self.steps),
+            "parameters": sum(s.out_bytes // s.dtype.itemsize for s in self.steps),
+            "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes,
+            "shards": len(shards),
+            "out_dtypes": out_dtypes,
+            "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+            "num_layers": self.num_layers,
+            "estimated_peak_tensor_bytes": self.peak_bytes(),
+            "notes": self.notes,
+        }
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
+    """mergekit's rule: scalar as is; numeric list interpolated at t; conditions, first match."""
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            if isinstance(cond, Condition):
+                if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                    return evaluate(cond.value, tensor_name, t)
+        return None
+    return setting
+
+
+class _Resolver:
+    """Looks a parameter up: source -> slice -> global spec -> method default."""
+
+    def __init__(self, method: MergeMethod, spec: MergeSpec):
+        self.method = method
+        self.spec = spec
+        self.globals = {p.name: p for p in method.all_global_params()}
+        self.per_model = {p.name: p for p in method.model_params}
+        for c in method.companions:
+            self.per_model.setdefault(c, Param(c, required=True, kind=str))
+
+    def check_names(self, params: dict | None, where: str, per_model: bool) -> None:
+        known = set(self.per_model) | (set() if per_model else set(self.globals))
+        if not per_model:
+            known |= set(self.per_model)  # mergekit lets global `parameters` set per-model defaults
+        for name in params or {}:
+            if name not in known:
+                listing = ", ".join(sorted(known)) or "none"
+                raise SpecError(
+                    f"{where}.{name}: unknown parameter for merge_method {self.method.name!r}."
+                    f"{suggest(name, sorted(known))} Its parameters: {listing}"
+                )
+
+    def value(self, p: Param, tensor: str, t: float, layers: list[dict | None], where: str,
+              required: bool) -> Any:
+        for params in layers:
+            if params and p.name in params:
+                v = evaluate(params[p.name], tensor, t)
+                if v is not None:
+                    return p.coerce(v, f"{where}.{p.name} for tensor {tensor!r}")
+        if p.default is None and p.required and required:
+            raise SpecError(f"missing required parameter {p.name!r} ({where}) for tensor {tensor!r}")
+        return p.default
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class _Source:
+    ref: str  # model reference as written in the spec
+    params: dict | None
+    layer_range: tuple[int, int] | None
+
+
+def _open_all(spec: MergeSpec, spec_dir: Path | None) -> dict[str, WeightSpace]:
+    refs: list[str] = []
+    if spec.base_model:
+        refs.append(spec.base_model)
+    for m in spec.models or []:
+        refs.append(m.model)
+    for sl in spec.slices or []:
+        if sl.base_model:
+            refs.append(sl.base_model)
+        refs.extend(s.model for s in sl.sources)
+    if spec.tokenizer_source not in (None, "base", "union"):
+        refs.append(spec.tokenizer_source)
+    spaces: dict[str, WeightSpace] = {}
+    for r in refs:
+        if r not in spaces:
+            if "+" in r and not Path(r).exists():
+                raise SpecError(f"model {r!r}: LoRA references (model+lora) are not supported yet")
+            spaces[r] = load_space(r, base_dir=spec_dir)
+    return spaces
+
+
+def _num_layers(space: WeightSpace) -> int:
+    return space.structure().num_layers
+
+
+def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
+               out_dtype: str | None = None) -> MergePlan:
+    """Validate a spec against its inputs and build the per-tensor plan (headers only)."""
+    method = get_method(spec.merge_method)
+    resolver = _Resolver(method, spec)
+    # parameter names, before anything is opened
+    resolver.check_names(spec.parameters, "parameters", per_model=False)
+    for i, m in enumerate(spec.models or []):
+        resolver.check_names(m.parameters, f"models[{i}].parameters", per_model=True)
+    for i, sl in enumerate(spec.slices or []):
+        resolver.check_names(sl.parameters, f"slices[{i}].parameters", per_model=False)
+        for j, s in enumerate(sl.sources):
+            resolver.check_names(s.parameters, f"slices[{i}].sources[{j}].parameters", per_model=True)
+    if spec.tokenizer_source == "union":
+        raise SpecError("tokenizer_source: 'union' is not supported yet; use 'base' or a model")
+    out_dt_name = out_dtype or spec.out_dtype
+    parse_dtype(out_dt_name, "out_dtype")
+
+    spaces = _open_all(spec, Path(spec_dir) if spec_dir else None)
+    base = spec.base_model
+    uses_base = method.uses_base != "none"
+    if base and not uses_base:
+        pass  # mergekit ignores base_model for such methods unless it is also listed in models
+
+    if spec.models:
+        slices = [[_Source(m.model, m.parameters, None) for m in spec.models]]
+        if base and uses_base and all(m.model != base for m in spec.models):
+            slices[0].append(_Source(base, None, None))
+        layered = False
+    else:
+        slices = [[_Source(s.model, s.parameters, tuple(s.layer_range)) for s in sl.sources]
+                  for sl in spec.slices]
+        for k, sl in enumerate(spec.slices):
+            sb = sl.base_model or base
+            if sb and uses_base and all(s.model != sb for s in sl.sources):
+                raise SpecError(f"slices[{k}]: base_model {sb!r} must be one of the slice's sources")
+        layered = True
+
+    def members(srcs: list[_Source], slice_idx: int) -> tuple[str | None, list[_Source]]:
+        sb = (spec.slices[slice_idx].base_model if spec.slices else None) or base
+        if uses_base and sb:
+            return sb, [s for s in srcs if s.ref != sb]
+        return None, list(srcs)
+
+    for k, srcs in enumerate(slices):
+        b, others = members(srcs, k)
+        try:
+            method.check(len(others), b is not None)
+        except SpecError as e:
+            where = f"slices[{k}]: " if spec.slices else ""
+            raise SpecError(f"{where}{e}") from None
+
+    reference = base if (base and base in spaces) else slices[0][0].ref
+    ref_space = spaces[reference]
+    compute_dtype = spec.compute_dtype
+    spec_out = parse_dtype(out_dt_name) or parse_dtype(spec.dtype)
+
+    def out_dtype_for(ref: TensorRef) -> torch.dtype:
+        if not ref.dtype.is_floating_point:
+            return ref.dtype
+        return spec_out or ref.dtype
+
+    steps: list[Step] = []
+    notes: list[str] = []
+
+    def add_step(out_name: str, slice_idx: int, srcs: list[_Source], in_names: list[str], t: float,
+                 layer: int | None) -> None:
+        sb, others = members(srcs, slice_idx)
+        order = ([sb] if sb else []) + [s.ref for s in others]
+        name_of = dict(zip([s.ref for s in srcs], in_names))
+        if sb and sb not in name_of:
+            name_of[sb] = in_names[0]
+        refs = []
+        for r in order:
+            space = spaces[r]
+            n = name_of[r]
+            if n not in space:
+                raise InputError(f"tensor {n!r} is missing from model {r!r} ({space.source})")
+            refs.append(space[n])
+        first = refs[0]
+        for r, tref in zip(order[1:], refs[1:]):
+            if tref.shape != first.shape:
+                raise InputError(
+                    f"tensor {tref.name!r}: shape {list(tref.shape)} in model {r!r} does not match "
+                    f"{list(first.shape)} in model {order[0]!r}"
+                )
+        if not first.dtype.is_floating_point:
+            # integer buffers (position ids, counters) are copied from the reference, not merged
+            steps.append(Step(out_name, first.shape, first.dtype, [first], lambda ts: ts[0],
+                              cast_inputs=False, info={"copied_from": order[0]}))
+            return
+        sp = spec.slices[slice_idx].parameters if spec.slices else None
+        glob_layers = [sp, spec.parameters]
+        gvals = {
+            p.name: resolver.value(p, out_name, t, glob_layers, "parameters", True)
+            for p in method.all_global_params()
+        }
+        per_model = []
+        for s in others:
+            per_model.append({
+                p.name: resolver.value(p, in_names[[x.ref for x in srcs].index(s.ref)], t,
+                                       [s.params, sp, spec.parameters],
+                                       f"parameters of model {s.ref!r}", True)
+                for p in resolver.per_model.values()
+            })
+        params = TensorParams(values=gvals, per_model=per_model, layer=layer, t=t,
+                              seed=int(gvals.get("seed", 0) or 0), tensor_name=out_name)
+        comp_refs: list[TensorRef] = []
+        comp_names = list(method.companions)
+        for c in comp_names:
+            for pm in per_model:
+                cspace = spaces.get(pm[c]) or load_space(pm[c])
+                spaces.setdefault(pm[c], cspace)
+                comp_refs.append(cspace[name_of[others[0].ref]])
+        has_base = sb is not None
+        n_others = len(others)
+        steps.append(Step(out_name, first.shape, out_dtype_for(first), refs + comp_refs,
+                          _merge_fn(method, out_name, has_base, n_others, params, comp_names),
+                          info={"t": t, "layer": layer, "models": order}))
+
+    num_layers_out: int | None = None
+    if not layered:
+        srcs = slices[0]
+        counts = {s.ref: _num_layers(spaces[s.ref]) for s in srcs}
+        if len(set(counts.values())) > 1:
+            desc = ", ".join(f"{r!r} has {n}" for r, n in counts.items())
+            raise InputError(f"the models have different numbers of layers: {desc}")
+        names = list(ref_space)
+        ref_names = set(names)
+        for s in srcs:
+            extra = [n for n in spaces[s.ref] if n not in ref_names]
+            if extra:
+                raise InputError(
+                    f"tensor {extra[0]!r} is in model {s.ref!r} but not in {reference!r}"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                )
+        struct = ref_space.structure()
+        num_layers_out = struct.num_layers or None
+        for n in names:
+            ln = parse_layer(n)
+            add_step(n, 0, srcs, [n] * len(srcs), depth_t(n, struct), ln.index if ln else None)
+    else:
+        # layer stacking (mergekit slices): the main stack is re-indexed, other tensors
+        # come from the first slice (embeddings) or the last (norm, head)
+        struct = ref_space.structure()
+        prefix = struct.main_prefix
+        if prefix is None:
+            raise InputError(f"model {reference!r} has no layer stack to slice")
+        for k, srcs in enumerate(slices):
+            for s in srcs:
+                n = spaces[s.ref].structure().stacks.get(prefix, 0)
+                lo, hi = s.layer_range
+                if hi > n:
+                    raise SpecError(f"slices[{k}]: layer_range {[lo, hi]} is outside model {s.ref!r}, "
+                                    f"which has {n} layers")
+            lens = {s.layer_range[1] - s.layer_range[0] for s in srcs}
+            if len(lens) > 1:
+                raise SpecError(f"slices[{k}]: all sources of a slice must span the same number of layers")
+        for n in ref_space:
+            ln = parse_layer(n)
+            if ln is not None and ln.prefix != prefix:
+                raise InputError(f"tensor {n!r}: slices support one layer stack ({prefix!r}) only")
+        pre = [n for n in ref_space if parse_layer(n) is None and is_pre_weight(n)]
+        post = [n for n in ref_space if parse_layer(n) is None and not is_pre_weight(n)]
+        for n in pre:
+            add_step(n, 0, slices[0], [n] * len(slices[0]), 0.0, None)
+        out_layer = 0
+        for k, srcs in enumerate(slices):
+            first = srcs[0]
+            count = first.layer_range[1] - first.layer_range[0]
+            suffixes = [parse_layer(n).suffix for n in spaces[first.ref]
+                        if (ln := parse_layer(n)) and ln.prefix == prefix and ln.index == first.layer_range[0]]
+            for idx in range(count):
+                t = idx / (count - 1) if count > 1 else 1.0
+                for suf in suffixes:
+                    tail = f".{suf}" if suf else ""
+                    in_names = [f"{prefix}.{s.layer_range[0] + idx}{tail}" for s in srcs]
+                    add_step(f"{prefix}.{out_layer}{tail}", k, srcs, in_names, t, out_layer)
+                out_layer += 1
+        for n in post:
+            add_step(n, len(slices) - 1, slices[-1], [n] * len(slices[-1]), 1.0, None)
+        num_layers_out = out_layer
+        if out_layer != struct.num_layers:
+            notes.append(f"output has {out_layer} layers (input {reference!r} has {struct.num_layers})")
+
+    seen = set()
+    for s in steps:
+        if s.name in seen:
+            raise SpecError(f"tensor {s.name!r} would be written twice; check the slices")
+        seen.add(s.name)
+
+    config = _output_config(ref_space.meta.get("config"), spec_out, num_layers_out if layered else None)
+    tok_src = spec.tokenizer_source
+    tok_space = spaces[reference] if tok_src in (None, "base") else spaces[tok_src]
+    tokenizer_files = dict(tok_space.meta.get("files") or {})
+    return MergePlan(spec=spec, method=method, steps=steps, spaces=spaces, reference=reference,
+                     config=config, tokenizer_files=tokenizer_files, compute_dtype=compute_dtype,
+                     num_layers=num_layers_out, notes=notes)
+
+
+def _merge_fn(method: MergeMethod, name: str, has_base: bool, n_others: int, params: TensorParams,
+              comp_names: list[str]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    def fn(ts: list[torch.Tensor]) -> torch.Tensor:
+        i = 0
+        base = None
+        if has_base:
+            base, i = ts[0], 1
+        tensors = ts[i : i + n_others]
+        rest = ts[i + n_others :]
+        companions = {c: rest[j * n_others : (j + 1) * n_others] for j, c in enumerate(comp_names)}
+        return method.merge(name, base, tensors, params, companions)
+
+    return fn
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _output_config(config: dict | None, out_dtype: torch.dtype | None, layers: int | None) -> dict | None:
+    if config is None:
+        return None
+    cfg = json.loads(json.dumps(config))
+    if out_dtype is not None:
+        name = str(out_dtype).replace("torch.", "")
+        cfg["torch_dtype"] = name
+        if "dtype" in cfg:
+            cfg["dtype"] = name
+    if layers is not None:
+        for k in _LAYER_KEYS:
+            if k in cfg:
+                cfg[k] = layers
+                break
+        else:
+            cfg["num_hidden_layers"] = layers
+    return cfg
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
+             shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
+             allow_nonfinite: bool = False, progress: bool = True) -> dict:
+    """Stream the plan into OUT atomically; returns stats."""
+    from weightspace.card import model_card
+
+    out = Path(out)
+    check_output(out, overwrite)
+    recipe = plan.spec.to_yaml()
+    sink = CheckpointSink(out, [(s.name, s.dtype, s.shape) for s in plan.steps],
+                          shard_size=shard_size, overwrite=overwrite,
+                          metadata={"weightspace_spec": recipe})
+    by_name = {s.name: s for s in plan.steps}
+    ordered = [by_name[n] for n in sink.order]
+    try:
+        stats = execute(ordered, sink, device=device, compute_dtype=plan.compute_dtype,
+                        prefetch=PREFETCH, progress=progress, allow_nonfinite=allow_nonfinite,
+                        desc=plan.method.name)
+        sink.finish(config=plan.config, files=plan.tokenizer_files, card=model_card(plan))
+    except BaseException:
+        sink.abort()
+        raise
+    stats["out"] = str(out)
+    stats["shards"] = len(sink.names)
+    return stats

@@ -1,0 +1,216 @@
+"""The merge-method registry.
+
+A method is a small class registered under its spec name::
+
+    @register
+    class Linear(MergeMethod):
+        name = "linear"
+        model_params = (Param("weight", required=True),)
+        global_params = (Param("normalize", default=True, kind=bool),)
+
+        def merge(self, name, base, tensors, params, companions):
+            w = params.model_values("weight")
+            ...
+
+`merge` is a pure per-tensor function. It receives the base tensor (or None),
+the other models' tensors (base excluded when the method uses a base), the
+parameters resolved for this tensor, and companion tensors by name. It runs in
+the compute dtype on the chosen device and returns one tensor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from weightspace.errors import SpecError
+
+BaseUse = Literal["required", "optional", "none"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: its name, default, type and a line of help."""
+
+    name: str
+    default: Any = None
+    required: bool = False
+    kind: type = float
+    doc: str = ""
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Check one evaluated value against `kind`; raise SpecError naming `where`."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+        elif self.kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif self.kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif self.kind is str:
+            if isinstance(value, str):
+                return value
+        raise SpecError(f"{where}: expected {self.kind.__name__}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """Parameters resolved for one output tensor.
+
+    `values` holds the method's global parameters; `per_model[i]` those of
+    `tensors[i]`. `layer` and `t` (0..1 depth within the slice) are what the
+    gradient interpolation used.
+    """
+
+    values: dict[str, Any]
+    per_model: list[dict[str, Any]]
+    layer: int | None = None
+    t: float = 0.0
+    seed: int = 0
+    tensor_name: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def model_values(self, key: str) -> list[Any]:
+        """The per-model values of one parameter, aligned with `tensors`."""
+        return [p[key] for p in self.per_model]
+
+    def generator(self, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded by (seed, tensor name, model index): deterministic
+        for a seed and independent of the order tensors are processed in."""
+        digest = hashlib.blake2b(
+            f"{self.seed}\x00{self.tensor_name}\x00{index}".encode(), digest_size=8
+        ).digest()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        return gen
+
+
+class MergeMethod:
+    """Base class for merge methods. Subclasses set the class attributes and `merge`."""
+
+    name: ClassVar[str]
+    pretty_name: ClassVar[str] = ""
+    paper: ClassVar[str | None] = None  # citation shown in model cards and `wsmerge methods`
+    reference_url: ClassVar[str | None] = None
+    uses_base: ClassVar[BaseUse] = "none"
+    global_params: ClassVar[tuple[Param, ...]] = ()
+    model_params: ClassVar[tuple[Param, ...]] = ()
+    companions: ClassVar[tuple[str, ...]] = ()  # per-model params that name companion spaces
+    min_models: ClassVar[int] = 1  # counted without the base
+    max_models: ClassVar[int | None] = None
+    randomized: ClassVar[bool] = False  # adds a global `seed` parameter
+    layer_stacking: ClassVar[bool] = False  # passthrough: slices may stack layers
+
+    def all_global_params(self) -> tuple[Param, ...]:
+        params = self.global_params
+        if self.randomized and not any(p.name == "seed" for p in params):
+            params = params + (
+                Param("seed", default=0, kind=int, doc="random seed; same seed, same result"),
+            )
+        return params
+
+    def check(self, n_models: int, has_base: bool) -> None:
+        """Raise SpecError if the number of models or the base does not fit."""
+        if self.uses_base == "required" and not has_base:
+            raise SpecError(f"merge_method {self.name!r} needs a base_model")
+        lo, hi = self.min_models, self.max_models
+        if n_models < lo or (hi is not None and n_models > hi):
+            want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            extra = " besides the base model" if self.uses_base != "none" else ""
+            raise SpecError(
+                f"merge_method {self.name!r} takes {want} model(s){extra}, got {n_models}"
+            )
+
+    def merge(
+        self,
+        name: str,
+        base: torch.Tensor | None,
+        tensors: list[torch.Tensor],
+        params: TensorParams,
+        companions: dict[str, list[torch.Tensor]],
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_loaded_plugins = False
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: register a method under `cls.name`; duplicates are refused."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"merge method {cls.__name__} needs a snake_case `name`, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"merge method {name!r} is already registered")
+    _REGISTRY[name] = cls()
+    return cls
+
+
+def _load_plugins() -> None:
+    """Import the modules that register methods (entry point group `weightspace.methods`)."""
+    global _loaded_plugins
+    if _loaded_plugins:
+        return
+    _loaded_plugins = True
+    from importlib import import_module
+    from importlib.metadata import entry_points
+
+    found = False
+    for ep in entry_points(group="weightspace.methods"):
+        ep.load()
+        found = True
+    if not found:  # running from a source tree that was never installed
+        try:
+            import_module("merges")
+        except ImportError:
+            pass
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    _load_plugins()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method `name`; an unknown name lists the known ones and the closest."""
+    methods = all_methods()
+    if name in methods:
+        return methods[name]
+    close = difflib.get_close_matches(name, list(methods), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise SpecError(
+        f"unknown merge_method {name!r}.{hint} Known methods: {', '.join(methods)}"
+    )
+
+
+def suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+__all__ = [
+    "BaseUse",
+    "MergeMethod",
+    "Param",
+    "TensorParams",
+    "all_methods",
+    "get_method",
+    "register",
+    "suggest",
+]

@@ -1,0 +1,265 @@
+"""YAML merge specs, validated by pydantic before any tensor is read.
+
+The schema is mergekit's where the concepts are shared, so a mergekit config
+for a supported method runs unchanged::
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 0.5, density: 0.5}
+      - model: ./code
+        parameters: {weight: 0.5, density: 0.5}
+    parameters: {normalize: true}
+    dtype: float32
+
+A parameter value is a scalar, a list of numbers interpolated over layer
+depth (a gradient), or a list of `{filter: substring, value: v}` conditions
+where the first match wins (a condition without a filter matches all).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import torch
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from weightspace.errors import SpecError
+
+Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
+Gradient = list[StrictInt | StrictFloat]
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Scalar | Gradient
+
+
+ParamValue = Union[Scalar, Gradient, list[Condition]]
+Params = dict[str, ParamValue]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: Params | None = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Params | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(
+                f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}"
+            )
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: Params | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _nonempty(cls, v: list[SliceSource]) -> list[SliceSource]:
+        if not v:
+            raise ValueError("a slice needs at least one source")
+        return v
+
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}  # fmt: skip
+
+
+def parse_dtype(name: str | None, field: str = "dtype") -> torch.dtype | None:
+    if name is None:
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise SpecError(
+            f"{field}: unknown dtype {name!r}; use one of float32, float16, bfloat16"
+        ) from None
+
+
+class MergeSpec(_Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: Params | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None  # shown in the model card
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; use float32, float16 or bfloat16")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MergeSpec:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.chat_template is not None:
+            raise ValueError("chat_template is not supported yet; remove it")
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype) or torch.float32
+
+    def to_yaml(self) -> str:
+        return (
+            yaml.safe_dump(
+                self.model_dump(exclude_none=True, mode="json"), sort_keys=False
+            ).rstrip()
+            + "\n"
+        )
+
+
+def _value_check(v: Any) -> bool:
+    return not (isinstance(v, float) and not math.isfinite(v))
+
+
+def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
+    """Follow a pydantic error location through the YAML node tree to a line number."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if k.value == key:
+                    nxt = v
+                    line = k.start_mark.line + 1
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+        if node is None:
+            break
+    return line
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch labels (`float`, `list[Condition]`, ...) from a location."""
+    keep = []
+    for part in loc:
+        if isinstance(part, str) and (
+            "[" in part
+            or part in ("bool", "int", "float", "str")
+            or part.startswith(("function-", "tagged-union"))
+        ):
+            continue
+        keep.append(part)
+    return tuple(keep)
+
+
+def load_spec(path: str | Path) -> MergeSpec:
+    """Read and validate a YAML spec; errors name the file, field path and line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read spec: {e.strerror or e}") from None
+    return parse_spec(text, source=str(p))
+
+
+def parse_spec(text: str, source: str = "<spec>") -> MergeSpec:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a merge spec must be a YAML mapping with a merge_method")
+    try:
+        return MergeSpec.model_validate(data)
+    except ValidationError as e:
+        seen = set()
+        lines = []
+        for err in e.errors():
+            loc = _clean_loc(err["loc"])
+            key = (loc, err["msg"])
+            if key in seen:
+                continue
+            seen.add(key)
+            where = _fmt_loc(loc)
+            line = _line_of(node, loc)
+            at = f" (line {line})" if line else ""
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            lines.append(f"{where}{at}: {msg}")
+        # a union failure produces one message per branch; keep it short
+        if len(lines) > 6:
+            lines = lines[:6] + [f"... and {len(lines) - 6} more"]
+        raise SpecError(f"{source}: invalid merge spec:\n  " + "\n  ".join(lines)) from None
+
+
+def line_for(text: str, loc: tuple) -> int | None:
+    try:
+        return _line_of(yaml.compose(text, Loader=yaml.SafeLoader), loc)
+    except yaml.YAMLError:
+        return None
+
+
+__all__ = [
+    "Condition",
+    "InputModel",
+    "MergeSpec",
+    "OutputSlice",
+    "ParamValue",
+    "SliceSource",
+    "load_spec",
+    "parse_dtype",
+    "parse_spec",
+    "Literal",
+]

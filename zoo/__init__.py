@@ -1,0 +1,1 @@
+"""Model zoos and weight generators (later issues)."""
