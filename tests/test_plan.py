@@ -1,0 +1,161 @@
+"""Spec validation, parameter evaluation, planning and slices (layer stacking)."""
+
+import json
+
+import pytest
+import torch
+
+from cli.main import main
+from weightspace import SpecError, load_space
+from weightspace.merge import evaluate, plan_merge, run_plan
+from weightspace.spec import Condition, parse_spec
+from zoo.tiny import write_tiny_llama
+
+
+@pytest.mark.parametrize(
+    "setting,name,t,expected",
+    [
+        (0.3, "x", 0.7, 0.3),
+        ([0.0, 1.0], "x", 0.25, 0.25),
+        # mergekit: scaled = t*(n-1) = 2.4 -> 0.6*v[2] + 0.4*v[3]
+        ([0.0, 0.5, 0.3, 0.7, 1.0], "x", 0.6, 0.6 * 0.3 + 0.4 * 0.7),
+        ([0.0, 0.5, 0.3, 0.7, 1.0], "x", 1.0, 1.0),
+        ([Condition(filter="mlp", value=0.1), Condition(value=0.9)], "layers.0.mlp.up", 0, 0.1),
+        ([Condition(filter="mlp", value=0.1), Condition(value=0.9)], "layers.0.attn.q", 0, 0.9),
+        ([Condition(filter="*", value=[1.0, 3.0])], "anything", 0.5, 2.0),
+        ([Condition(filter="mlp", value=0.1)], "attn", 0, None),
+    ],
+)
+def test_evaluate_setting(setting, name, t, expected):
+    got = evaluate(setting, name, t)
+    assert got == pytest.approx(expected) if expected is not None else got is None
+
+
+@pytest.fixture
+def four_layer(tmp_path):
+    a = write_tiny_llama(tmp_path / "a", seed=0, layers=4)
+    b = write_tiny_llama(tmp_path / "b", seed=5, layers=4)
+    return tmp_path, a, b
+
+
+def test_parameter_precedence_and_gradient(four_layer):
+    tmp, a, b = four_layer
+    spec = parse_spec(f"""
+merge_method: linear
+models:
+  - model: {a}
+    parameters:
+      weight:
+        - filter: mlp
+          value: [1.0, 0.0]
+  - model: {b}
+parameters: {{weight: 1.0, normalize: true}}
+""")
+    plan = plan_merge(spec)
+    run_plan(plan, tmp / "out", progress=False)
+    A, B, O = load_space(a), load_space(b), load_space(tmp / "out")
+    for i in range(4):
+        n = f"model.layers.{i}.mlp.up_proj.weight"
+        wa = 1.0 - i / 3  # gradient over depth for the mlp filter; b inherits the global weight 1.0
+        expected = (wa * A[n].load() + 1.0 * B[n].load()) / (wa + 1.0)
+        assert torch.allclose(O[n].load(), expected, atol=1e-7), n
+        q = f"model.layers.{i}.self_attn.q_proj.weight"  # no filter match, falls back to global 1.0
+        assert torch.allclose(O[q].load(), (A[q].load() + B[q].load()) / 2, atol=1e-7)
+
+
+def test_slices_stack_layers(four_layer):
+    tmp, a, b = four_layer
+    spec = parse_spec(f"""
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 3]
+  - sources:
+      - model: {b}
+        layer_range: [1, 4]
+merge_method: passthrough
+dtype: float32
+""")
+    plan = plan_merge(spec)
+    assert plan.num_layers == 6
+    run_plan(plan, tmp / "out", progress=False)
+    A, B, O = load_space(a), load_space(b), load_space(tmp / "out")
+    assert O.structure().num_layers == 6
+    for out_i, (src, in_i) in enumerate([(A, 0), (A, 1), (A, 2), (B, 1), (B, 2), (B, 3)]):
+        n = "mlp.down_proj.weight"
+        assert torch.equal(O[f"model.layers.{out_i}.{n}"].load(), src[f"model.layers.{in_i}.{n}"].load())
+    assert torch.equal(O["model.embed_tokens.weight"].load(), A["model.embed_tokens.weight"].load())
+    assert torch.equal(O["lm_head.weight"].load(), B["lm_head.weight"].load())
+    cfg = json.loads((tmp / "out" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6
+
+
+def test_slice_range_outside_model(four_layer):
+    tmp, a, _ = four_layer
+    spec = parse_spec(f"""
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [2, 9]
+merge_method: passthrough
+""")
+    with pytest.raises(SpecError, match=r"layer_range \[2, 9\] is outside model .* which has 4 layers"):
+        plan_merge(spec)
+
+
+def test_dtype_and_out_dtype(four_layer):
+    tmp, a, b = four_layer
+    spec = parse_spec(f"""
+merge_method: linear
+models:
+  - model: {a}
+    parameters: {{weight: 0.25}}
+  - model: {b}
+    parameters: {{weight: 0.75}}
+dtype: float32
+out_dtype: bfloat16
+""")
+    run_plan(plan_merge(spec), tmp / "out", progress=False)
+    O, A, B = load_space(tmp / "out"), load_space(a), load_space(b)
+    n = "model.layers.1.self_attn.o_proj.weight"
+    assert O[n].dtype == torch.bfloat16
+    assert torch.equal(O[n].load(), (0.25 * A[n].load() + 0.75 * B[n].load()).bfloat16())
+    assert json.loads((tmp / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_spec_errors_name_field_and_line():
+    with pytest.raises(SpecError) as e:
+        parse_spec("merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 1}\n    paramters: {}\n")
+    assert "models[0].paramters (line 5): unknown key 'paramters'" in str(e.value)
+    with pytest.raises(SpecError, match="exactly one of 'models' or 'slices'"):
+        parse_spec("merge_method: linear\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        parse_spec("merge_method: [linear\n")
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        parse_spec("- a\n- b\n")
+
+
+def test_safe_yaml_refuses_python_tags():
+    with pytest.raises(SpecError, match="not valid YAML"):
+        parse_spec("merge_method: !!python/object/apply:os.system ['echo hi']\nmodels: []\n")
+
+
+def test_dry_run_reads_no_tensor_data(four_layer, monkeypatch, capsys):
+    tmp, a, b = four_layer
+    spec = tmp / "spec.yaml"
+    spec.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+                    f"  - model: {b}\n    parameters: {{weight: 1}}\n")
+    import weightspace.ir as ir
+
+    def boom(*args, **kw):
+        raise AssertionError("tensor data was read during --dry-run")
+
+    monkeypatch.setattr(ir, "read_tensor", boom)
+    assert main(["run", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "tensors        39" in out  # 4 layers x 9 + embed + norm + head
+    assert "will read" in out and "peak memory" in out
+    assert main(["run", str(spec), "--dry-run", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tensors"] == 39 and data["read_bytes"] == 2 * data["write_bytes"]
+    assert not (tmp / "out").exists()
