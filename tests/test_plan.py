@@ -53,14 +53,14 @@ parameters: {{weight: 1.0, normalize: true}}
 """)
     plan = plan_merge(spec)
     run_plan(plan, tmp / "out", progress=False)
-    A, B, O = load_space(a), load_space(b), load_space(tmp / "out")
+    A, B, M = load_space(a), load_space(b), load_space(tmp / "out")
     for i in range(4):
         n = f"model.layers.{i}.mlp.up_proj.weight"
         wa = 1.0 - i / 3  # gradient over depth for the mlp filter; b inherits the global weight 1.0
         expected = (wa * A[n].load() + 1.0 * B[n].load()) / (wa + 1.0)
-        assert torch.allclose(O[n].load(), expected, atol=1e-7), n
+        assert torch.allclose(M[n].load(), expected, atol=1e-7), n
         q = f"model.layers.{i}.self_attn.q_proj.weight"  # no filter match, falls back to global 1.0
-        assert torch.allclose(O[q].load(), (A[q].load() + B[q].load()) / 2, atol=1e-7)
+        assert torch.allclose(M[q].load(), (A[q].load() + B[q].load()) / 2, atol=1e-7)
 
 
 def test_slices_stack_layers(four_layer):
@@ -79,13 +79,13 @@ dtype: float32
     plan = plan_merge(spec)
     assert plan.num_layers == 6
     run_plan(plan, tmp / "out", progress=False)
-    A, B, O = load_space(a), load_space(b), load_space(tmp / "out")
-    assert O.structure().num_layers == 6
+    A, B, M = load_space(a), load_space(b), load_space(tmp / "out")
+    assert M.structure().num_layers == 6
     for out_i, (src, in_i) in enumerate([(A, 0), (A, 1), (A, 2), (B, 1), (B, 2), (B, 3)]):
         n = "mlp.down_proj.weight"
-        assert torch.equal(O[f"model.layers.{out_i}.{n}"].load(), src[f"model.layers.{in_i}.{n}"].load())
-    assert torch.equal(O["model.embed_tokens.weight"].load(), A["model.embed_tokens.weight"].load())
-    assert torch.equal(O["lm_head.weight"].load(), B["lm_head.weight"].load())
+        assert torch.equal(M[f"model.layers.{out_i}.{n}"].load(), src[f"model.layers.{in_i}.{n}"].load())
+    assert torch.equal(M["model.embed_tokens.weight"].load(), A["model.embed_tokens.weight"].load())
+    assert torch.equal(M["lm_head.weight"].load(), B["lm_head.weight"].load())
     cfg = json.loads((tmp / "out" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 6
 
@@ -116,10 +116,10 @@ dtype: float32
 out_dtype: bfloat16
 """)
     run_plan(plan_merge(spec), tmp / "out", progress=False)
-    O, A, B = load_space(tmp / "out"), load_space(a), load_space(b)
+    M, A, B = load_space(tmp / "out"), load_space(a), load_space(b)
     n = "model.layers.1.self_attn.o_proj.weight"
-    assert O[n].dtype == torch.bfloat16
-    assert torch.equal(O[n].load(), (0.25 * A[n].load() + 0.75 * B[n].load()).bfloat16())
+    assert M[n].dtype == torch.bfloat16
+    assert torch.equal(M[n].load(), (0.25 * A[n].load() + 0.75 * B[n].load()).bfloat16())
     assert json.loads((tmp / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 

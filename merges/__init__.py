@@ -1,0 +1,15 @@
+"""Built-in merge methods. Importing this package registers each of them
+(it is the `weightspace.methods` entry point)."""
+
+from merges import (  # noqa: F401  (imported for their @register side effect)
+    breadcrumbs,
+    dare,
+    della,
+    linear,
+    model_stock,
+    nuslerp,
+    passthrough,
+    slerp,
+    task_arithmetic,
+    ties,
+)
