@@ -274,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     def _term(signum, frame):  # turn SIGTERM into a clean, atomic abort
         raise KeyboardInterrupt
 
+    old_debug = os.environ.get(DEBUG_ENV)
     try:
-        signal.signal(signal.SIGTERM, _term)
+        old_term = signal.signal(signal.SIGTERM, _term)
     except ValueError:  # not the main thread (tests)
-        pass
+        old_term = None
     try:
         wsmerge.main(args=argv, prog_name="wsmerge", standalone_mode=False)
         return 0
@@ -286,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted; nothing was written", err=True)
         return 130
     except WeightspaceError as e:
@@ -306,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for a traceback)", err=True)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if old_debug is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = old_debug
 
 
 def entry() -> None:

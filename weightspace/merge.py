@@ -28,8 +28,6 @@ from weightspace.sources import load_space
 from weightspace.spec import Condition, MergeSpec, parse_dtype
 from weightspace.structure import depth_t, is_pre_weight, parse_layer
 
-PREFETCH = 2
-
 
 @dataclass
 class MergePlan:
@@ -53,7 +51,7 @@ class MergePlan:
         return sum(s.out_bytes for s in self.steps)
 
     def peak_bytes(self) -> int:
-        return estimate_peak_bytes(self.steps, self.compute_dtype, PREFETCH)
+        return estimate_peak_bytes(self.steps, self.compute_dtype)
 
     def summary(self, shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
         out_dtypes: dict[str, int] = {}
@@ -236,6 +234,16 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
 
     steps: list[Step] = []
     notes: list[str] = []
+    companions: dict[str, WeightSpace] = {}
+    spec_dir = Path(spec_dir) if spec_dir else None
+    where_of: dict[str, str] = {}
+    for i, mdl in enumerate(spec.models or []):
+        where_of.setdefault(mdl.model, f"models[{i}]")
+    for i, sl in enumerate(spec.slices or []):
+        for j, src in enumerate(sl.sources):
+            where_of.setdefault(src.model, f"slices[{i}].sources[{j}]")
+    if base:
+        where_of.setdefault(base, "base_model")
 
     def add_step(out_name: str, slice_idx: int, srcs: list[_Source], in_names: list[str], t: float,
                  layer: int | None) -> None:
@@ -258,6 +266,11 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
                     f"tensor {tref.name!r}: shape {list(tref.shape)} in model {r!r} does not match "
                     f"{list(first.shape)} in model {order[0]!r}"
                 )
+            if tref.dtype.is_floating_point != first.dtype.is_floating_point:
+                raise InputError(
+                    f"tensor {tref.name!r}: dtype {str(tref.dtype)[6:]} in model {r!r} cannot be merged "
+                    f"with {str(first.dtype)[6:]} in model {order[0]!r}"
+                )
         if not first.dtype.is_floating_point:
             # integer buffers (position ids, counters) are copied from the reference, not merged
             steps.append(Step(out_name, first.shape, first.dtype, [first], lambda ts: ts[0],
@@ -272,9 +285,8 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         per_model = []
         for s in others:
             per_model.append({
-                p.name: resolver.value(p, in_names[[x.ref for x in srcs].index(s.ref)], t,
-                                       [s.params, sp, spec.parameters],
-                                       f"parameters of model {s.ref!r}", True)
+                p.name: resolver.value(p, name_of[s.ref], t, [s.params, sp, spec.parameters],
+                                       f"{where_of[s.ref]}.parameters", True)
                 for p in resolver.per_model.values()
             })
         params = TensorParams(values=gvals, per_model=per_model, layer=layer, t=t,
@@ -282,10 +294,14 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         comp_refs: list[TensorRef] = []
         comp_names = list(method.companions)
         for c in comp_names:
-            for pm in per_model:
-                cspace = spaces.get(pm[c]) or load_space(pm[c])
-                spaces.setdefault(pm[c], cspace)
-                comp_refs.append(cspace[name_of[others[0].ref]])
+            for s, pm in zip(others, per_model):
+                if pm[c] not in companions:
+                    companions[pm[c]] = load_space(pm[c], base_dir=spec_dir)
+                cref = companions[pm[c]][name_of[s.ref]]
+                if cref.shape != first.shape:
+                    raise InputError(f"companion {c} {pm[c]!r}: tensor {cref.name!r} has shape "
+                                     f"{list(cref.shape)}, the model has {list(first.shape)}")
+                comp_refs.append(cref)
         has_base = sb is not None
         n_others = len(others)
         steps.append(Step(out_name, first.shape, out_dtype_for(first), refs + comp_refs,
@@ -428,7 +444,7 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
     ordered = [by_name[n] for n in sink.order]
     try:
         stats = execute(ordered, sink, device=device, compute_dtype=plan.compute_dtype,
-                        prefetch=PREFETCH, progress=progress, allow_nonfinite=allow_nonfinite,
+                        progress=progress, allow_nonfinite=allow_nonfinite,
                         desc=plan.method.name)
         sink.finish(config=plan.config, files=plan.tokenizer_files, card=model_card(plan))
     except BaseException:

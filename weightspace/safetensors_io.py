@@ -105,13 +105,20 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
         raise InputError(f"{path}: corrupt safetensors header ({e})") from None
     data_start = 8 + n
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
     entries: dict[str, Entry] = {}
     spans = []
     for name, info in header.items():
         try:
-            tag, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+            tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            # exact types: a string offset or shape would fail later as a bare TypeError
+            if not (isinstance(tag, str) and isinstance(shape, list) and isinstance(offsets, list)
+                    and len(offsets) == 2 and all(type(x) is int for x in (*shape, *offsets))):
+                raise TypeError
+        except (KeyError, TypeError):
             raise InputError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        shape, (b, e) = tuple(shape), offsets
         if tag not in DTYPES:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
         dtype = DTYPES[tag]

@@ -168,7 +168,12 @@ class CheckpointSink:
                 raise WeightspaceError(f"{self.out} appeared while merging; not replacing it")
             old = self.out.parent / f".{self.out.name}.wsmerge-old-{secrets.token_hex(4)}"
             os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        try:
+            os.replace(self.tmp, self.out)
+        except BaseException:
+            if old is not None:  # put the good output back where it was
+                os.replace(old, self.out)
+            raise
         self.tmp = None
         if old is not None:
             if old.is_dir() and not old.is_symlink():

@@ -32,10 +32,13 @@ _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def _check_inside(root: Path, name: str, index: Path) -> Path:
-    """A shard named in an index must be a plain file name inside the model directory."""
+    """A shard named in an index must be a relative path inside the model directory.
+
+    The name is judged, not where a symlink points: the Hugging Face cache links
+    every snapshot file to a blob outside the snapshot directory.
+    """
     p = Path(name)
-    target = (root / p).resolve()
-    if p.is_absolute() or ".." in p.parts or not target.is_relative_to(root.resolve()):
+    if p.is_absolute() or p.drive or ".." in p.parts:
         raise InputError(f"{index}: shard {name!r} leaves the model directory; refusing to read it")
     return root / p
 
@@ -98,6 +101,20 @@ def _from_index(d: Path, index: Path, meta: dict) -> WeightSpace:
     return space
 
 
+def _torch_load_error(e: Exception) -> str:
+    """One line from torch.load's error: its multi-paragraph weights_only text (with
+    terminal escape codes) suggests weights_only=False, which we never do."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    if found:
+        reason = (rest.strip().splitlines() or ["unsupported content"])[0]
+        reason = reason.split(" Please use `torch.serialization")[0].strip().rstrip(".")
+        return (f"refused by torch.load(weights_only=True): {reason}. Only tensors and plain "
+                "containers are loaded from pickles; convert a trusted checkpoint to safetensors")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return f"cannot load with torch.load(weights_only=True): {first}"
+
+
 def _torch_space(path: Path, meta: dict) -> WeightSpace:
     try:
         try:
@@ -107,7 +124,7 @@ def _torch_space(path: Path, meta: dict) -> WeightSpace:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as e:  # torch raises many types for bad/unsafe pickles
-        raise InputError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from None
+        raise InputError(f"{path}: {_torch_load_error(e)}") from None
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict):

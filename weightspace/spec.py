@@ -21,6 +21,7 @@ where the first match wins (a condition without a filter matches all).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -54,8 +55,30 @@ ParamValue = Union[Scalar, Gradient, list[Condition]]
 Params = dict[str, ParamValue]
 
 
+def _nonfinite(setting: Any) -> float | None:
+    """The first NaN/Inf number in a parameter setting (scalar, gradient, conditions)."""
+    if isinstance(setting, float):
+        return None if math.isfinite(setting) else setting
+    if isinstance(setting, list):
+        for x in setting:
+            bad = _nonfinite(x.value if isinstance(x, Condition) else x)
+            if bad is not None:
+                return bad
+    return None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("parameters", check_fields=False)
+    @classmethod
+    def _finite(cls, v: Params | None) -> Params | None:
+        # a NaN weight would otherwise surface as NaN tensors halfway through the merge
+        for name, setting in (v or {}).items():
+            bad = _nonfinite(setting)
+            if bad is not None:
+                raise ValueError(f"{name} must be a finite number, got {bad}")
+        return v
 
 
 class InputModel(_Strict):
@@ -150,8 +173,19 @@ class MergeSpec(_Strict):
         )
 
 
-def _value_check(v: Any) -> bool:
-    return not (isinstance(v, float) and not math.isfinite(v))
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-6` as a number: YAML 1.1 (PyYAML) makes a float
+    without a dot a string, so `epsilon: 1e-6` from a mergekit config would be refused."""
+
+
+_SpecLoader.yaml_implicit_resolvers = {
+    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
@@ -200,6 +234,19 @@ def _clean_loc(loc: tuple) -> tuple:
     return tuple(keep)
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys allowed at a location (for 'did you mean' on unknown keys)."""
+    model: type[BaseModel] = MergeSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        sub = {"models": InputModel, "slices": OutputSlice, "sources": SliceSource}.get(str(part))
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
 def load_spec(path: str | Path) -> MergeSpec:
     """Read and validate a YAML spec; errors name the file, field path and line."""
     p = Path(path)
@@ -212,8 +259,8 @@ def load_spec(path: str | Path) -> MergeSpec:
 
 def parse_spec(text: str, source: str = "<spec>") -> MergeSpec:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_SpecLoader)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise SpecError(f"{source}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -235,6 +282,12 @@ def parse_spec(text: str, source: str = "<spec>") -> MergeSpec:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+                if loc:
+                    import difflib
+
+                    fields = _fields_at(loc[:-1])
+                    close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+                    msg += f"; did you mean {close[0]!r}?" if close else ""
             elif msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
             lines.append(f"{where}{at}: {msg}")
@@ -246,7 +299,7 @@ def parse_spec(text: str, source: str = "<spec>") -> MergeSpec:
 
 def line_for(text: str, loc: tuple) -> int | None:
     try:
-        return _line_of(yaml.compose(text, Loader=yaml.SafeLoader), loc)
+        return _line_of(yaml.compose(text, Loader=_SpecLoader), loc)
     except yaml.YAMLError:
         return None
 
