@@ -101,7 +101,7 @@ def merge_task_vectors(
             )
         return delta.mul_(weights[i])
 
-    deltas = _map_deltas(weighted_delta, n, parallel=sparsification in _SELECTING and base.device.type == "cpu")
+    deltas = (weighted_delta(i) for i in range(n))
 
     if consensus is None:
         mixed = None
@@ -183,15 +183,10 @@ def _merge_chunked(
         above = int(torch.count_nonzero(scratch[numel - k + 1 :] > thr))  # only these can exceed it
         thresholds[i], tied_to_keep[i] = thr, k - above
 
-    jobs = [i for i in range(n) if densities is not None and densities[i] < 1]
-    if len(jobs) > 1 and base.device.type == "cpu":
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wsmerge-select") as pool:
-            list(pool.map(select, jobs))
-    else:
-        for i in jobs:
-            select(i)
+    # Sequential on purpose: the selection is fast (numpy introselect), and extra
+    # threads next to torch's own intra-op pool only oversubscribe the cores.
+    for i in range(n):
+        select(i)
 
     out = torch.empty_like(base)
     flat_o = out.view(-1)
@@ -248,26 +243,6 @@ def _merge_chunked(
             mixed *= lambda_
         torch.add(b, mixed, out=o)
     return out
-
-
-# Sparsifiers dominated by a k-th value selection, which runs on one core: do
-# the models' selections side by side.
-_SELECTING = ("magnitude", "magnitude_outliers")
-
-
-def _map_deltas(fn, n: int, parallel: bool):
-    """Yield fn(0..n-1) in order; with `parallel`, two at a time on two threads."""
-    if not parallel or n < 2:
-        for i in range(n):
-            yield fn(i)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="wsmerge-select") as pool:
-        for i in range(0, n, 2):
-            batch = [pool.submit(fn, j) for j in range(i, min(i + 2, n))]
-            for f in batch:
-                yield f.result()
 
 
 class TaskVectorMerge(MergeMethod):

@@ -41,6 +41,7 @@ def weighted_average(
 
 @register
 class Linear(MergeMethod):
+    elementwise = True
     name = "linear"
     pretty_name = "Linear"
     paper = (

@@ -16,6 +16,7 @@ from weightspace.methods import MergeMethod, Param, TensorParams, register
 
 @register
 class Passthrough(MergeMethod):
+    elementwise = True
     name = "passthrough"
     pretty_name = "Passthrough"
     paper = None

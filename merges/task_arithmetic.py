@@ -18,6 +18,7 @@ from weightspace.methods import register
 
 @register
 class TaskArithmetic(TaskVectorMerge):
+    elementwise = True
     name = "task_arithmetic"
     pretty_name = "Task Arithmetic"
     paper = "Ilharco et al. 2023, Editing Models with Task Arithmetic"

@@ -159,3 +159,28 @@ def test_dry_run_reads_no_tensor_data(four_layer, monkeypatch, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["tensors"] == 39 and data["read_bytes"] == 2 * data["write_bytes"]
     assert not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "passthrough"])
+def test_elementwise_methods_stream_large_tensors_in_row_blocks(four_layer, monkeypatch, method):
+    """Row-blocked execution writes the same bytes as whole-tensor execution."""
+    import weightspace.merge as wm
+
+    tmp, a, b = four_layer
+    if method == "passthrough":
+        text = f"merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters: {{scale: 0.5}}\n"
+    else:
+        base = f"base_model: {a}\n" if method == "task_arithmetic" else ""
+        text = (f"merge_method: {method}\n{base}models:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n"
+                f"  - model: {b}\n    parameters: {{weight: 0.9}}\nout_dtype: bfloat16\n")
+    whole = plan_merge(parse_spec(text))
+    run_plan(whole, tmp / "whole", progress=False, shard_size=30_000)
+    monkeypatch.setattr(wm, "BLOCK_BYTES", 1000)  # 64x32 fp32 tensors -> blocks of 7 rows
+    blocked = plan_merge(parse_spec(text))
+    assert len(blocked.steps) > len(whole.steps)
+    assert blocked.summary()["tensors"] == whole.summary()["tensors"]
+    assert any(s.info.get("rows") == (7, 14) for s in blocked.steps)
+    run_plan(blocked, tmp / "blocked", progress=False, shard_size=30_000)
+    for f in sorted(p.name for p in (tmp / "whole").iterdir()):
+        if f.endswith(".safetensors") or f.endswith(".json"):
+            assert (tmp / "whole" / f).read_bytes() == (tmp / "blocked" / f).read_bytes(), f

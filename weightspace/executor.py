@@ -25,7 +25,7 @@ from weightspace.ir import TensorRef
 from weightspace.safetensors_io import nbytes_of
 
 _DONE = object()
-DEFAULT_PREFETCH_BYTES = 512 * 2**20
+DEFAULT_PREFETCH_BYTES = 256 * 2**20
 
 
 class _ByteBudget:
@@ -125,7 +125,7 @@ def execute(
 ) -> dict:
     """Run `steps` in order, writing each result to `sink`; aborts the sink on failure.
 
-    Returns timing stats: {"tensors", "read_bytes", "written_bytes", "seconds"}.
+    Returns timing stats: {"steps", "read_bytes", "written_bytes", "seconds"}.
     """
     dev = resolve_device(device)
     in_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -263,7 +263,7 @@ def execute(
     if errors:
         raise errors[0]
     return {
-        "tensors": len(steps),
+        "steps": len(steps),
         "read_bytes": sum(s.read_bytes for s in steps),
         "written_bytes": total_out,
         "seconds": time.perf_counter() - t0,

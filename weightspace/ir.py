@@ -125,6 +125,46 @@ class ExprRef(TensorRef):
         return out.to(dtype or self.dtype)
 
 
+class RowSliceRef(TensorRef):
+    """Rows [r0, r1) of another ref (dim 0). For a safetensors tensor only those
+    bytes are read: rows are contiguous on disk."""
+
+    __slots__ = ("ref", "r0", "r1")
+
+    def __init__(self, ref: TensorRef, r0: int, r1: int):
+        super().__init__(ref.name, (r1 - r0, *ref.shape[1:]), ref.dtype)
+        self.ref, self.r0, self.r1 = ref, r0, r1
+
+    def load(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        r = self.ref
+        if isinstance(r, SafetensorsRef):
+            row = r.entry.nbytes // r.shape[0] if r.shape[0] else 0
+            e = Entry(r.name, r.dtype, self.shape, r.entry.start + self.r0 * row, (self.r1 - self.r0) * row)
+            return _place(read_tensor(r.path, e), device, dtype)
+        if isinstance(r, ExprRef):
+            sliced = ExprRef(r.name, r.op, [slice_rows(o, self.r0, self.r1) if isinstance(o, TensorRef) else o
+                                            for o in r.operands], self.shape, r.dtype)
+            return sliced.load(device, dtype)
+        return r.load(device, dtype)[self.r0 : self.r1].clone()
+
+    def leaves(self) -> list[TensorRef]:
+        return [self] if not isinstance(self.ref, ExprRef) else [
+            slice_rows(leaf, self.r0, self.r1) for leaf in self.ref.leaves()]
+
+
+def slice_rows(ref: TensorRef, r0: int, r1: int) -> TensorRef:
+    """Rows [r0, r1) of `ref` along dim 0, lazily."""
+    if not ref.shape or not (0 <= r0 < r1 <= ref.shape[0]):
+        raise WeightspaceError(f"internal: bad row slice {r0}:{r1} of {ref!r}")
+    return RowSliceRef(ref, r0, r1)
+
+
+def _place(t: torch.Tensor, device: str | torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    if str(device) != "cpu":
+        t = t.to(device)
+    return t.to(dtype) if dtype is not None and dtype != t.dtype else t
+
+
 def _result_dtype(*dtypes: torch.dtype) -> torch.dtype:
     floats = [d for d in dtypes if d.is_floating_point]
     if not floats:

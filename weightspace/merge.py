@@ -21,7 +21,7 @@ import torch
 
 from weightspace.errors import InputError, SpecError
 from weightspace.executor import Step, estimate_peak_bytes, execute
-from weightspace.ir import TensorRef, WeightSpace
+from weightspace.ir import TensorRef, WeightSpace, slice_rows
 from weightspace.methods import MergeMethod, Param, TensorParams, get_method, suggest
 from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink, check_output
 from weightspace.sources import load_space
@@ -50,6 +50,14 @@ class MergePlan:
     def write_bytes(self) -> int:
         return sum(s.out_bytes for s in self.steps)
 
+    def outputs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of each output tensor, row blocks joined."""
+        out: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
+        for s in self.steps:
+            if s.name not in out:
+                out[s.name] = (s.name, s.dtype, tuple(s.info.get("full_shape", s.shape)))
+        return list(out.values())
+
     def peak_bytes(self) -> int:
         return estimate_peak_bytes(self.steps, self.compute_dtype)
 
@@ -60,12 +68,13 @@ class MergePlan:
             out_dtypes[k] = out_dtypes.get(k, 0) + 1
         from weightspace.sink import plan_shards
 
-        shards = plan_shards([(s.name, s.dtype, s.shape) for s in self.steps], shard_size)
+        shards = plan_shards(self.outputs(), shard_size)
         return {
             "merge_method": self.method.name,
             "models": list(self.spaces),
             "base_model": self.spec.base_model,
-            "tensors": len(self.steps),
+            "tensors": len(self.outputs()),
+            "steps": len(self.steps),
             "parameters": sum(s.out_bytes // s.dtype.itemsize for s in self.steps),
             "read_bytes": self.read_bytes,
             "write_bytes": self.write_bytes,
@@ -304,9 +313,18 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
                 comp_refs.append(cref)
         has_base = sb is not None
         n_others = len(others)
-        steps.append(Step(out_name, first.shape, out_dtype_for(first), refs + comp_refs,
-                          _merge_fn(method, out_name, has_base, n_others, params, comp_names),
-                          info={"t": t, "layer": layer, "models": order}))
+        fn = _merge_fn(method, out_name, has_base, n_others, params, comp_names)
+        info = {"t": t, "layer": layer, "models": order}
+        all_refs = refs + comp_refs
+        rows = _block_rows(first, len(all_refs)) if method.elementwise else None
+        if rows is None:
+            steps.append(Step(out_name, first.shape, out_dtype_for(first), all_refs, fn, info=info))
+            return
+        for r0 in range(0, first.shape[0], rows):  # a large tensor streams in row blocks
+            r1 = min(first.shape[0], r0 + rows)
+            steps.append(Step(out_name, (r1 - r0, *first.shape[1:]), out_dtype_for(first),
+                              [slice_rows(r, r0, r1) for r in all_refs], fn,
+                              info={**info, "rows": (r0, r1), "full_shape": first.shape}))
 
     num_layers_out: int | None = None
     if not layered:
@@ -375,7 +393,7 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
 
     seen = set()
     for s in steps:
-        if s.name in seen:
+        if s.name in seen and "rows" not in s.info:
             raise SpecError(f"tensor {s.name!r} would be written twice; check the slices")
         seen.add(s.name)
 
@@ -386,6 +404,19 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
     return MergePlan(spec=spec, method=method, steps=steps, spaces=spaces, reference=reference,
                      config=config, tokenizer_files=tokenizer_files, compute_dtype=compute_dtype,
                      num_layers=num_layers_out, notes=notes)
+
+
+# Elementwise methods stream tensors larger than this (per input) in row blocks,
+# so their peak memory does not depend on the largest tensor either.
+BLOCK_BYTES = 32 * 2**20
+
+
+def _block_rows(ref: TensorRef, n_inputs: int) -> int | None:
+    """Rows per block for `ref`, or None when it is small enough to take whole."""
+    if len(ref.shape) < 1 or ref.shape[0] < 2 or ref.nbytes * 2 <= BLOCK_BYTES:
+        return None
+    row = max(1, ref.nbytes // ref.shape[0])
+    return max(1, BLOCK_BYTES // row)
 
 
 def _merge_fn(method: MergeMethod, name: str, has_base: bool, n_others: int, params: TensorParams,
@@ -437,11 +468,12 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
     out = Path(out)
     check_output(out, overwrite)
     recipe = plan.spec.to_yaml()
-    sink = CheckpointSink(out, [(s.name, s.dtype, s.shape) for s in plan.steps],
-                          shard_size=shard_size, overwrite=overwrite,
+    sink = CheckpointSink(out, plan.outputs(), shard_size=shard_size, overwrite=overwrite,
                           metadata={"weightspace_spec": recipe})
-    by_name = {s.name: s for s in plan.steps}
-    ordered = [by_name[n] for n in sink.order]
+    by_name: dict[str, list[Step]] = {}
+    for s in plan.steps:
+        by_name.setdefault(s.name, []).append(s)
+    ordered = [s for n in sink.order for s in by_name[n]]
     try:
         stats = execute(ordered, sink, device=device, compute_dtype=plan.compute_dtype,
                         progress=progress, allow_nonfinite=allow_nonfinite,

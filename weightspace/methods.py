@@ -114,6 +114,9 @@ class MergeMethod:
     max_models: ClassVar[int | None] = None
     randomized: ClassVar[bool] = False  # adds a global `seed` parameter
     layer_stacking: ClassVar[bool] = False  # passthrough: slices may stack layers
+    # True when each output entry depends only on the same entry of the inputs:
+    # the executor may then stream a large tensor in row blocks.
+    elementwise: ClassVar[bool] = False
 
     def all_global_params(self) -> tuple[Param, ...]:
         params = self.global_params

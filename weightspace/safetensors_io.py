@@ -211,22 +211,35 @@ class ShardWriter:
         self.specs = list(specs)
         head, self._sizes = build_header(self.specs, metadata)
         self._next = 0
+        self._rows = 0
         self._f = open(self.path, "wb")
         self._f.write(head)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append a whole tensor, or the next block of its rows (dim 0) in order."""
         want_name, dtype, shape = self.specs[self._next]
         if name != want_name:
             raise WeightspaceError(f"internal: expected tensor {want_name!r} next, got {name!r}")
-        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+        whole = tuple(tensor.shape) == tuple(shape)
+        block = (len(shape) > 0 and tuple(tensor.shape[1:]) == tuple(shape[1:])
+                 and self._rows + tensor.shape[0] <= shape[0])
+        if tensor.dtype != dtype or not (whole and self._rows == 0 or block):
             raise WeightspaceError(
                 f"internal: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, "
-                f"declared {dtype} {list(shape)}"
+                f"declared {dtype} {list(shape)} ({self._rows} rows written)"
             )
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         if t.numel():
             self._f.write(memoryview(t.view(torch.uint8).numpy()))
-        self._next += 1
+        self._rows += tensor.shape[0] if len(shape) else 1
+        if not len(shape) or self._rows == shape[0]:
+            self._next += 1
+            self._rows = 0
+
+    @property
+    def tensor_done(self) -> bool:
+        """True between tensors (no row block of a tensor is pending)."""
+        return self._rows == 0
 
     @property
     def done(self) -> bool:

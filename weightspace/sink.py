@@ -122,7 +122,8 @@ class CheckpointSink:
                 self.tmp / self.names[self._shard], self.shards[self._shard], self.metadata
             )
         self._writer.write(name, tensor)
-        self._written += 1
+        if self._writer.tensor_done:
+            self._written += 1
 
     def finish(
         self,
