@@ -1,0 +1,101 @@
+"""The `wsmerge` commands end to end: methods, inspect, demo, run on the examples."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from weightspace import load_space
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIC = ["breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear",
+           "linear", "model_stock", "nuslerp", "passthrough", "slerp", "task_arithmetic", "ties"]
+
+
+def test_methods_lists_every_method_with_defaults(run_cli):
+    code, out, _ = run_cli("methods", "--json")
+    assert code == 0
+    data = {m["name"]: m for m in json.loads(out)}
+    assert set(CLASSIC) <= set(data)
+    ties = data["ties"]
+    glob = {p["name"]: p for p in ties["global_parameters"]}
+    per = {p["name"]: p for p in ties["model_parameters"]}
+    assert glob["normalize"]["default"] is True and glob["lambda"]["default"] == 1.0
+    assert per["weight"]["required"] is True and per["density"]["default"] == 1.0
+    assert ties["base_model"] == "required" and "arxiv.org" in ties["url"]
+    assert {p["name"] for p in data["dare_ties"]["global_parameters"]} >= {"seed"}
+    code, out, _ = run_cli("methods")
+    assert code == 0 and "ties  -  " in out and "density" in out
+
+
+def test_methods_unknown_name_suggests(run_cli):
+    code, _, err = run_cli("methods", "tie")
+    assert code == 2
+    assert "unknown merge_method 'tie'. Did you mean 'ties'?" in err
+
+
+def test_inspect_and_compare(tmp_path, run_cli):
+    a = {"model.layers.0.w": torch.tensor([3.0, 4.0]), "model.layers.1.w": torch.tensor([1.0, 0.0]),
+         "lm_head.weight": torch.ones(2, 2)}
+    b = {k: 2 * v for k, v in a.items()}
+    b["model.layers.1.w"] = torch.tensor([0.0, 1.0])  # orthogonal
+    save_file(a, tmp_path / "a.safetensors")
+    save_file(b, tmp_path / "b.safetensors")
+    code, out, _ = run_cli("inspect", str(tmp_path / "a.safetensors"), "--vs",
+                           str(tmp_path / "b.safetensors"), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["model"]["parameters"] == 8 and data["model"]["tensors"] == 3
+    assert data["model"]["layer_stacks"] == {"model.layers": 2}
+    rows = {r["name"]: r for r in data["comparison"]["tensors"]}
+    # b = 2a: cosine 1, ||a - 2a|| / ||a|| = 1
+    assert rows["model.layers.0.w"]["cosine"] == pytest.approx(1.0)
+    assert rows["model.layers.0.w"]["rel_diff"] == pytest.approx(1.0)
+    assert rows["model.layers.1.w"]["cosine"] == pytest.approx(0.0)
+    assert rows["model.layers.1.w"]["rel_diff"] == pytest.approx(2**0.5)
+    assert data["comparison"]["min_cosine"] == pytest.approx(0.0)
+    code, out, _ = run_cli("inspect", str(tmp_path / "a.safetensors"), "--vs", str(tmp_path / "b.safetensors"))
+    assert code == 0 and "min cosine" in out and "model.layers.N x 2" in out
+
+
+def test_demo_runs_and_writes_loadable_merges(tmp_path, run_cli):
+    code, out, err = run_cli("demo", str(tmp_path / "demo"), "--device", "cpu")
+    assert code == 0, err
+    for m in ["linear", "task_arithmetic", "ties", "dare_ties", "slerp", "model_stock"]:
+        assert m in out
+        space = load_space(tmp_path / "demo" / "merges" / m)
+        assert len(space) == 21  # tiny Llama: embed + 2 x 9 + norm + head
+        assert (tmp_path / "demo" / "specs" / f"{m}.yaml").is_file()
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (REPO / "examples").glob("*.yaml")))
+def test_examples_run(tmp_path, run_cli, spec):
+    out = tmp_path / "out"
+    code, _, err = run_cli("run", str(REPO / "examples" / spec), str(out), "--no-progress")
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    assert "- merge\n- weightspace\n" in card
+    cfg = json.loads((out / "config.json").read_text())
+    expected_layers = 6 if spec == "passthrough_slices.yaml" else 4
+    assert cfg["num_hidden_layers"] == expected_layers
+    assert load_space(out).structure().num_layers == expected_layers
+
+
+def test_merged_llama_loads_with_transformers(tmp_path, run_cli):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "ties"
+    code, _, err = run_cli("run", str(REPO / "examples" / "ties.yaml"), str(out), "--no-progress",
+                           "--shard-size", "60K")
+    assert code == 0, err
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    sd = model.state_dict()
+    merged = load_space(out)
+    for name in ["model.layers.2.mlp.up_proj.weight", "lm_head.weight"]:
+        assert torch.equal(sd[name], merged[name].load())
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
