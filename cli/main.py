@@ -113,7 +113,8 @@ def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: in
     if dry_run:
         if as_json:
             summary["steps"] = [
-                {"name": st.name, "shape": list(st.shape), "dtype": str(st.dtype).replace("torch.", ""),
+                {"name": st.name, "shape": None if st.shape is None else list(st.shape),
+                 "dtype": str(st.dtype).replace("torch.", ""),
                  "read_bytes": st.read_bytes, "t": st.info.get("t")}
                 for st in plan.steps
             ]
@@ -154,7 +155,8 @@ def _print_plan(summary: dict, plan) -> None:
     if _debug():
         for st in plan.steps:
             dt = str(st.dtype).replace("torch.", "")
-            click.echo(f"  {st.name}  {list(st.shape)} {dt}  t={st.info.get('t', 0):.3f}")
+            shape = "statistics pass" if st.shape is None else list(st.shape)
+            click.echo(f"  {st.name}  {shape} {dt}  t={st.info.get('t', 0):.3f}")
 
 
 @wsmerge.command()

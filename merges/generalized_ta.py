@@ -19,12 +19,14 @@ Per tensor, with deltas d_i = x_i - base and weights w_i:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from merges._sparsify import Consensus, Sparsification, kth_smallest, sparsify
-from weightspace.methods import MergeMethod, Param, TensorParams
+from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
 
 
 def task_vector_params(*, normalize: bool, rescale: bool) -> tuple[Param, ...]:
@@ -144,69 +146,148 @@ def merge_task_vectors(
 CHUNK = 1 << 20  # elements per block in the chunked path: a few MB, cache-resident
 
 
-def _merge_chunked(
-    base: torch.Tensor,
-    tensors: list[torch.Tensor],
-    weights: list[float],
-    densities: list[float] | None,
-    consensus: Consensus | None,
-    normalize: bool,
-    lambda_: float,
-) -> torch.Tensor:
-    """The same result as the general path for magnitude trimming (or none),
-    computed in two phases so temporaries never reach the tensor's size:
+@dataclass
+class TrimState:
+    """Per-model trim thresholds for one tensor, carried across its blocks.
 
-    1. per model, the trim threshold: the k-th largest |x_i - base| (one
-       scratch buffer, partitioned in place) and how many entries tied with it
-       to keep (ties go to the lowest flat index, as in a stable sort);
-    2. block by block, deltas, trim masks, sign election and the weighted
-       (normalized) sum, written straight into the output.
+    `thresholds[i]` is the k-th largest |x_i - base| (None: keep everything),
+    `tied_to_keep[i]` how many entries equal to it are still to be kept (they go
+    to the lowest flat indices, as in a stable sort), `keep_none[i]` marks a
+    density that keeps no entry.
     """
-    n, numel = len(tensors), base.numel()
-    flat_b = base.reshape(-1)
-    flat_x = [t.reshape(-1) for t in tensors]
-    thresholds: list[torch.Tensor | None] = [None] * n
-    tied_to_keep = [0] * n
-    keep_none = [False] * n
 
-    def select(i: int) -> None:
+    thresholds: list[torch.Tensor | None]
+    tied_to_keep: list[int]
+    keep_none: list[bool]
+
+    @classmethod
+    def empty(cls, n: int) -> TrimState:
+        return cls([None] * n, [0] * n, [False] * n)
+
+
+def _trim_whole(base: torch.Tensor, tensors: list[torch.Tensor], densities: list[float] | None) -> TrimState:
+    n, numel = len(tensors), base.numel()
+    st = TrimState.empty(n)
+    flat_b = base.reshape(-1)
+    for i in range(n):  # sequential: numpy's introselect is fast; threads would oversubscribe
         density = densities[i] if densities is not None else 1.0
         if density >= 1:
-            return
+            continue
         k = int(density * numel)
         if k <= 0:
-            keep_none[i] = True
-            return
-        scratch = torch.sub(flat_x[i], flat_b).abs_()
+            st.keep_none[i] = True
+            continue
+        scratch = torch.sub(tensors[i].reshape(-1), flat_b).abs_()
         # k-th largest = (numel - k + 1)-th smallest; `scratch` is reordered in place
         thr = kth_smallest(scratch, numel - k + 1, inplace=True)
         above = int(torch.count_nonzero(scratch[numel - k + 1 :] > thr))  # only these can exceed it
-        thresholds[i], tied_to_keep[i] = thr, k - above
+        st.thresholds[i], st.tied_to_keep[i] = thr, k - above
+    return st
 
-    # Sequential on purpose: the selection is fast (numpy introselect), and extra
-    # threads next to torch's own intra-op pool only oversubscribe the cores.
+
+def trim_blocked(
+    numel: int,
+    densities: list[float] | None,
+    n: int,
+    sample: Callable[[], Iterator[tuple[torch.Tensor, list[torch.Tensor]]]],
+    blocks: Callable[[], Iterator[tuple[torch.Tensor, list[torch.Tensor]]]],
+) -> TrimState:
+    """Exact trim thresholds without holding a whole task vector.
+
+    `sample()` yields a few (base rows, [model rows]) spread over the tensor;
+    their |delta| quantiles bracket each threshold. `blocks()` then yields every
+    row block once: entries above the bracket are counted, entries inside it
+    kept, and the exact k-th largest is selected among those. A bracket that
+    missed (unlucky sample) is widened to everything, which stays exact.
+    """
+    st = TrimState.empty(n)
+    ks: dict[int, int] = {}
     for i in range(n):
-        select(i)
+        density = densities[i] if densities is not None else 1.0
+        if density >= 1:
+            continue
+        k = int(density * numel)
+        if k <= 0:
+            st.keep_none[i] = True
+        else:
+            ks[i] = k
+    if not ks:
+        return st
+    picked: dict[int, list[torch.Tensor]] = {i: [] for i in ks}
+    for b, xs in sample():
+        for i in ks:
+            picked[i].append(torch.sub(xs[i], b).abs_().reshape(-1))
+    bounds = {}
+    for i, k in ks.items():
+        vals = torch.cat(picked[i]).sort().values
+        m = vals.numel()
+        q = (numel - k) / numel  # fraction of entries below the threshold
+        eps = 4.0 / m**0.5 + 1e-3
+        lo_i, hi_i = int((q - eps) * m), int((q + eps) * m) + 1
+        lo = vals[lo_i] if 0 <= lo_i < m else None
+        hi = vals[hi_i] if 0 <= hi_i < m else None
+        bounds[i] = (lo, hi)
+    del picked
+    for _attempt in range(2):
+        above = dict.fromkeys(ks, 0)
+        cands: dict[int, list[torch.Tensor]] = {i: [] for i in ks}
+        for b, xs in blocks():
+            for i in ks:
+                ad = torch.sub(xs[i], b).abs_().reshape(-1)
+                lo, hi = bounds[i]
+                inside = torch.ones_like(ad, dtype=torch.bool)
+                if hi is not None:
+                    above[i] += int(torch.count_nonzero(ad > hi))
+                    inside &= ad <= hi
+                if lo is not None:
+                    inside &= ad >= lo
+                cands[i].append(ad[inside])
+        missed = []
+        for i, k in ks.items():
+            cand = torch.cat(cands[i])
+            need = k - above[i]
+            if not 1 <= need <= cand.numel():
+                missed.append(i)
+                continue
+            thr = kth_smallest(cand, cand.numel() - need + 1, inplace=True)
+            over = above[i] + int(torch.count_nonzero(cand[cand.numel() - need + 1 :] > thr))
+            st.thresholds[i], st.tied_to_keep[i] = thr, k - over
+        if not missed:
+            return st
+        ks = {i: ks[i] for i in missed}
+        bounds = {i: (None, None) for i in missed}  # exact fallback: every entry is a candidate
+    raise RuntimeError("internal: trim threshold not found")
 
-    out = torch.empty_like(base)
-    flat_o = out.view(-1)
+
+def _merge_block(
+    st: TrimState,
+    flat_b: torch.Tensor,
+    flat_x: list[torch.Tensor],
+    weights: list[float],
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+    flat_o: torch.Tensor,
+) -> None:
+    """Trim, elect and sum one stretch of the tensor (flat, in order) into `flat_o`."""
+    n, numel = len(flat_x), flat_b.numel()
     total_w = sum(weights)
     for s in range(0, numel, CHUNK):
         e = min(numel, s + CHUNK)
         b = flat_b[s:e]
         pos = neg = votes = pos_w = neg_w = mixed = None
         for i in range(n):
-            if keep_none[i]:
+            if st.keep_none[i]:
                 continue
             d = flat_x[i][s:e] - b
-            thr = thresholds[i]
+            thr = st.thresholds[i]
             if thr is not None:
                 ad = d.abs()
                 keep = ad > thr
-                if tied_to_keep[i] > 0:
-                    tied = torch.nonzero(ad == thr).squeeze(1)[: tied_to_keep[i]]
+                if st.tied_to_keep[i] > 0:
+                    tied = torch.nonzero(ad == thr).squeeze(1)[: st.tied_to_keep[i]]
                     keep[tied] = True
-                    tied_to_keep[i] -= tied.numel()
+                    st.tied_to_keep[i] -= tied.numel()
                 d.mul_(keep)
             d.mul_(weights[i])
             if consensus is None:
@@ -242,6 +323,25 @@ def _merge_chunked(
         if lambda_ != 1:
             mixed *= lambda_
         torch.add(b, mixed, out=o)
+
+
+def _merge_chunked(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weights: list[float],
+    densities: list[float] | None,
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+) -> torch.Tensor:
+    """The general path's result for magnitude trimming (or none), in two phases
+    so temporaries never reach the tensor's size: per-model thresholds (one
+    scratch buffer, partitioned in place), then trim, elect and sum block by
+    block straight into the output."""
+    st = _trim_whole(base, tensors, densities)
+    out = torch.empty_like(base)
+    _merge_block(st, base.reshape(-1), [t.reshape(-1) for t in tensors], weights, consensus,
+                 normalize, lambda_, out.view(-1))
     return out
 
 
@@ -251,6 +351,24 @@ class TaskVectorMerge(MergeMethod):
     uses_base = "required"
     sparsification: ClassVar[Sparsification | None] = None
     consensus: ClassVar[Consensus | None] = None
+
+    def blocked(self, name: str, params: TensorParams, n_models: int) -> Blocked | None:
+        """Magnitude trimming (TIES) streams in blocks: thresholds first, then blocks."""
+        if self.sparsification != "magnitude" or params["rescale"]:
+            return None
+        weights = params.model_values("weight")
+        densities = [p.get("density", 1.0) for p in params.per_model]
+
+        def prepare(numel: int, sample, blocks) -> TrimState:
+            return trim_blocked(numel, densities, n_models, sample, blocks)
+
+        def merge_block(st: TrimState, base: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+            out = torch.empty_like(base)
+            _merge_block(st, base.reshape(-1), [x.reshape(-1) for x in xs], weights, self.consensus,
+                         params["normalize"], params["lambda"], out.view(-1))
+            return out
+
+        return Blocked(prepare, merge_block)
 
     def merge(
         self,

@@ -184,3 +184,62 @@ def test_elementwise_methods_stream_large_tensors_in_row_blocks(four_layer, monk
     for f in sorted(p.name for p in (tmp / "whole").iterdir()):
         if f.endswith(".safetensors") or f.endswith(".json"):
             assert (tmp / "whole" / f).read_bytes() == (tmp / "blocked" / f).read_bytes(), f
+
+
+def _integer_models(root, shape=(64, 32), n=3, seed=0):
+    """Checkpoints with small integer values: exact deltas, many magnitude ties."""
+    from weightspace import WeightSpace
+
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for k in range(n):
+        t = {"model.embed_tokens.weight": torch.randint(-4, 5, shape, generator=g).float(),
+             "model.layers.0.mlp.up_proj.weight": torch.randint(-4, 5, shape, generator=g).float()}
+        paths.append(WeightSpace.from_tensors(t).save(root / f"m{k}"))
+    return paths
+
+
+def test_blocked_ties_equals_whole_tensor_ties(tmp_path, monkeypatch):
+    """TIES streamed in row blocks (statistics pass, then blocks) writes the same bytes."""
+    import weightspace.merge as wm
+
+    base, a, b = _integer_models(tmp_path)
+    text = (f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+            f"  - model: {a}\n    parameters: {{weight: 1.0, density: 0.3}}\n"
+            f"  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n")
+    whole = plan_merge(parse_spec(text))
+    assert all(s.shape is not None for s in whole.steps)
+    run_plan(whole, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(wm, "BLOCKED_MIN_BYTES", 0)
+    monkeypatch.setattr(wm, "BLOCK_BYTES", 1000)  # 64x32 fp32 -> blocks of 7 rows
+    blocked = plan_merge(parse_spec(text))
+    assert sum(s.shape is None for s in blocked.steps) == 2  # one statistics pass per tensor
+    assert len(blocked.steps) > 10
+    run_plan(blocked, tmp_path / "blocked", progress=False)
+    assert ((tmp_path / "whole" / "model.safetensors").read_bytes()
+            == (tmp_path / "blocked" / "model.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize("sample_rows", [[0], list(range(0, 40, 3)), []])
+def test_blocked_trim_thresholds_are_exact_even_when_the_sample_misleads(sample_rows):
+    """A sample that brackets the threshold badly falls back to an exact selection."""
+    from merges.generalized_ta import _trim_whole, trim_blocked
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-3, 4, (40, 9), generator=g).float()
+    xs = [base + torch.randint(-5, 6, (40, 9), generator=g).float() for _ in range(2)]
+    dens = [0.25, 0.9]
+    ref = _trim_whole(base, xs, dens)
+
+    def sample():
+        for r in sample_rows or [0]:
+            yield base[r : r + 1] * 0 + 100, [x[r : r + 1] * 0 for x in xs] if not sample_rows else [
+                x[r : r + 1] for x in xs]
+
+    def blocks():
+        for r in range(0, 40, 6):
+            yield base[r : r + 6], [x[r : r + 6] for x in xs]
+
+    got = trim_blocked(base.numel(), dens, 2, sample, blocks)
+    assert [float(t) for t in got.thresholds] == [float(t) for t in ref.thresholds]
+    assert got.tied_to_keep == ref.tied_to_keep

@@ -58,7 +58,7 @@ class Step:
     """One output tensor: what it reads and how it is computed."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None  # None: a statistics step that writes nothing
     dtype: torch.dtype  # output dtype
     inputs: list[TensorRef]
     compute: Callable[[list[torch.Tensor]], torch.Tensor]
@@ -71,7 +71,7 @@ class Step:
 
     @property
     def out_bytes(self) -> int:
-        return nbytes_of(self.shape, self.dtype)
+        return 0 if self.shape is None else nbytes_of(self.shape, self.dtype)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -108,6 +108,8 @@ def estimate_peak_bytes(steps: Sequence[Step], compute_dtype: torch.dtype | None
     el = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4
     biggest_out = max(s.out_bytes for s in steps)
     biggest_work = max(4 * (s.out_bytes // s.dtype.itemsize) * el for s in steps)
+    if any(s.shape is None for s in steps):  # blocked statistics: one row block per input at a time
+        biggest_work += max(_loaded_bytes(s, compute_dtype) for s in steps)
     return inputs + biggest_work + 2 * biggest_out
 
 
@@ -220,6 +222,8 @@ def execute(
                 raise WeightspaceError(f"computing tensor {s.name!r}: {type(e).__name__}: {e}") from e
             del ts
             budget.release(_loaded_bytes(s, compute_dtype if (s.cast_inputs and on_cpu) else None))
+            if s.shape is None:
+                continue
             if tuple(out.shape) != tuple(s.shape):
                 raise WeightspaceError(
                     f"tensor {s.name!r}: result has shape {list(out.shape)}, expected {list(s.shape)}"

@@ -54,7 +54,7 @@ class MergePlan:
         """(name, dtype, shape) of each output tensor, row blocks joined."""
         out: dict[str, tuple[str, torch.dtype, tuple[int, ...]]] = {}
         for s in self.steps:
-            if s.name not in out:
+            if s.name not in out and s.shape is not None:
                 out[s.name] = (s.name, s.dtype, tuple(s.info.get("full_shape", s.shape)))
         return list(out.values())
 
@@ -317,6 +317,12 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         info = {"t": t, "layer": layer, "models": order}
         all_refs = refs + comp_refs
         rows = _block_rows(first, len(all_refs)) if method.elementwise else None
+        blocked = None
+        if rows is None and has_base and not comp_names and first.nbytes > BLOCKED_MIN_BYTES:
+            blocked = method.blocked(out_name, params, n_others)
+        if blocked is not None:
+            _add_blocked(steps, blocked, out_name, refs, out_dtype_for(first), compute_dtype, info)
+            return
         if rows is None:
             steps.append(Step(out_name, first.shape, out_dtype_for(first), all_refs, fn, info=info))
             return
@@ -393,7 +399,7 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
 
     seen = set()
     for s in steps:
-        if s.name in seen and "rows" not in s.info:
+        if s.name in seen and "rows" not in s.info and s.shape is not None:
             raise SpecError(f"tensor {s.name!r} would be written twice; check the slices")
         seen.add(s.name)
 
@@ -409,6 +415,45 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
 # Elementwise methods stream tensors larger than this (per input) in row blocks,
 # so their peak memory does not depend on the largest tensor either.
 BLOCK_BYTES = 32 * 2**20
+
+
+# Methods with a `blocked` recipe (TIES) stream tensors larger than this per input.
+BLOCKED_MIN_BYTES = 128 * 2**20
+
+
+def _add_blocked(steps: list[Step], blocked, name: str, refs: list[TensorRef],
+                 out_dtype: torch.dtype, compute_dtype: torch.dtype, info: dict) -> None:
+    """A statistics step that reads the tensor block by block, then one step per row block."""
+    first = refs[0]
+    n_rows = first.shape[0]
+    rows = max(1, BLOCK_BYTES // max(1, first.nbytes // n_rows))
+    cols = max(1, first.numel // n_rows)
+    stride = max(1, n_rows // max(1, (1 << 20) // cols))
+
+    def load(r0: int, r1: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ts = [slice_rows(r, r0, r1).load("cpu", compute_dtype) for r in refs]
+        return ts[0], ts[1:]
+
+    def sample():
+        for r in range(0, n_rows, stride):
+            yield load(r, r + 1)
+
+    def blocks():
+        for r0 in range(0, n_rows, rows):
+            yield load(r0, min(n_rows, r0 + rows))
+
+    state: dict[str, Any] = {}
+
+    def prepare(_: list[torch.Tensor]) -> None:
+        state["st"] = blocked.prepare(first.numel, sample, blocks)
+
+    steps.append(Step(name, None, out_dtype, [], prepare, info={**info, "stage": "statistics"}))
+    for r0 in range(0, n_rows, rows):
+        r1 = min(n_rows, r0 + rows)
+        steps.append(Step(name, (r1 - r0, *first.shape[1:]), out_dtype,
+                          [slice_rows(r, r0, r1) for r in refs],
+                          lambda ts: blocked.merge_block(state["st"], ts[0], ts[1:]),
+                          info={**info, "rows": (r0, r1), "full_shape": first.shape}))
 
 
 def _block_rows(ref: TensorRef, n_inputs: int) -> int | None:

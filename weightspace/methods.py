@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -99,6 +100,21 @@ class TensorParams:
         return gen
 
 
+@dataclass(frozen=True)
+class Blocked:
+    """How a method streams one large tensor in row blocks.
+
+    `prepare(numel, sample, blocks)` runs first and returns the state the
+    blocks need (e.g. TIES trim thresholds); `sample()` yields a spread of
+    single rows and `blocks()` every row block, each as (base rows, [model
+    rows]). `merge_block(state, base_rows, model_rows)` then merges each block,
+    in order, with the executor's prefetching.
+    """
+
+    prepare: Callable[[int, Callable[[], Iterator], Callable[[], Iterator]], Any]
+    merge_block: Callable[[Any, torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+
 class MergeMethod:
     """Base class for merge methods. Subclasses set the class attributes and `merge`."""
 
@@ -137,6 +153,10 @@ class MergeMethod:
             raise SpecError(
                 f"merge_method {self.name!r} takes {want} model(s){extra}, got {n_models}"
             )
+
+    def blocked(self, name: str, params: TensorParams, n_models: int) -> Blocked | None:
+        """A recipe to stream a large tensor in row blocks, or None (take it whole)."""
+        return None
 
     def merge(
         self,
@@ -209,6 +229,7 @@ def suggest(name: str, known: list[str]) -> str:
 
 __all__ = [
     "BaseUse",
+    "Blocked",
     "MergeMethod",
     "Param",
     "TensorParams",
