@@ -67,7 +67,8 @@ class Step:
 
     @property
     def read_bytes(self) -> int:
-        return sum(leaf.nbytes for r in self.inputs for leaf in r.leaves())
+        own = sum(leaf.nbytes for r in self.inputs for leaf in r.leaves())
+        return own + self.info.get("extra_read_bytes", 0)
 
     @property
     def out_bytes(self) -> int:

@@ -63,8 +63,8 @@ class MergePlan:
 
     def summary(self, shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
         out_dtypes: dict[str, int] = {}
-        for s in self.steps:
-            k = str(s.dtype).replace("torch.", "")
+        for _, dt, _ in self.outputs():
+            k = str(dt).replace("torch.", "")
             out_dtypes[k] = out_dtypes.get(k, 0) + 1
         from weightspace.sink import plan_shards
 
@@ -447,7 +447,9 @@ def _add_blocked(steps: list[Step], blocked, name: str, refs: list[TensorRef],
     def prepare(_: list[torch.Tensor]) -> None:
         state["st"] = blocked.prepare(first.numel, sample, blocks)
 
-    steps.append(Step(name, None, out_dtype, [], prepare, info={**info, "stage": "statistics"}))
+    # the statistics pass reads every row once (plus a small sample) before the blocks read it again
+    steps.append(Step(name, None, out_dtype, [], prepare,
+                      info={**info, "stage": "statistics", "extra_read_bytes": sum(r.nbytes for r in refs)}))
     for r0 in range(0, n_rows, rows):
         r1 = min(n_rows, r0 + rows)
         steps.append(Step(name, (r1 - r0, *first.shape[1:]), out_dtype,
