@@ -99,3 +99,41 @@ def test_merged_llama_loads_with_transformers(tmp_path, run_cli):
         assert torch.equal(sd[name], merged[name].load())
     logits = model(torch.tensor([[1, 2, 3]])).logits
     assert logits.shape == (1, 3, 64) and torch.isfinite(logits).all()
+
+
+def _fake_hub_cache(root: Path, repo: str, seed: int, delta_seed: int | None = None) -> None:
+    """A Hugging Face cache entry as huggingface_hub lays it out (refs/ + snapshots/)."""
+    from zoo.tiny import write_tiny_llama
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = (f"{seed:02d}{delta_seed or 0:02d}" * 10)[:40]
+    write_tiny_llama(folder / "snapshots" / commit, seed=seed, delta_seed=delta_seed)
+    (folder / "refs").mkdir(parents=True)
+    for ref in ("main", "v1"):
+        (folder / "refs" / ref).write_text(commit)
+
+
+def test_hub_ids_resolve_from_the_cache_offline(tmp_path, run_cli, write_spec, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    _fake_hub_cache(cache, "acme/base", seed=0)
+    _fake_hub_cache(cache, "acme/ft", seed=0, delta_seed=1)
+    monkeypatch.chdir(tmp_path)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    spec = write_spec("merge_method: task_arithmetic\nbase_model: acme/base@v1\nmodels:\n"
+                      "  - model: acme/ft\n    parameters: {weight: 0.5}\n")
+    code, _, err = run_cli("run", str(spec), str(tmp_path / "out"), "--no-progress", env=env)
+    assert code == 0, err
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "- acme/base" in front and "- acme/ft" in front  # base_model lists the Hub models
+    n = "model.layers.1.mlp.up_proj.weight"
+    snap = next((cache / "models--acme--ft" / "snapshots").iterdir())
+    base = load_space(next((cache / "models--acme--base" / "snapshots").iterdir()))[n].load()
+    ft = load_space(snap)[n].load()
+    assert torch.allclose(load_space(tmp_path / "out")[n].load(), base + 0.5 * (ft - base), atol=1e-7)
+    # an id that is not cached fails cleanly offline, naming it
+    spec2 = write_spec("merge_method: linear\nmodels:\n  - model: acme/missing\n    parameters: {weight: 1}\n",
+                       name="missing.yaml")
+    code, _, err = run_cli("run", str(spec2), str(tmp_path / "out2"), env=env)
+    assert code == 1 and "acme/missing: not a local path, and not in the Hub cache" in err
+    assert not (tmp_path / "out2").exists()

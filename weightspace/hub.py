@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from weightspace.errors import InputError
@@ -23,12 +24,18 @@ def resolve_hub(ref: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     repo, rev = split_hub_id(ref)
+    # Read the environment now, not at huggingface_hub's import: a caller (or a
+    # test) may set HF_HUB_OFFLINE / HF_HUB_CACHE after something imported it.
+    kw = {
+        "cache_dir": os.environ.get("HF_HUB_CACHE") or None,
+        "local_files_only": os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"),
+    }
     try:
-        path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=_PATTERNS)
+        path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=_PATTERNS, **kw)
         p = Path(path)
         if not any(p.glob("*.safetensors")):  # fall back to pickled weights, loaded safely
             path = snapshot_download(
-                repo_id=repo, revision=rev, allow_patterns=_PATTERNS + ["pytorch_model*.bin*"]
+                repo_id=repo, revision=rev, allow_patterns=_PATTERNS + ["pytorch_model*.bin*"], **kw
             )
         return Path(path)
     except LocalEntryNotFoundError:
