@@ -63,6 +63,15 @@ def kth_smallest(flat: torch.Tensor, k: int, *, inplace: bool = False) -> torch.
     return torch.kthvalue(flat, k).values
 
 
+def kth_and_count_above(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th smallest of a 1-D scratch tensor (which may be reordered) and
+    how many entries are strictly greater than it."""
+    thr = kth_smallest(values, k, inplace=True)
+    if values.device.type == "cpu" and values.dtype in _NUMPY_SELECT and values.is_contiguous():
+        return thr, int(torch.count_nonzero(values[k:] > thr))  # partitioned: only these can exceed it
+    return thr, int(torch.count_nonzero(values > thr))
+
+
 def _rank_window(values: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Boolean mask of the entries whose position in a stable ascending sort of
     the flat `values` lies in [start, end).
@@ -252,6 +261,7 @@ def majority_sign(weighted: list[torch.Tensor], method: Consensus = "sum") -> to
 
 
 __all__ = [
+    "kth_and_count_above",
     "kth_smallest",
     "magnitude",
     "magnitude_outliers",

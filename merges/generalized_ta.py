@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from merges._sparsify import Consensus, Sparsification, kth_smallest, sparsify
+from merges._sparsify import Consensus, Sparsification, kth_and_count_above, sparsify
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
 
 
@@ -179,8 +179,7 @@ def _trim_whole(base: torch.Tensor, tensors: list[torch.Tensor], densities: list
             continue
         scratch = torch.sub(tensors[i].reshape(-1), flat_b).abs_()
         # k-th largest = (numel - k + 1)-th smallest; `scratch` is reordered in place
-        thr = kth_smallest(scratch, numel - k + 1, inplace=True)
-        above = int(torch.count_nonzero(scratch[numel - k + 1 :] > thr))  # only these can exceed it
+        thr, above = kth_and_count_above(scratch, numel - k + 1)
         st.thresholds[i], st.tied_to_keep[i] = thr, k - above
     return st
 
@@ -249,8 +248,8 @@ def trim_blocked(
             if not 1 <= need <= cand.numel():
                 missed.append(i)
                 continue
-            thr = kth_smallest(cand, cand.numel() - need + 1, inplace=True)
-            over = above[i] + int(torch.count_nonzero(cand[cand.numel() - need + 1 :] > thr))
+            thr, over_in = kth_and_count_above(cand, cand.numel() - need + 1)
+            over = above[i] + over_in
             st.thresholds[i], st.tied_to_keep[i] = thr, k - over
         if not missed:
             return st

@@ -243,3 +243,71 @@ def test_blocked_trim_thresholds_are_exact_even_when_the_sample_misleads(sample_
     got = trim_blocked(base.numel(), dens, 2, sample, blocks)
     assert [float(t) for t in got.thresholds] == [float(t) for t in ref.thresholds]
     assert got.tied_to_keep == ref.tied_to_keep
+
+
+def test_mergekit_slerp_slices_config_runs_unchanged(four_layer):
+    """The common mergekit slerp config (slices over the full range, filtered gradients)
+    gives the same tensors as the models form."""
+    tmp, a, b = four_layer
+    params = """parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+"""
+    sliced = parse_spec(f"""slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 4]
+      - model: {b}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {a}
+""" + params)
+    flat = parse_spec(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n" + params)
+    run_plan(plan_merge(sliced), tmp / "sliced", progress=False)
+    run_plan(plan_merge(flat), tmp / "flat", progress=False)
+    got, want = load_space(tmp / "sliced").materialize(), load_space(tmp / "flat").materialize()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # t at layer 2 of 4 for self_attn: t = 2/3 over [0, .5, .3, .7, 1] -> scaled 2.667 -> .3*.333 + .7*.667
+    plan = plan_merge(flat)
+    step = next(s for s in plan.steps if s.name == "model.layers.2.self_attn.q_proj.weight")
+    assert step.info["t"] == pytest.approx(2 / 3)
+
+
+def test_mergekit_ties_config_with_base_listed_and_mergekit_keys(four_layer):
+    tmp, a, b = four_layer
+    spec = parse_spec(f"""models:
+  - model: {a}
+    # no parameters necessary for base model
+  - model: {b}
+    parameters:
+      density: 0.5
+      weight: 0.5
+merge_method: ties
+base_model: {a}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+""")
+    plan = plan_merge(spec)
+    run_plan(plan, tmp / "out", progress=False)
+    out = load_space(tmp / "out")
+    n = "model.layers.0.mlp.up_proj.weight"
+    assert out[n].dtype == torch.bfloat16
+    # one model besides the base: ties with normalize = base + trimmed delta (weight divides out)
+    A, B = load_space(a)[n].load(torch.bfloat16), load_space(b)[n].load(torch.bfloat16)
+    # mergekit's dtype is the compute dtype: the arithmetic itself runs in bfloat16
+    d = B - A
+    k = int(0.5 * d.numel())
+    keep = torch.zeros(d.numel(), dtype=torch.bool)
+    keep[torch.argsort(d.abs().float().reshape(-1), descending=True, stable=True)[:k]] = True
+    wd = d * keep.reshape(d.shape) * 0.5
+    divisor = torch.where(wd != 0, 0.5, 1.0).to(torch.bfloat16)
+    expected = A + wd / divisor
+    assert torch.equal(out[n].load(), expected)
