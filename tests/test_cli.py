@@ -137,3 +137,14 @@ def test_hub_ids_resolve_from_the_cache_offline(tmp_path, run_cli, write_spec, m
     code, _, err = run_cli("run", str(spec2), str(tmp_path / "out2"), env=env)
     assert code == 1 and "acme/missing: not a local path, and not in the Hub cache" in err
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, run_cli):
+    code, _, err = run_cli("run", str(REPO / "examples" / "linear.yaml"), str(tmp_path / "o"),
+                           "--device", "cuda:0", "--no-progress")
+    assert code == 1 and "device 'cuda:0' requested but CUDA is not available" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = run_cli("run", str(REPO / "examples" / "linear.yaml"), str(tmp_path / "o"),
+                           "--device", "tpu", "--no-progress")
+    assert code == 1 and "unknown device 'tpu': use auto, cpu, cuda or cuda:N" in err
