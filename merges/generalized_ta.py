@@ -89,8 +89,8 @@ def merge_task_vectors(
         return _merge_chunked(base, tensors, weights, densities if sparsification else None,
                               consensus, normalize, lambda_)
 
-    def weighted_delta(i: int) -> torch.Tensor:
-        delta = tensors[i] - base  # a fresh tensor: safe to scale in place
+    def sparse_delta(i: int) -> torch.Tensor:
+        delta = tensors[i] - base
         if sparsification is not None:
             delta = sparsify(
                 delta,
@@ -101,46 +101,15 @@ def merge_task_vectors(
                 epsilon=epsilons[i] if epsilons is not None else 0.15,
                 generator=generators[i] if generators is not None else None,
             )
-        return delta.mul_(weights[i])
+        return delta
 
-    deltas = (weighted_delta(i) for i in range(n))
-
-    if consensus is None:
-        mixed = None
-        for d in deltas:
-            mixed = d if mixed is None else mixed.add_(d)
-        total = sum(weights)
-        divisor: torch.Tensor | float = total if abs(total) >= 1e-8 else 1.0
-    else:
-        # Streaming sign election: the entries agreeing with an elected "+" are
-        # exactly the positive weighted deltas (and "-" the negative ones), so
-        # four running sums replace n stacked deltas and n masks.
-        pos = torch.zeros_like(base)
-        neg = torch.zeros_like(base)
-        votes = torch.zeros_like(base) if consensus == "count" else None
-        pos_w = torch.zeros_like(base) if normalize else None
-        neg_w = torch.zeros_like(base) if normalize else None
-        for i, d in enumerate(deltas):
-            pos.add_(d.clamp(min=0))
-            neg.add_(d.clamp(max=0))
-            if votes is not None:
-                votes.add_(d.sign())
-            if normalize:
-                pos_w.add_(d > 0, alpha=weights[i])
-                neg_w.add_(d < 0, alpha=weights[i])
-            del d
-        elect_up = ((pos + neg) if votes is None else votes) >= 0
-        mixed = torch.where(elect_up, pos, neg)
-        del pos, neg, votes
-        if normalize:
-            divisor = torch.where(elect_up, pos_w, neg_w)
-            del pos_w, neg_w
-            divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return mixed.add_(base)
+    # The sparsified deltas go through the same block-wise weighting, sign
+    # election and sum as the magnitude path, over a zero "base" (d - 0 = d).
+    deltas = [sparse_delta(i).reshape(-1) for i in range(n)]
+    out = torch.empty_like(base)
+    _merge_block(TrimState.empty(n), torch.zeros_like(deltas[0]), deltas, weights, consensus,
+                 normalize, lambda_, out.view(-1))
+    return out.add_(base)
 
 
 CHUNK = 1 << 20  # elements per block in the chunked path: a few MB, cache-resident

@@ -200,8 +200,7 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
     spaces = _open_all(spec, Path(spec_dir) if spec_dir else None)
     base = spec.base_model
     uses_base = method.uses_base != "none"
-    if base and not uses_base:
-        pass  # mergekit ignores base_model for such methods unless it is also listed in models
+    # as in mergekit, a method without a base ignores base_model unless it is also listed in models
 
     if spec.models:
         slices = [[_Source(m.model, m.parameters, None) for m in spec.models]]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import torch
 import yaml
@@ -297,13 +297,6 @@ def parse_spec(text: str, source: str = "<spec>") -> MergeSpec:
         raise SpecError(f"{source}: invalid merge spec:\n  " + "\n  ".join(lines)) from None
 
 
-def line_for(text: str, loc: tuple) -> int | None:
-    try:
-        return _line_of(yaml.compose(text, Loader=_SpecLoader), loc)
-    except yaml.YAMLError:
-        return None
-
-
 __all__ = [
     "Condition",
     "InputModel",
@@ -314,5 +307,4 @@ __all__ = [
     "load_spec",
     "parse_dtype",
     "parse_spec",
-    "Literal",
 ]
