@@ -134,18 +134,27 @@ class TrimState:
         return cls([None] * n, [0] * n, [False] * n)
 
 
-def _trim_whole(base: torch.Tensor, tensors: list[torch.Tensor], densities: list[float] | None) -> TrimState:
-    n, numel = len(tensors), base.numel()
+def _keep_counts(numel: int, densities: list[float] | None, n: int) -> tuple[TrimState, dict[int, int]]:
+    """An empty state with `keep_none` set, and k (entries to keep) for each model that trims."""
     st = TrimState.empty(n)
-    flat_b = base.reshape(-1)
-    for i in range(n):  # sequential: numpy's introselect is fast; threads would oversubscribe
+    ks: dict[int, int] = {}
+    for i in range(n):
         density = densities[i] if densities is not None else 1.0
         if density >= 1:
             continue
         k = int(density * numel)
         if k <= 0:
             st.keep_none[i] = True
-            continue
+        else:
+            ks[i] = k
+    return st, ks
+
+
+def _trim_whole(base: torch.Tensor, tensors: list[torch.Tensor], densities: list[float] | None) -> TrimState:
+    numel = base.numel()
+    st, ks = _keep_counts(numel, densities, len(tensors))
+    flat_b = base.reshape(-1)
+    for i, k in ks.items():  # sequential: numpy's introselect is fast; threads would oversubscribe
         scratch = torch.sub(tensors[i].reshape(-1), flat_b).abs_()
         # k-th largest = (numel - k + 1)-th smallest; `scratch` is reordered in place
         thr, above = kth_and_count_above(scratch, numel - k + 1)
@@ -168,17 +177,7 @@ def trim_blocked(
     kept, and the exact k-th largest is selected among those. A bracket that
     missed (unlucky sample) is widened to everything, which stays exact.
     """
-    st = TrimState.empty(n)
-    ks: dict[int, int] = {}
-    for i in range(n):
-        density = densities[i] if densities is not None else 1.0
-        if density >= 1:
-            continue
-        k = int(density * numel)
-        if k <= 0:
-            st.keep_none[i] = True
-        else:
-            ks[i] = k
+    st, ks = _keep_counts(numel, densities, n)
     if not ks:
         return st
     picked: dict[int, list[torch.Tensor]] = {i: [] for i in ks}

@@ -144,7 +144,8 @@ def execute(
                 if stop.is_set():
                     return
                 dt = compute_dtype if (s.cast_inputs and on_cpu) else None
-                if not budget.acquire(_loaded_bytes(s, dt)):
+                nbytes = _loaded_bytes(s, dt)
+                if not budget.acquire(nbytes):
                     return
                 try:
                     ts = [r.load("cpu", dt) for r in s.inputs]
@@ -152,7 +153,7 @@ def execute(
                     raise
                 except Exception as e:
                     raise WeightspaceError(f"reading inputs of tensor {s.name!r}: {e}") from e
-                _put(in_q, (s, ts), stop)
+                _put(in_q, (s, ts, nbytes), stop)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             errors.append(e)
             stop.set()
@@ -209,7 +210,7 @@ def execute(
             item = in_q.get()
             if item is _DONE or stop.is_set():
                 break
-            s, ts = item
+            s, ts, nbytes = item
             del item  # the queue tuple would keep the inputs alive after `del ts`
             if not on_cpu:
                 ts = [t.to(dev, non_blocking=True) for t in ts]
@@ -222,7 +223,7 @@ def execute(
             except Exception as e:
                 raise WeightspaceError(f"computing tensor {s.name!r}: {type(e).__name__}: {e}") from e
             del ts
-            budget.release(_loaded_bytes(s, compute_dtype if (s.cast_inputs and on_cpu) else None))
+            budget.release(nbytes)
             if s.shape is None:
                 continue
             if tuple(out.shape) != tuple(s.shape):

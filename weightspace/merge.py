@@ -23,7 +23,7 @@ from weightspace.errors import InputError, SpecError
 from weightspace.executor import Step, estimate_peak_bytes, execute
 from weightspace.ir import TensorRef, WeightSpace, slice_rows
 from weightspace.methods import MergeMethod, Param, TensorParams, get_method, suggest
-from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink, check_output
+from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink
 from weightspace.sources import load_space
 from weightspace.spec import Condition, MergeSpec, parse_dtype
 from weightspace.structure import depth_t, is_pre_weight, parse_layer
@@ -112,9 +112,8 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
 class _Resolver:
     """Looks a parameter up: source -> slice -> global spec -> method default."""
 
-    def __init__(self, method: MergeMethod, spec: MergeSpec):
+    def __init__(self, method: MergeMethod):
         self.method = method
-        self.spec = spec
         self.globals = {p.name: p for p in method.all_global_params()}
         self.per_model = {p.name: p for p in method.model_params}
         for c in method.companions:
@@ -183,7 +182,7 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
                out_dtype: str | None = None) -> MergePlan:
     """Validate a spec against its inputs and build the per-tensor plan (headers only)."""
     method = get_method(spec.merge_method)
-    resolver = _Resolver(method, spec)
+    resolver = _Resolver(method)
     # parameter names, before anything is opened
     resolver.check_names(spec.parameters, "parameters", per_model=False)
     for i, m in enumerate(spec.models or []):
@@ -315,7 +314,7 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         fn = _merge_fn(method, out_name, has_base, n_others, params, comp_names)
         info = {"t": t, "layer": layer, "models": order}
         all_refs = refs + comp_refs
-        rows = _block_rows(first, len(all_refs)) if method.elementwise else None
+        rows = _block_rows(first) if method.elementwise else None
         blocked = None
         if rows is None and has_base and not comp_names and first.nbytes > BLOCKED_MIN_BYTES:
             blocked = method.blocked(out_name, params, n_others)
@@ -457,7 +456,7 @@ def _add_blocked(steps: list[Step], blocked, name: str, refs: list[TensorRef],
                           info={**info, "rows": (r0, r1), "full_shape": first.shape}))
 
 
-def _block_rows(ref: TensorRef, n_inputs: int) -> int | None:
+def _block_rows(ref: TensorRef) -> int | None:
     """Rows per block for `ref`, or None when it is small enough to take whole."""
     if len(ref.shape) < 1 or ref.shape[0] < 2 or ref.nbytes * 2 <= BLOCK_BYTES:
         return None
@@ -512,7 +511,6 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
     from weightspace.card import model_card
 
     out = Path(out)
-    check_output(out, overwrite)
     recipe = plan.spec.to_yaml()
     sink = CheckpointSink(out, plan.outputs(), shard_size=shard_size, overwrite=overwrite,
                           metadata={"weightspace_spec": recipe})

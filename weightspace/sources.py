@@ -150,9 +150,8 @@ def load_local(path: str | Path) -> WeightSpace:
         if p.name.endswith(".index.json"):
             return _from_index(p.parent, p, _dir_meta(p.parent, "safetensors", src))
         raise InputError(f"{src}: unsupported file type (expected .safetensors, .bin, .pt or .pth)")
-    for index_name, fmt in (("model.safetensors.index.json", "safetensors"),):
-        if (p / index_name).is_file():
-            return _from_index(p, p / index_name, _dir_meta(p, fmt, src))
+    if (p / "model.safetensors.index.json").is_file():
+        return _from_index(p, p / "model.safetensors.index.json", _dir_meta(p, "safetensors", src))
     if (p / "model.safetensors").is_file():
         return _from_safetensors_files([p / "model.safetensors"], _dir_meta(p, "safetensors", src))
     if (p / "pytorch_model.bin.index.json").is_file():

@@ -8,7 +8,6 @@ They load with `transformers.LlamaForCausalLM.from_pretrained`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -76,6 +75,3 @@ def write_tiny_llama(path: str | Path, *, seed: int = 0, delta_seed: int | None 
     out = space.save(path, overwrite=overwrite, config=config)
     return out
 
-
-def load_config(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())
