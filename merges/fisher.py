@@ -399,23 +399,27 @@ class Fisher(MergeMethod):
     companions = ("fisher",)
     companion_optional = True  # a Fisher may leave tensors out (a new head): see `uncovered`
     global_params = (
-        Param("fisher_floor", default=1e-6, doc="added to every Fisher entry (to the first model's "
+        Param("fisher_floor", default=1e-6, ge=0.0, doc="added to every Fisher entry (to the first model's "
               "only under favor_target), so no entry has zero total weight"),
         Param("normalize_fishers", default=False, kind=bool,
               doc="divide each weight by the L2 norm of that model's whole Fisher"),
         Param("favor_target", default=False, kind=bool,
               doc="the first model is the target: only its Fisher gets the floor, so entries no "
                   "other Fisher weighs keep its value (the authors' favor_target_model)"),
-        Param("uncovered", default="average", kind=str,
+        Param("uncovered", default="average", kind=str, choices=UNCOVERED,
               doc="tensors no Fisher covers: 'average' (weighted average) or 'first' (first model's)"),
     )
     model_params = (
-        Param("weight", default=1.0, doc="lambda_i, this model's weight (>= 0)"),
+        Param("weight", default=1.0, ge=0.0, doc="lambda_i, this model's weight"),
         Param("fisher", required=True, kind=str, doc="path to this model's Fisher diagonal "
               "(a safetensors file with the model's tensor names; see fisher_diagonal)"),
-        Param("fisher_norm", default=None, doc="the norm normalize_fishers divides by; computed "
+        Param("fisher_norm", default=None, gt=0.0, doc="the norm normalize_fishers divides by; computed "
               "from the file when absent (merges.fisher.fisher_norms)"),
     )
+
+    def check_params(self, params: TensorParams, where: list[str]) -> None:
+        if sum(params.model_values("weight")) == 0:
+            raise SpecError("fisher: the weights sum to 0; give at least one model a positive weight")
 
     def merge(
         self,

@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 
 from merges._sparsify import Consensus, Sparsification, kth_and_count_above, sparsify
+from weightspace.errors import SpecError
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
 
 
@@ -55,10 +56,14 @@ def task_vector_params(*, normalize: bool, rescale: bool) -> tuple[Param, ...]:
 
 
 WEIGHT = Param("weight", required=True, doc="weight of this model's task vector")
-DENSITY = Param("density", default=1.0, doc="fraction of the task vector's entries to keep")
-GAMMA = Param("gamma", default=0.01, doc="fraction of largest-magnitude entries cut as outliers")
+DENSITY = Param("density", default=1.0, ge=0.0, le=1.0,
+                doc="fraction of the task vector's entries to keep")
+GAMMA = Param("gamma", default=0.01, ge=0.0, le=1.0,
+              doc="fraction of largest-magnitude entries cut as outliers")
 EPSILON = Param(
-    "epsilon", default=0.15, doc="spread of keep probabilities around density, by magnitude rank"
+    "epsilon", default=0.15, ge=0.0, lt=0.5,
+    doc="spread of keep probabilities around density, by magnitude rank; density +/- epsilon "
+        "must stay inside (0, 1)",
 )
 
 
@@ -318,6 +323,15 @@ class TaskVectorMerge(MergeMethod):
     uses_base = "required"
     sparsification: ClassVar[Sparsification | None] = None
     consensus: ClassVar[Consensus | None] = None
+
+    def check_params(self, params: TensorParams, where: list[str]) -> None:
+        if self.sparsification != "della_magprune":
+            return
+        for pm, at in zip(params.per_model, where):
+            d, e = pm["density"], pm["epsilon"]
+            if 0 < d < 1 and not (0 < d - e and d + e < 1):  # as mergekit's della_magprune
+                raise SpecError(f"{at}: density +/- epsilon must lie inside (0, 1), got density "
+                                f"{d:g} and epsilon {e:g}; lower epsilon")
 
     def blocked(self, name: str, params: TensorParams, n_models: int) -> Blocked | None:
         """Magnitude trimming (TIES) streams in blocks: thresholds first, then blocks."""

@@ -55,6 +55,11 @@ class Linear(MergeMethod):
     )
     model_params = (Param("weight", required=True, doc="weight of this model"),)
 
+    def check_params(self, params: TensorParams, where: list[str]) -> None:
+        if params["normalize"] and sum(params.model_values("weight")) == 0:
+            raise SpecError("linear: the weights sum to 0, so they cannot be normalized; "
+                            "change the weights or set normalize: false")
+
     def merge(
         self,
         name: str,

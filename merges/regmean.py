@@ -320,12 +320,12 @@ class RegMean(MergeMethod):
     companions = ("gram",)
     companion_optional = True
     global_params = (
-        Param("alpha", default=0.1,
+        Param("alpha", default=0.1, ge=0.0, le=1.0,
               doc="off-diagonal scale of each Gram: alpha*G + (1-alpha)*diag(G); 1 = exact regression, "
                   "0 = per-feature weighted average (default 0.1, the official RegMean runs' value)"),
     )
     model_params = (
-        Param("weight", default=1.0,
+        Param("weight", default=1.0, ge=0.0,
               doc="this model's weight: scales its Grams in the regression and its tensors in the "
                   "average used for tensors without Grams"),
         Param("gram", required=True, kind=str,
@@ -337,6 +337,10 @@ class RegMean(MergeMethod):
         if companion == "gram" and len(shape) == 2 and name.endswith("weight"):
             return (shape[1], shape[1])
         return None
+
+    def check_params(self, params: TensorParams, where: list[str]) -> None:
+        if sum(params.model_values("weight")) == 0:
+            raise SpecError("regmean: the weights sum to 0; give at least one model a positive weight")
 
     def merge(
         self,

@@ -59,7 +59,8 @@ class Slerp(MergeMethod):
     reference_url = "https://doi.org/10.1145/325165.325242"
     uses_base = "required"
     global_params = (
-        Param("t", required=True, doc="interpolation factor: 0 gives the base, 1 the other model"),
+        Param("t", required=True, ge=0.0, le=1.0,
+              doc="interpolation factor: 0 gives the base, 1 the other model"),
     )
     min_models = 1
     max_models = 1

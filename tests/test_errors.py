@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def test_unknown_parameter_suggests_closest(tiny_models, run_cli, write_spec, ou
     code, _, err = run_cli("run", spec, out)
     assert code == 2
     single_error_line(err)
-    assert f"{where}.{bad}: unknown parameter for merge_method 'linear'" in err
+    # the spec file, the field and its YAML line, then the message
+    assert re.search(rf"{re.escape(str(spec))}: {re.escape(where)}\.{bad} \(line \d+\): "
+                     rf"unknown parameter for merge_method 'linear'", err), err
     assert f"Did you mean '{good}'?" in err
     assert_nothing_written(out)
 

@@ -99,7 +99,8 @@ slices:
         layer_range: [2, 9]
 merge_method: passthrough
 """)
-    with pytest.raises(SpecError, match=r"layer_range \[2, 9\] is outside model .* which has 4 layers"):
+    with pytest.raises(SpecError, match=r"slices\[0\]\.sources\[0\]\.layer_range \(line 5\): \[2, 9\] "
+                                        r"is outside model .* which has 4 layers"):
         plan_merge(spec)
 
 

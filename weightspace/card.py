@@ -10,22 +10,11 @@ if TYPE_CHECKING:
     from weightspace.merge import MergePlan
 
 
-def _hub_name(ref: str) -> str | None:
-    """A Hub id for the card's `base_model`, or None for local paths."""
-    from weightspace.sources import HUB_ID_RE
-
-    if HUB_ID_RE.match(ref) and not ref.startswith((".", "/", "~")):
-        from pathlib import Path
-
-        if not Path(ref).exists():
-            return ref.split("@")[0]
-    return None
-
-
 def model_card(plan: MergePlan) -> str:
     m = plan.method
     refs = list(dict.fromkeys(plan.spaces))
-    hub = [h for r in refs if (h := plan.spaces[r].meta.get("hub_id") or _hub_name(r))]
+    # only models opened from the Hub are named as base_model; a local path never is
+    hub = [h for r in refs if (h := plan.spaces[r].meta.get("hub_id"))]
     front: dict = {}
     if hub:
         front["base_model"] = hub if len(hub) > 1 else hub[0]

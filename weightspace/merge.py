@@ -12,8 +12,9 @@ layer ranges) is found here, before the first tensor is read.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from weightspace.executor import Step, estimate_peak_bytes, execute
 from weightspace.ir import TensorRef, WeightSpace, slice_rows
 from weightspace.methods import MergeMethod, Param, TensorParams, get_method, suggest
 from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink
-from weightspace.sources import load_space
+from weightspace.sources import load_local, locate, open_located
 from weightspace.spec import Condition, MergeSpec, parse_dtype
 from weightspace.structure import depth_t, is_pre_weight, parse_layer
 
@@ -112,33 +113,24 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
 class _Resolver:
     """Looks a parameter up: source -> slice -> global spec -> method default."""
 
-    def __init__(self, method: MergeMethod, spec_dir: Path | None = None):
+    def __init__(self, method: MergeMethod):
         self.method = method
-        self.spec_dir = spec_dir
         self.globals = {p.name: p for p in method.all_global_params()}
         self.per_model = {p.name: p for p in method.model_params}
-        for c in method.companions:
-            self.per_model.setdefault(c, Param(c, required=True, kind=str))
+        for c in method.companions:  # a companion is a file path, read like model paths
+            given = self.per_model.get(c) or Param(c, required=True, kind=str)
+            self.per_model[c] = replace(given, path=True)
+        self.paths: dict[str, str] = {}  # path values as written -> absolute paths (see _check_params)
 
-    def check_names(self, params: dict | None, where: str, per_model: bool) -> None:
-        known = set(self.per_model) | (set() if per_model else set(self.globals))
-        if not per_model:
-            known |= set(self.per_model)  # mergekit lets global `parameters` set per-model defaults
-        for name in params or {}:
-            if name not in known:
-                listing = ", ".join(sorted(known)) or "none"
-                raise SpecError(
-                    f"{where}.{name}: unknown parameter for merge_method {self.method.name!r}."
-                    f"{suggest(name, sorted(known))} Its parameters: {listing}"
-                )
+    def param(self, name: str, per_model: bool) -> Param | None:
+        """The parameter `name` may set here; mergekit lets global `parameters` (and a slice's)
+        set per-model defaults too."""
+        if name in self.per_model:
+            return self.per_model[name]
+        return None if per_model else self.globals.get(name)
 
-    def _resolve(self, v: str) -> str:
-        """A relative path: the working directory first, then the spec's directory (as models)."""
-        p = Path(v).expanduser()
-        if p.is_absolute() or p.exists() or self.spec_dir is None:
-            return str(p.resolve()) if p.exists() else v
-        q = self.spec_dir / p
-        return str(q.resolve()) if q.exists() else v
+    def known(self, per_model: bool) -> list[str]:
+        return sorted(set(self.per_model) | (set() if per_model else set(self.globals)))
 
     def value(self, p: Param, tensor: str, t: float, layers: list[dict | None], where: str,
               required: bool) -> Any:
@@ -146,13 +138,76 @@ class _Resolver:
             if params and p.name in params:
                 v = evaluate(params[p.name], tensor, t)
                 if v is not None:
-                    v = p.coerce(v, f"{where}.{p.name} for tensor {tensor!r}")
+                    v = p.coerce(v, f"{where}: {p.name} for tensor {tensor!r}")
                     if p.path and isinstance(v, str):
-                        v = self._resolve(v)
+                        v = self.paths.get(v, v)
                     return v
         if p.default is None and p.required and required:
             raise SpecError(f"missing required parameter {p.name!r} ({where}) for tensor {tensor!r}")
         return p.default
+
+
+@contextmanager
+def _at(spec: MergeSpec, loc: tuple) -> Iterator[None]:
+    """Errors raised inside name the spec field (and its line) they come from."""
+    try:
+        yield
+    except (SpecError, InputError) as e:
+        raise type(e)(f"{spec.where(*loc)}: {e}") from None
+
+
+def _param_settings(spec: MergeSpec) -> Iterator[tuple[dict | None, tuple, bool]]:
+    """Every parameters mapping of the spec: (mapping, its field path, whether it is per model)."""
+    yield spec.parameters, ("parameters",), False
+    for i, m in enumerate(spec.models or []):
+        yield m.parameters, ("models", i, "parameters"), True
+    for i, sl in enumerate(spec.slices or []):
+        yield sl.parameters, ("slices", i, "parameters"), False
+        for j, src in enumerate(sl.sources):
+            yield src.parameters, ("slices", i, "sources", j, "parameters"), True
+
+
+def _setting_values(setting: Any, loc: tuple) -> Iterator[tuple[Any, tuple]]:
+    """The values a setting can take, each with its field path: a scalar, each number of a
+    gradient (values between them are interpolated, so within the same range), each condition."""
+    if not isinstance(setting, list):
+        yield setting, loc
+        return
+    for k, item in enumerate(setting):
+        if isinstance(item, Condition):
+            yield from _setting_values(item.value, (*loc, k, "value"))
+        else:
+            yield item, (*loc, k)
+
+
+def _check_params(spec: MergeSpec, resolver: _Resolver, spec_dir: Path | None,
+                  notes: list[str]) -> None:
+    """Every parameter the spec sets: a known name, a value of the right type and range, and for
+    paths a file that exists (read against the spec's folder) -- before any model is opened."""
+    for params, loc, per_model in _param_settings(spec):
+        for name, setting in (params or {}).items():
+            p = resolver.param(name, per_model)
+            if p is None:
+                known = resolver.known(per_model)
+                raise SpecError(
+                    f"{spec.where(*loc, name)}: unknown parameter for merge_method "
+                    f"{resolver.method.name!r}.{suggest(name, known)} Its parameters: "
+                    f"{', '.join(known) or 'none'}")
+            for v, vloc in _setting_values(setting, (*loc, name)):
+                p.coerce(v, spec.where(*vloc))
+                if p.path and isinstance(v, str) and v not in resolver.paths:
+                    with _at(spec, vloc):
+                        found = locate(v, spec_dir)
+                        if found.path is None:
+                            raise InputError(_missing_file(v, found.looked))
+                    if found.note:
+                        notes.append(f"{spec.where(*vloc)}: {found.note}")
+                    resolver.paths[v] = str(found.path.resolve())
+
+
+def _missing_file(ref: str, looked: tuple[Path, ...]) -> str:
+    where = " or ".join(str(q) for q in looked)
+    return f"{ref}: no such file" + (f" (looked for {where})" if where and where != ref else "")
 
 
 # ---------------------------------------------------------------- planning
@@ -165,24 +220,34 @@ class _Source:
     layer_range: tuple[int, int] | None
 
 
-def _open_all(spec: MergeSpec, spec_dir: Path | None) -> dict[str, WeightSpace]:
-    refs: list[str] = []
+def _model_refs(spec: MergeSpec) -> dict[str, tuple]:
+    """Every model the spec names (base, models, slice sources, tokenizer source), each with the
+    field path where it first appears."""
+    refs: dict[str, tuple] = {}
     if spec.base_model:
-        refs.append(spec.base_model)
-    for m in spec.models or []:
-        refs.append(m.model)
-    for sl in spec.slices or []:
+        refs.setdefault(spec.base_model, ("base_model",))
+    for i, m in enumerate(spec.models or []):
+        refs.setdefault(m.model, ("models", i, "model"))
+    for i, sl in enumerate(spec.slices or []):
         if sl.base_model:
-            refs.append(sl.base_model)
-        refs.extend(s.model for s in sl.sources)
+            refs.setdefault(sl.base_model, ("slices", i, "base_model"))
+        for j, src in enumerate(sl.sources):
+            refs.setdefault(src.model, ("slices", i, "sources", j, "model"))
     if spec.tokenizer_source not in (None, "base", "union"):
-        refs.append(spec.tokenizer_source)
+        refs.setdefault(spec.tokenizer_source, ("tokenizer_source",))
+    return refs
+
+
+def _open_all(spec: MergeSpec, spec_dir: Path | None, notes: list[str]) -> dict[str, WeightSpace]:
     spaces: dict[str, WeightSpace] = {}
-    for r in refs:
-        if r not in spaces:
-            if "+" in r and not Path(r).exists():
+    for r, loc in _model_refs(spec).items():
+        with _at(spec, loc):
+            found = locate(r, spec_dir)
+            if "+" in r and found.path is None:
                 raise SpecError(f"model {r!r}: LoRA references (model+lora) are not supported yet")
-            spaces[r] = load_space(r, base_dir=spec_dir)
+            if found.note:
+                notes.append(f"{spec.where(*loc)}: {found.note}")
+            spaces[r] = open_located(r, found)
     return spaces
 
 
@@ -192,23 +257,34 @@ def _num_layers(space: WeightSpace) -> int:
 
 def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
                out_dtype: str | None = None) -> MergePlan:
-    """Validate a spec against its inputs and build the per-tensor plan (headers only)."""
-    method = get_method(spec.merge_method)
-    resolver = _Resolver(method, Path(spec_dir) if spec_dir else None)
-    # parameter names, before anything is opened
-    resolver.check_names(spec.parameters, "parameters", per_model=False)
-    for i, m in enumerate(spec.models or []):
-        resolver.check_names(m.parameters, f"models[{i}].parameters", per_model=True)
-    for i, sl in enumerate(spec.slices or []):
-        resolver.check_names(sl.parameters, f"slices[{i}].parameters", per_model=False)
-        for j, s in enumerate(sl.sources):
-            resolver.check_names(s.parameters, f"slices[{i}].sources[{j}].parameters", per_model=True)
+    """Validate a spec against its inputs and build the per-tensor plan (headers only).
+
+    Relative paths in the spec are read against `spec_dir` (the spec file's folder);
+    errors name the spec file, the field and its line.
+    """
+    try:
+        return _plan(spec, spec_dir, out_dtype)
+    except (SpecError, InputError) as e:
+        if not spec.source or spec.source.startswith("<"):
+            raise
+        raise type(e)(f"{spec.source}: {e}") from None
+
+
+def _plan(spec: MergeSpec, spec_dir: str | Path | None, out_dtype: str | None) -> MergePlan:
+    with _at(spec, ("merge_method",)):
+        method = get_method(spec.merge_method)
+    resolver = _Resolver(method)
+    spec_dir = Path(spec_dir) if spec_dir else None
+    notes: list[str] = []
+    # parameter names, types, ranges and files, before any model is opened
+    _check_params(spec, resolver, spec_dir, notes)
     if spec.tokenizer_source == "union":
-        raise SpecError("tokenizer_source: 'union' is not supported yet; use 'base' or a model")
+        raise SpecError(f"{spec.where('tokenizer_source')}: 'union' is not supported yet; "
+                        f"use 'base' or a model")
     out_dt_name = out_dtype or spec.out_dtype
     parse_dtype(out_dt_name, "out_dtype")
 
-    spaces = _open_all(spec, Path(spec_dir) if spec_dir else None)
+    spaces = _open_all(spec, spec_dir, notes)
     base = spec.base_model
     uses_base = method.uses_base != "none"
     # as in mergekit, a method without a base ignores base_model unless it is also listed in models
@@ -224,7 +300,8 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         for k, sl in enumerate(spec.slices):
             sb = sl.base_model or base
             if sb and uses_base and all(s.model != sb for s in sl.sources):
-                raise SpecError(f"slices[{k}]: base_model {sb!r} must be one of the slice's sources")
+                raise SpecError(f"{spec.where('slices', k)}: base_model {sb!r} must be one of the "
+                                f"slice's sources")
         layered = True
 
     def members(srcs: list[_Source], slice_idx: int) -> tuple[str | None, list[_Source]]:
@@ -235,11 +312,8 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
 
     for k, srcs in enumerate(slices):
         b, others = members(srcs, k)
-        try:
+        with _at(spec, ("slices", k) if spec.slices else ("models",)):
             method.check(len(others), b is not None)
-        except SpecError as e:
-            where = f"slices[{k}]: " if spec.slices else ""
-            raise SpecError(f"{where}{e}") from None
 
     reference = base if (base and base in spaces) else slices[0][0].ref
     ref_space = spaces[reference]
@@ -252,18 +326,16 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         return spec_out or ref.dtype
 
     steps: list[Step] = []
-    notes: list[str] = []
     companions: dict[str, WeightSpace] = {}
     companions_used: set[str] = set()
-    spec_dir = Path(spec_dir) if spec_dir else None
-    where_of: dict[str, str] = {}
+    where_of: dict[str, str] = {}  # a model's parameters in the spec, with their line
     for i, mdl in enumerate(spec.models or []):
-        where_of.setdefault(mdl.model, f"models[{i}]")
+        where_of.setdefault(mdl.model, spec.where("models", i, "parameters"))
     for i, sl in enumerate(spec.slices or []):
         for j, src in enumerate(sl.sources):
-            where_of.setdefault(src.model, f"slices[{i}].sources[{j}]")
+            where_of.setdefault(src.model, spec.where("slices", i, "sources", j, "parameters"))
     if base:
-        where_of.setdefault(base, "base_model")
+        where_of.setdefault(base, "parameters")
 
     def add_step(out_name: str, slice_idx: int, srcs: list[_Source], in_names: list[str], t: float,
                  layer: int | None) -> None:
@@ -306,18 +378,22 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         for s in others:
             per_model.append({
                 p.name: resolver.value(p, name_of[s.ref], t, [s.params, sp, spec.parameters],
-                                       f"{where_of[s.ref]}.parameters", True)
+                                       where_of[s.ref], True)
                 for p in resolver.per_model.values()
             })
         params = TensorParams(values=gvals, per_model=per_model, layer=layer, t=t,
                               seed=int(gvals.get("seed", 0) or 0), tensor_name=out_name)
+        try:
+            method.check_params(params, [where_of[s.ref] for s in others])
+        except SpecError as e:
+            raise SpecError(f"{e} (for tensor {out_name!r})") from None
         comp_refs: list[TensorRef] = []
         comp_present: list[bool] = []  # per (companion, model): False -> passed to the method as None
         comp_names = list(method.companions)
         for c in comp_names:
             for s, pm in zip(others, per_model):
                 if pm[c] not in companions:
-                    companions[pm[c]] = load_space(pm[c], base_dir=spec_dir)
+                    companions[pm[c]] = load_local(pm[c])  # already resolved by _check_params
                 space = companions[pm[c]]
                 tname = name_of[s.ref]
                 want = method.companion_shape(c, tname, tuple(first.shape))
@@ -391,15 +467,16 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
         if prefix is None:
             raise InputError(f"model {reference!r} has no layer stack to slice")
         for k, srcs in enumerate(slices):
-            for s in srcs:
+            for j, s in enumerate(srcs):
                 n = spaces[s.ref].structure().stacks.get(prefix, 0)
                 lo, hi = s.layer_range
                 if hi > n:
-                    raise SpecError(f"slices[{k}]: layer_range {[lo, hi]} is outside model {s.ref!r}, "
-                                    f"which has {n} layers")
+                    raise SpecError(f"{spec.where('slices', k, 'sources', j, 'layer_range')}: "
+                                    f"{[lo, hi]} is outside model {s.ref!r}, which has {n} layers")
             lens = {s.layer_range[1] - s.layer_range[0] for s in srcs}
             if len(lens) > 1:
-                raise SpecError(f"slices[{k}]: all sources of a slice must span the same number of layers")
+                raise SpecError(f"{spec.where('slices', k)}: all sources of a slice must span the "
+                                f"same number of layers")
         for n in ref_space:
             ln = parse_layer(n)
             if ln is not None and ln.prefix != prefix:

@@ -36,7 +36,12 @@ BaseUse = Literal["required", "optional", "none"]
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a method: its name, default, type and a line of help."""
+    """One parameter of a method: its name, default, type, allowed range and a line of help.
+
+    `ge`/`le` (inclusive) and `gt`/`lt` (exclusive) bound a number, `choices`
+    lists the allowed strings; a value outside them is a spec error naming the
+    field, so `density: 1.5` fails before anything is read.
+    """
 
     name: str
     default: Any = None
@@ -44,9 +49,17 @@ class Param:
     kind: type = float
     doc: str = ""
     path: bool = False  # a file path: resolved against the spec's directory like model paths
+    ge: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
 
     def coerce(self, value: Any, where: str) -> Any:
-        """Check one evaluated value against `kind`; raise SpecError naming `where`."""
+        """Check one evaluated value against `kind` and the range; raise SpecError naming `where`."""
+        return self.check_range(self._coerce_kind(value, where), where)
+
+    def _coerce_kind(self, value: Any, where: str) -> Any:
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
@@ -62,6 +75,32 @@ class Param:
             if isinstance(value, str):
                 return value
         raise SpecError(f"{where}: expected {self.kind.__name__}, got {value!r}")
+
+    def check_range(self, value: Any, where: str) -> Any:
+        if self.choices is not None and value not in self.choices:
+            raise SpecError(f"{where}: must be one of {', '.join(map(repr, self.choices))}; "
+                            f"got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value
+        bad = ((self.ge is not None and value < self.ge) or (self.le is not None and value > self.le)
+               or (self.gt is not None and value <= self.gt) or (self.lt is not None and value >= self.lt))
+        if bad:
+            raise SpecError(f"{where}: must be {self.range_text()}; got {value!r}")
+        return value
+
+    def range_text(self) -> str:
+        """The allowed range in words: `in [0, 1]`, `>= 0`, `in (0, 1)`, `'average' or 'first'`."""
+        if self.choices is not None:
+            return " or ".join(map(repr, self.choices))
+        lo, lo_open = (self.gt, True) if self.gt is not None else (self.ge, False)
+        hi, hi_open = (self.lt, True) if self.lt is not None else (self.le, False)
+        if lo is not None and hi is not None:
+            return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        if lo is not None:
+            return f"{'>' if lo_open else '>='} {lo:g}"
+        if hi is not None:
+            return f"{'<' if hi_open else '<='} {hi:g}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -141,7 +180,7 @@ class MergeMethod:
         params = self.global_params
         if self.randomized and not any(p.name == "seed" for p in params):
             params = params + (
-                Param("seed", default=0, kind=int, doc="random seed; same seed, same result"),
+                Param("seed", default=0, kind=int, ge=0, doc="random seed; same seed, same result"),
             )
         return params
 
@@ -156,6 +195,11 @@ class MergeMethod:
             raise SpecError(
                 f"merge_method {self.name!r} takes {want} model(s){extra}, got {n_models}"
             )
+
+    def check_params(self, params: TensorParams, where: list[str]) -> None:
+        """Raise SpecError when the parameters resolved for one tensor do not fit together
+        (`where[i]` names model i's parameters in the spec). Called while planning, before any
+        data is read; the range of a single value is its Param's business."""
 
     def companion_shape(self, companion: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """Shape of `companion`'s tensor for the model tensor `name` (of `shape`), or None when

@@ -10,13 +10,15 @@ path and never touches the network.
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from weightspace.errors import InputError
+from weightspace.errors import InputError, SpecError
 from weightspace.ir import MemoryRef, SafetensorsRef, TensorRef, WeightSpace
 from weightspace.safetensors_io import read_header
 
@@ -173,26 +175,97 @@ def _load_local(p: Path) -> WeightSpace:
     )
 
 
+@dataclass(frozen=True)
+class Located:
+    """Where a model reference points: a local path, or a Hub id to resolve."""
+
+    path: Path | None = None
+    hub_id: str | None = None
+    # set when a spec-relative reference was found only relative to the working directory
+    note: str | None = None
+    looked: tuple[Path, ...] = ()  # the local places tried, for error messages
+
+
+def _looks_local(ref: str, anchors: list[Path]) -> bool:
+    """True when `ref` cannot be a Hub id `org/name[@revision]`: it is written as a path, or its
+    first component is a folder where it would be looked up (`models/base` beside a `models/`
+    folder is a missing path, not a Hub repo)."""
+    if not HUB_ID_RE.match(ref) or ref.startswith((".", "/", "~")):
+        return True
+    first = ref.split("/")[0]
+    return any((a / first).is_dir() for a in anchors)
+
+
+def locate(ref: str | Path, base_dir: str | Path | None = None) -> Located:
+    """Resolve a reference as a spec means it, the same from any working directory.
+
+    A relative path is read against `base_dir` (the directory of the spec that
+    names it). If it exists only relative to the working directory (mergekit's
+    habit), that is used, with a `note` saying so. If it exists in both places as
+    different files, that is an error naming both. A reference found nowhere on
+    disk that looks like a Hub id `org/name[@revision]` is a Hub id; anything
+    else is a missing path.
+    """
+    s = str(ref)
+    p = Path(s).expanduser()
+    cwd = Path.cwd()
+    if p.is_absolute() or base_dir is None:
+        anchors = [cwd]
+        places = [p if p.is_absolute() else cwd / p]
+        if places[0].exists():
+            return Located(path=p)  # as the user wrote it; load_local records the absolute location
+    else:
+        anchors = [Path(base_dir).resolve(), cwd]
+        in_spec, in_cwd = anchors[0] / p, cwd / p
+        places = [in_spec] if anchors[0] == cwd else [in_spec, in_cwd]
+        found = [q for q in places if q.exists()]
+        if len(found) == 2 and not os.path.samefile(found[0], found[1]):
+            raise SpecError(
+                f"{s!r} names two different things: {found[0]} (beside the spec) and {found[1]} "
+                f"(in the working directory); a spec's relative paths are read against its own "
+                f"folder, so move or rename one, or write the path you mean in full")
+        if found and found[0] == in_spec:
+            return Located(path=in_spec)
+        if found:
+            return Located(path=in_cwd, note=(
+                f"{s!r} is not beside the spec ({in_spec}); using {in_cwd.resolve()} from the working "
+                f"directory. Write it relative to the spec's folder so the spec means the same "
+                f"from anywhere"))
+    if not _looks_local(s, anchors):
+        return Located(hub_id=s, looked=tuple(places))
+    return Located(looked=tuple(places))
+
+
+def _missing(ref: str, looked: tuple[Path, ...]) -> str:
+    where = " or ".join(str(q) for q in looked)
+    return f"{ref}: no such file or directory" + (f" (looked for {where})" if looked and
+                                                  str(looked[0]) != ref else "")
+
+
 def load_space(ref: str | Path, *, base_dir: str | Path | None = None) -> WeightSpace:
     """Open a model by local path or Hub id (`org/name[@revision]`), headers only.
 
-    A relative path is tried against the working directory, then `base_dir`
-    (the directory of the spec that names it). Only a name that exists nowhere
-    on disk and looks like a Hub id goes to the Hub.
+    A relative path is read against `base_dir` (the directory of the spec that
+    names it; see `locate`), else against the working directory. Only a name
+    that exists nowhere on disk and looks like a Hub id goes to the Hub.
     """
-    s = str(ref)
-    candidates = [Path(s).expanduser()]
-    if base_dir is not None and not Path(s).is_absolute():
-        candidates.append(Path(base_dir) / s)
-    for c in candidates:
-        if c.exists():
-            return load_local(c)
-    if HUB_ID_RE.match(s) and not s.startswith((".", "/", "~")):
-        from weightspace.hub import resolve_hub
+    return open_located(str(ref), locate(ref, base_dir))
 
-        local = resolve_hub(s)
-        space = load_local(local)
-        space.meta["source"] = s
-        space.meta["hub_id"] = s.split("@")[0]
-        return space
-    raise InputError(f"{s}: no such file or directory")
+
+def open_located(ref: str, loc: Located) -> WeightSpace:
+    """Open what `locate` found: the local path, or the Hub id (cached or downloaded)."""
+    if loc.path is not None:
+        return load_local(loc.path)
+    if loc.hub_id is None:
+        raise InputError(_missing(ref, loc.looked))
+    from weightspace.hub import resolve_hub
+
+    try:
+        local = resolve_hub(loc.hub_id)
+    except InputError as e:
+        where = " or ".join(str(q) for q in loc.looked)
+        raise InputError(f"{e}" + (f"; on disk, looked for {where}" if where else "")) from None
+    space = load_local(local)
+    space.meta["source"] = loc.hub_id
+    space.meta["hub_id"] = loc.hub_id.split("@")[0]
+    return space

@@ -31,6 +31,7 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -147,6 +148,24 @@ class MergeSpec(_Strict):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     name: str | None = None  # shown in the model card
+    # the YAML node tree and file it was read from, so later errors can name a field's line
+    _node: Any = PrivateAttr(default=None)
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> str | None:
+        """The file (or label) the spec was read from, if any."""
+        return self._source
+
+    def where(self, *loc: str | int) -> str:
+        """A field path with its YAML line when known: `models[2].model (line 9)`."""
+        line = _line_of(self._node, loc) if self._node is not None and loc else None
+        return _fmt_loc(loc) + (f" (line {line})" if line else "")
+
+    def with_origin_of(self, other: MergeSpec) -> MergeSpec:
+        """This spec, reporting lines and file as `other` (a copy with a value changed) does."""
+        self._node, self._source = other._node, other._source
+        return self
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -256,9 +275,11 @@ def load_spec(path: str | Path) -> MergeSpec:
 
 
 def parse_spec(text: str, source: str = "<spec>") -> MergeSpec:
-    return parse_yaml_model(text, source, MergeSpec, what="merge spec",
-                            hint="a merge spec must be a YAML mapping with a merge_method",
-                            fields_at=_fields_at)
+    spec, node = _parse_yaml(text, source, MergeSpec, what="merge spec",
+                             hint="a merge spec must be a YAML mapping with a merge_method",
+                             fields_at=_fields_at)
+    spec._node, spec._source = node, source
+    return spec
 
 
 def read_yaml_file(path: str | Path, what: str = "spec") -> str:
@@ -272,6 +293,11 @@ def read_yaml_file(path: str | Path, what: str = "spec") -> str:
 def parse_yaml_model(text: str, source: str, model: type[M], *, what: str, hint: str,
                      fields_at: Callable[[tuple], list[str]] | None = None) -> M:
     """Safe-load YAML and validate it with a pydantic model; errors name the field path and line."""
+    return _parse_yaml(text, source, model, what=what, hint=hint, fields_at=fields_at)[0]
+
+
+def _parse_yaml(text: str, source: str, model: type[M], *, what: str, hint: str,
+                fields_at: Callable[[tuple], list[str]] | None = None) -> tuple[M, yaml.Node]:
     try:
         node = yaml.compose(text, Loader=_SpecLoader)
         data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
@@ -280,7 +306,7 @@ def parse_yaml_model(text: str, source: str, model: type[M], *, what: str, hint:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: {hint}")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data), node
     except ValidationError as e:
         seen = set()
         lines = []

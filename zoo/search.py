@@ -48,7 +48,7 @@ def with_value(spec: MergeSpec, param: str, value: float) -> MergeSpec:
             m.setdefault("parameters", {})["weight"] = v
     else:
         data.setdefault("parameters", {})[param] = value
-    return MergeSpec.model_validate(data)
+    return MergeSpec.model_validate(data).with_origin_of(spec)
 
 
 def accuracy(model_dir: str | Path, data: str, split: str = "val", batch_size: int = 512) -> float:

@@ -22,10 +22,11 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from weightspace.errors import SpecError
 from weightspace.methods import suggest
+from weightspace.sources import locate
 from weightspace.spec import parse_yaml_model, read_yaml_file
 from zoo.arch import ARCHITECTURES
 from zoo.data import load_task
@@ -58,6 +59,12 @@ class ZooSpec(BaseModel):
     grid: dict[str, list[Any]] = {}
     init: str | None = None          # fine-tune every model from this checkpoint
     metrics: MetricsConfig = MetricsConfig()
+    # what reading the spec had to say (a path found only in the working directory)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @field_validator("grid")
     @classmethod
@@ -132,4 +139,23 @@ def parse_zoo_spec(text: str, source: str = "<zoo spec>") -> ZooSpec:
 
 
 def load_zoo_spec(path: str | Path) -> ZooSpec:
-    return parse_zoo_spec(read_yaml_file(path, "zoo spec"), source=str(path))
+    """Read a zoo spec file; an `init` checkpoint path is read against the spec's own folder
+    (see weightspace.sources.locate), so the spec means the same from any working directory."""
+    spec = parse_zoo_spec(read_yaml_file(path, "zoo spec"), source=str(path))
+    folder = Path(path).parent
+
+    def resolve(ref: str, where: str) -> str:
+        found = locate(ref, folder)
+        if found.path is None:
+            raise SpecError(f"{path}: {where}: {ref}: no such checkpoint (looked for "
+                            f"{' or '.join(map(str, found.looked))})")
+        if found.note:
+            spec.notes.append(f"{path}: {where}: {found.note}")
+        return str(found.path.resolve())
+
+    if spec.init is not None:
+        spec.init = resolve(spec.init, "init")
+    if "init" in spec.grid:
+        spec.grid["init"] = [resolve(v, f"grid.init[{i}]") if isinstance(v, str) else v
+                             for i, v in enumerate(spec.grid["init"])]
+    return spec
