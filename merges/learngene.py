@@ -962,7 +962,7 @@ def train_gene(
     default min(3, aux_depth) stages split evenly). Trained: the gene tensors and the
     non-layer tensors; loss `distillation_loss` (soft distillation at `temperature`,
     weight `alpha` on it, 1 - alpha on cross-entropy with the labels); AdamW with a
-    cosine decay over `steps` optimizer steps (or `epochs` passes, default 1), gradient
+    cosine decay over `steps` optimizer steps (or `epochs` passes, default 10), gradient
     norm clipped at `clip`. The student runs in eval mode (no dropout).
 
     `init`: "random" starts from the student's own seeded initialization (A and stage
@@ -1075,31 +1075,36 @@ def train_gene(
                 p[layer(i, s)] = t.to(s_dtypes[layer(i, s)])
         return p
 
-    def losses(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
+    def forward(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
         with torch.no_grad():
             t_logits = t_adapter.logits(t_params, batch)
-        s_logits = s_adapter.logits(params, batch)
-        return distillation_loss(s_logits, t_logits, t_adapter.labels_or_none(batch),
-                                 temperature=temperature, alpha=alpha)
+        return s_adapter.logits(params, batch), t_logits, t_adapter.labels_or_none(batch)
+
+    def losses(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None):
+        return distillation_loss(s_logits, t_logits, labels, temperature=temperature, alpha=alpha)
 
     def evaluate() -> dict[str, float | None]:
         with torch.no_grad():
             p = compose()
-            parts = [losses(p, b) for b in data]
+            outs = [forward(p, b) for b in data]
+            parts = [losses(*o) for o in outs]
+            hits = [_hits(*o) for o in outs]
 
         def mean(k: int) -> float | None:
             if parts[0][k] is None:
                 return None
             return float(torch.stack([x[k] for x in parts]).mean())
 
-        return {"loss": mean(0), "kd": mean(1), "ce": mean(2)}
+        return {"loss": mean(0), "kd": mean(1), "ce": mean(2),
+                "acc": sum(h for h, _ in hits) / max(1, sum(n for _, n in hits)),
+                "chance": _chance([_targets(t, y) for _, t, y in outs])}
 
     was_training = (student.training, t_adapter.module.training)
     student.eval()
     t_adapter.module.eval()
     try:
         before = evaluate()
-        total = steps if steps is not None else (epochs or 1) * len(data)
+        total = steps if steps is not None else (epochs or DEFAULT_EPOCHS) * len(data)
         opt = torch.optim.AdamW(list(leaves.values()), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         order: list[int] = []
@@ -1115,7 +1120,7 @@ def train_gene(
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
                 if not order:
                     order.extend(torch.randperm(len(data), generator=gen).tolist())
-                loss, _, _ = losses(compose(), data[order.pop(0)])
+                loss, _, _ = losses(*forward(compose(), data[order.pop(0)]))
                 if not bool(torch.isfinite(loss)):
                     raise NonFiniteError(f"train_gene: the loss is {float(loss)} at step {step + 1} of "
                                          f"{total}; lower lr (now {lr:g}) or the temperature")
@@ -1135,6 +1140,7 @@ def train_gene(
         student.train(was_training[0])
         t_adapter.module.train(was_training[1])
 
+    chance = before["chance"]
     refs: dict[str, TensorRef] = {}
     for n in (n for s in stack.suffixes for n in _names_for(mode, s, sizes)):
         refs[n] = MemoryRef(n, leaves[n].detach().to("cpu", _gene_dtype(stack.dtypes[_suffix_of(n)])).clone())
@@ -1149,7 +1155,10 @@ def train_gene(
     report = {
         "kind": "train", "loss_start": before["loss"], "loss_end": after["loss"],
         "kd_start": before["kd"], "kd_end": after["kd"], "ce_start": before["ce"], "ce_end": after["ce"],
-        "steps": total, "epochs": epochs if steps is None else None, "batches": len(data),
+        "acc_start": before["acc"], "acc_end": after["acc"], "chance": chance,
+        "at_chance": after["acc"] <= CHANCE_MARGIN * chance,
+        "steps": total, "epochs": (epochs or DEFAULT_EPOCHS) if steps is None else None,
+        "batches": len(data),
         "examples": sum(int(next(iter(b.values())).shape[0]) for b in data),
         "lr": lr, "weight_decay": weight_decay, "clip": clip, "temperature": temperature, "alpha": alpha,
         "init": init, "seed": seed, "schedule": "cosine", "optimizer": "adamw",
@@ -1165,6 +1174,32 @@ def train_gene(
     space = WeightSpace(refs, {"source": f"trained {mode} gene ({type(student).__name__})", "format": "memory",
                                "files": {}})
     return Gene(space, meta)
+
+
+# `train_gene` without epochs or steps: enough passes that a small network leaves chance (one
+# pass over digits left a 6-layer MLP at chance); the papers train for 100+ epochs.
+DEFAULT_EPOCHS = 10
+# a trained network whose accuracy is at most this many times the chance rate is "at chance"
+CHANCE_MARGIN = 1.5
+
+
+def _targets(t_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """What the student is scored against: the labels, else the teacher's predictions."""
+    return labels if labels is not None else t_logits.argmax(-1)
+
+
+def _hits(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[int, int]:
+    """(correct, counted) top-1 predictions of the student in one batch; IGNORE_INDEX is skipped."""
+    y = _targets(t_logits, labels)
+    keep = y != IGNORE_INDEX
+    return int((s_logits.argmax(-1) == y)[keep].sum()), int(keep.sum())
+
+
+def _chance(targets: list[torch.Tensor]) -> float:
+    """The accuracy of always predicting the most common target: the chance rate to beat."""
+    y = torch.cat([t.reshape(-1) for t in targets])
+    y = y[y != IGNORE_INDEX]
+    return float(torch.bincount(y).max()) / max(1, y.numel()) if y.numel() else 0.0
 
 
 def _names_for(mode: str, suffix: str, sizes: list[int] | None) -> list[str]:

@@ -488,8 +488,30 @@ def test_train_gene_lowers_the_distillation_loss(teacher, mode, init):
         kd = torch.stack([distillation_loss(aux(b["x"]).unsqueeze(1), adapter.logits(adapter.params(), b),
                                             b["y"].unsqueeze(1))[1] for b in batches]).mean()
     assert float(kd) == pytest.approx(rep["kd_end"], rel=1e-4)
+    # and its accuracy, against the share of the most common label (what "at chance" compares to)
+    with torch.no_grad():
+        hits = sum(int((aux(b["x"]).argmax(-1) == b["y"]).sum()) for b in batches)
+    ys = torch.cat([b["y"] for b in batches])
+    assert rep["acc_end"] == pytest.approx(hits / len(ys))
+    assert rep["chance"] == pytest.approx(float(torch.bincount(ys).max()) / len(ys))
+    assert rep["at_chance"] is (rep["acc_end"] <= 1.5 * rep["chance"])
     student = load_into(factory(7), expand(gene, 7).materialize())   # any depth runs
     assert student(batches[0]["x"]).shape == (128, 10)
+
+
+def test_a_gene_that_stayed_at_chance_is_reported(teacher):
+    from zoo.arch import build_model
+    from zoo.bind import open_batches, open_model
+
+    adapter = open_model(teacher)
+    arch = load_space(teacher).meta["config"]["arch"]
+    batches = open_batches("digits", adapter, split="train", batch_size=128, n_examples=256)
+    factory = lambda d: build_model({**arch, "depth": d}, (1, 8, 8), 10)  # noqa: E731
+    rep = train_gene(factory, adapter, batches, aux_depth=4, steps=1, lr=1e-9).meta["report"]
+    assert rep["at_chance"] and rep["acc_end"] <= 1.5 * rep["chance"]
+    assert train_gene(factory, adapter, batches, aux_depth=4, steps=2, lr=1e-9).meta["report"]["epochs"] is None
+    rep = train_gene(factory, adapter, batches, aux_depth=4, lr=1e-9).meta["report"]
+    assert rep["epochs"] == 10 and rep["steps"] == 10 * len(batches)  # the default: 10 passes
 
 
 def test_train_gene_on_a_vit_and_errors():
