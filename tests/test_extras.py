@@ -31,7 +31,6 @@ def _requirements(extra: str, table: dict[str, list[str]]) -> set[str]:
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="reads pyproject.toml with tomllib (3.11+)")
 def test_dev_extra_installs_every_extra_and_the_test_tools():
     import tomllib
-
     from conftest import EXTRAS
 
     table = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
