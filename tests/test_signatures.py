@@ -628,8 +628,8 @@ def test_cli_refuses_another_architecture_and_bad_files(zoo_models, two_signatur
     assert code == 1 and "is not a robust weight signature" in err
 
 
+@pytest.mark.requires("plot")
 def test_cli_inspect_plot(two_signatures, run_cli, tmp_path):
-    pytest.importorskip("matplotlib")
     noise, _ = two_signatures
     png = tmp_path / "layers.png"
     code, out, err = run_cli("rws", "inspect", noise, "--plot", png)

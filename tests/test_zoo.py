@@ -327,8 +327,8 @@ def test_local_process_pool_gives_the_same_zoo(small_zoo, tmp_path):
             torch.testing.assert_close(wa[n].load(), wb[n].load())
 
 
+@pytest.mark.requires("ray")
 def test_ray_executor_builds_the_same_zoo(small_zoo, tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'weightspace[ray]')")
     root = tmp_path / "z"
     report = build_zoo(parse_zoo_spec(SMALL_SPEC), root, executor="ray", workers=2, progress=False)
     assert report.trained == 4
@@ -386,8 +386,8 @@ def test_phase_taxonomy():
         phase_grid(rows, x="lr")
 
 
+@pytest.mark.requires("plot")
 def test_cli_build_show_plot(tmp_path, run_cli):
-    pytest.importorskip("matplotlib")
     spec = tmp_path / "s.yaml"
     spec.write_text(SMALL_SPEC.replace("width: [4, 8]", "width: [4, 8]\n  batch_size: [32, 64]"))
     root = tmp_path / "z"
