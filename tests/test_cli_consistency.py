@@ -16,6 +16,19 @@ EXAMPLES = REPO / "examples"
 PACKAGES = {"cli", "merges", "tests", "weightspace", "zoo", "benchmarks", "docs"}
 
 
+# a zoo of 4 MLPs in two batches (one per width), trained in seconds
+ZOO_SPEC = """
+name: tiny
+dataset: digits
+arch: {arch: mlp, depth: 1}
+train: {epochs: 1, batch_size: 128}
+grid:
+  width: [4, 8]
+  seed: [0, 1]
+metrics: {max_examples: 64, hessian_iters: 2, trace_samples: 2, bezier_steps: 2}
+"""
+
+
 def _walk(cmd: click.Command, path: tuple[str, ...] = ("wsmerge",)):
     """(path, command) for every command of the tree, in the order they are defined."""
     yield path, cmd
@@ -29,6 +42,42 @@ COMMANDS = list(_walk(wsmerge))
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. zoo build reports progress while batches train, not only when they finish
+
+
+def test_zoo_build_reports_progress_as_models_finish(tmp_path):
+    from zoo.build import build_zoo
+    from zoo.spec import parse_zoo_spec
+
+    spec = parse_zoo_spec(ZOO_SPEC.replace("epochs: 1", "epochs: 3").replace("[4, 8]", "[4, 8, 6]"))
+    events = []
+    saved = []
+    report = build_zoo(spec, tmp_path / "z", workers=1, progress=False, on_progress=events.append,
+                       on_model=lambda row: saved.append(len(events)))
+    assert report.trained == 6
+    # 3 batches of 2 models x 3 epochs: every epoch of every batch, then each saved model
+    assert [(e.models_done, e.epochs_done) for e in events] == [
+        (0, 2), (0, 4), (0, 6), (1, 6), (2, 6), (2, 8), (2, 10), (2, 12), (3, 12), (4, 12),
+        (4, 14), (4, 16), (4, 18), (5, 18), (6, 18)]
+    assert all(e.models_total == 6 and e.epochs_total == 18 for e in events)
+    assert saved[0] < len(events) / 2                    # the first models are saved early
+    assert [e.seconds for e in events] == sorted(e.seconds for e in events)
+
+
+def test_zoo_build_progress_comes_from_worker_processes_while_they_train(tmp_path):
+    from zoo.build import build_zoo
+    from zoo.spec import parse_zoo_spec
+
+    spec = parse_zoo_spec(ZOO_SPEC.replace("epochs: 1", "epochs: 30"))
+    events = []
+    build_zoo(spec, tmp_path / "z", workers=2, progress=False, on_progress=events.append)
+    before_first_save = [e for e in events if e.models_done == 0]
+    assert before_first_save and before_first_save[-1].epochs_done >= 1    # epochs arrived from a worker
+    assert events[-1].models_done == 4 and events[-1].epochs_done == 120
+    assert [e.epochs_done for e in events] == sorted(e.epochs_done for e in events)
 
 
 # ---------------------------------------------------------------------------------------------
