@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from cli.options import Interrupted
 from weightspace.errors import WeightspaceError
 
 DEBUG_ENV = "WSMERGE_DEBUG"
@@ -379,16 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (tests)
         old_term = None
     try:
-        wsmerge.main(args=argv, prog_name="wsmerge", standalone_mode=False)
-        return 0
+        # standalone_mode=False: click returns the code of a `ctx.exit(code)` / Exit(code) instead of
+        # exiting, and the command's return value (None) otherwise
+        rv = wsmerge.main(args=argv, prog_name="wsmerge", standalone_mode=False)
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
         e.show()
         return e.exit_code
+    except Interrupted as e:
+        click.echo(e.message, err=True)
+        return e.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted; nothing was written", err=True)
-        return 130
+        return Interrupted.exit_code
     except WeightspaceError as e:
         if _debug():
             import traceback

@@ -5,6 +5,16 @@ from __future__ import annotations
 import click
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a command; `message` says what was kept (exit code 130)."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted; nothing was written"):
+        super().__init__(message)
+        self.message = message
+
+
 class GreedyOption(click.Option):
     """An option that takes every value up to the next option: `--task-vectors A B C`."""
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from cli.options import Interrupted
+
 # catalog columns that are never "config that varies"
 _NOT_CONFIG = {"checkpoints", "betas"}
 _METRIC_COLUMNS = ("train_loss", "train_acc", "val_acc", "test_acc", "gap", "hessian_top_eig",
@@ -53,8 +55,8 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
 
     Models that share an architecture and a batch size train together as one
     batched computation (torch.func vmap). Each finished model is written
-    atomically with its catalog rows, so an interrupted build resumes where
-    it stopped: run the same command again.
+    atomically with its catalog rows, so an interrupted build (Ctrl-C, SIGTERM:
+    exit code 130) resumes where it stopped: run the same command again.
     """
     from weightspace.errors import SpecError
     from weightspace.spec import read_yaml_file
@@ -84,8 +86,7 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
                            yes=yes, max_batch=max_batch, progress=progress)
     except KeyboardInterrupt:
         n = len(Zoo(out).model_ids) if (out / CATALOG).is_file() else 0
-        click.echo(f"interrupted: {n} models are saved in {out}; run the same command to resume", err=True)
-        raise click.exceptions.Exit(130) from None
+        raise Interrupted(f"interrupted: {n} models are saved in {out}; run the same command to resume") from None
     except SpecError as e:
         raise SpecError(f"{spec}: {e}") from None
     info = {"zoo": str(out), "models": report.total, "trained": report.trained, "skipped": report.skipped,
@@ -121,15 +122,34 @@ def metrics(zoo_dir: Path, checkpoints: str | None, executor: str, workers: int 
     eigenvalue (power iteration on Hessian-vector products) and trace
     (Hutchinson). Per pair of seeds of one config: mode connectivity mc on
     the linear path and on a fitted Bezier curve, and CKA of their logits.
-    Settings come from the spec's `metrics:` section (zoo.yaml).
+    Settings come from the spec's `metrics:` section (zoo.yaml). Each
+    checkpoint's metrics are saved in the catalog as they arrive, so an
+    interrupted run (exit code 130) resumes: run the same command again.
     """
     from zoo.survey import compute_metrics
 
     progress = not no_progress and sys.stderr.isatty()
-    done = compute_metrics(zoo_dir, checkpoints=checkpoints, executor=executor, workers=workers,
-                           address=address, pairs=not no_pairs, progress=progress)
+    try:
+        done = compute_metrics(zoo_dir, checkpoints=checkpoints, executor=executor, workers=workers,
+                               address=address, pairs=not no_pairs, progress=progress)
+    except KeyboardInterrupt:
+        n = _with_metrics(zoo_dir)
+        raise Interrupted(f"interrupted: {n} checkpoint(s) of {zoo_dir} have their metrics saved; "
+                          f"run the same command to compute the rest") from None
     click.echo(f"{zoo_dir}: metrics for {done} checkpoint(s)" if done else
                f"{zoo_dir}: every checkpoint already has its metrics")
+
+
+def _with_metrics(zoo_dir: Path) -> int:
+    """Checkpoints whose landscape metrics are in the catalog (0 if it cannot be read)."""
+    from weightspace.errors import WeightspaceError
+    from zoo.store import Zoo
+    from zoo.survey import DONE_COLUMN
+
+    try:
+        return sum(r.get(DONE_COLUMN) is not None for r in Zoo(zoo_dir).rows)
+    except WeightspaceError:
+        return 0
 
 
 def varying_columns(rows: list[dict[str, Any]]) -> list[str]:
