@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Command
 
-@click.command()
+
+@click.command(cls=Command)
 @click.argument("a")
 @click.argument("b")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),

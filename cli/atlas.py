@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from cli.options import GreedyOption
+from cli.options import GreedyOption, Group, device_option
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group)
 def atlas() -> None:
     """aTLAS: task vectors composed with learned per-block coefficients.
 
@@ -57,7 +57,7 @@ def atlas() -> None:
 @click.option("--threshold", type=float, default=0.9, show_default=True, help="Confidence for pseudo-labels.")
 @click.option("--penalty", type=click.Choice(["l1", "l2"]), default=None, help="Penalty on the coefficients.")
 @click.option("--penalty-weight", type=float, default=0.0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

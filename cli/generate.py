@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from cli.options import GreedyOption
+from cli.options import GreedyOption, Group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group)
 def generate() -> None:
     """Weight generators: learn a zoo's weights, then sample new models for a dataset.
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Command
 
-@click.command()
+
+@click.command(cls=Command)
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Group, device_option
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+@click.group(cls=Group)
 def learngene() -> None:
     """Learngene: a few layer-shaped tensors that initialize networks of any depth.
 
@@ -116,7 +118,7 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Use at most this many examples.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import click
 
-from cli.options import Interrupted
+from cli.options import DEBUG_ENV, Group, Interrupted, device_option
 from weightspace.errors import WeightspaceError
-
-DEBUG_ENV = "WSMERGE_DEBUG"
 
 
 def _human(n: float) -> str:
@@ -45,10 +43,9 @@ class SizeType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and per-tensor detail.")
+@click.group(cls=Group)
 @click.version_option(package_name="weightspace", prog_name="wsmerge")
-def wsmerge(verbose: bool) -> None:
+def wsmerge() -> None:
     """Merge, inspect and generate neural-network weights.
 
     \b
@@ -64,19 +61,16 @@ def wsmerge(verbose: bool) -> None:
       wsmerge rws | learngene | generate  signatures, genes, weight generators
       wsmerge upload OUT org/name         push a result to the Hub
 
-    Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage. Set WSMERGE_DEBUG=1
-    (or pass -v) to see tracebacks.
+    Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage, 130 interrupted.
+    Pass -v after any command (or set WSMERGE_DEBUG=1) to see tracebacks.
     """
-    if verbose:
-        os.environ[DEBUG_ENV] = "1"
 
 
 @wsmerge.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; read no tensor data.")
-@click.option("--device", default="auto", show_default=True,
-              help="Where the math runs: auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--shard-size", type=SizeType(), default="5G", show_default=True,
               help="Largest output shard, in bytes or with K/M/G suffix (decimal; KiB/MiB/GiB binary).")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
@@ -327,7 +321,7 @@ def methods(as_json: bool, name: str | None) -> None:
 
 @wsmerge.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="wsmerge-demo")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 def demo(out: Path, device: str) -> None:
     """Build tiny checkpoints and merge them with several methods; needs no downloads.
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Group
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+@click.group(cls=Group)
 def rws() -> None:
     """Robust weight signatures: robustness as a patch added to a model's weights.
 

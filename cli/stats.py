@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from cli.options import Command
+
 _COMMON = [
     click.argument("model"),
     click.option("--data", required=True,
@@ -58,7 +60,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise click.UsageError(f"-o {out}: the output is a .safetensors file")
 
 
-@click.command()
+@click.command(cls=Command)
 @_common
 @click.option("--estimator", type=click.Choice(["exact", "sampled", "empirical"]), default="exact",
               show_default=True, help="exact: sum over classes weighted by the model's probabilities; "
@@ -93,7 +95,7 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
                f"{len(space)} tensors, {space.num_params:,} entries ({time.perf_counter() - t0:.1f} s)")
 
 
-@click.command()
+@click.command(cls=Command)
 @_common
 def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
          num_labels: int | None, max_length: int, seed: int, overwrite: bool, no_progress: bool) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cli.options import Interrupted
+from cli.options import Group, Interrupted
 
 # catalog columns that are never "config that varies"
 _NOT_CONFIG = {"checkpoints", "betas"}
@@ -17,7 +17,7 @@ _METRIC_COLUMNS = ("train_loss", "train_acc", "val_acc", "test_acc", "gap", "hes
                    "hessian_trace", "mc_linear", "mc_bezier", "cka")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group)
 def zoo() -> None:
     """Populations of small trained models: build, measure, show.
 

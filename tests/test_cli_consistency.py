@@ -218,6 +218,57 @@ def test_sigterm_stops_a_zoo_build_with_workers_at_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. -v/--verbose after any command; 5. --device: one option, default auto, everywhere
+
+
+def test_every_command_takes_verbose_and_device_options_are_one_definition():
+    from cli.options import _resolve_device, _set_verbose
+
+    devices = []
+    for path, cmd in COMMANDS:
+        verbose = [p for p in cmd.params if "--verbose" in getattr(p, "opts", [])]
+        assert len(verbose) == 1 and verbose[0].opts == ["-v", "--verbose"], path
+        assert verbose[0].callback is _set_verbose, path
+        for p in cmd.params:
+            if "--device" in getattr(p, "opts", []):
+                devices.append(path)
+                assert p.default == "auto" and p.callback is _resolve_device, path
+    assert {" ".join(p[1:]) for p in devices} == {"run", "demo", "atlas learn", "learngene train"}
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_shows_tracebacks_wherever_it_is(tmp_path, run_cli, where):
+    spec = tmp_path / "missing.yaml"
+    args = ["run", spec, tmp_path / "out"]
+    code, _, err = run_cli(*(["-v", *args] if where == "before" else [*args, "-v"]))
+    assert code == 2 and "Traceback (most recent call last)" in err
+    assert err.rstrip().endswith("cannot read spec: No such file or directory")
+    code, _, err = run_cli(*args)
+    assert code == 2 and "Traceback" not in err
+    code, _, err = run_cli("zoo", "show", tmp_path, "--verbose")    # a subcommand of a group too
+    assert code == 1 and "Traceback (most recent call last)" in err
+
+
+def test_device_auto_is_resolved_once_for_every_command(tmp_path, run_cli):
+    # learngene train and atlas learn used to default to cpu and refuse `auto`
+    code, out, err = run_cli("learngene", "train", "--teacher", _digits("base"), "--data", "digits",
+                             "--aux-depth", "2", "--steps", "1", "--n-examples", "64", "--device", "auto",
+                             "-o", tmp_path / "g", "--no-progress")
+    assert code == 0, err
+    code, out, err = run_cli("atlas", "learn", "--base", _digits("base"), "--task-vectors", _digits("ft0"),
+                             "--data", "digits", "--steps", "1", "--n-examples", "64",
+                             "-o", tmp_path / "c.safetensors", "--no-progress")
+    assert code == 0, err
+    for args in (["atlas", "learn", "--base", _digits("base"), "--task-vectors", _digits("ft0"), "--data",
+                  "digits", "-o", tmp_path / "d.safetensors"],
+                 ["learngene", "train", "--teacher", _digits("base"), "--data", "digits", "-o", tmp_path / "e"],
+                 ["demo", tmp_path / "demo"]):
+        code, _, err = run_cli(*args, "--device", "tpu")
+        assert code == 1 and err == "error: unknown device 'tpu': use auto, cpu, cuda or cuda:N\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "g"]
+
+
+# ---------------------------------------------------------------------------------------------
 # 9. zoo build reports progress while batches train, not only when they finish
 
 
