@@ -362,6 +362,21 @@ from cli.hub import upload  # noqa: E402
 wsmerge.add_command(upload)
 
 
+def show_click_error(e: click.ClickException) -> None:
+    """Click's own errors in our style: its usage line and hint, then `error: ...` like every other error."""
+    if isinstance(e, click.exceptions.NoArgsIsHelpError):  # `wsmerge zoo` alone: the help, not an error
+        e.show()
+        return
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        hint = ""
+        if ctx.command.get_help_option(ctx) is not None:
+            names = ctx.command.get_help_option_names(ctx)
+            hint = f"Try '{ctx.command_path} {max(names, key=len)}' for help.\n"
+        click.echo(f"{ctx.get_usage()}\n{hint}", err=True, color=ctx.color)
+    click.echo(f"error: {e.format_message()}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point with our exit codes and error style."""
 
@@ -381,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
-        e.show()
+        show_click_error(e)
         return e.exit_code
     except Interrupted as e:
         click.echo(e.message, err=True)

@@ -269,6 +269,40 @@ def test_device_auto_is_resolved_once_for_every_command(tmp_path, run_cli):
 
 
 # ---------------------------------------------------------------------------------------------
+# 6. one error style, click's usage errors included
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run"], "error: Missing argument 'SPEC'."),
+    (["nope"], "error: No such command 'nope'."),
+    (["run", "x.yaml", "--shard-size", "lots"], "error: Invalid value for '--shard-size': cannot read size"),
+    (["zoo", "build", "x.yaml"], "error: Missing option '-o' / '--out'."),
+    (["fisher", "m", "-o", "x.safetensors", "--bogus"], "error: No such option '--bogus'."),
+    (["generate", "eval", "no-such-dir", "--data", "digits"], "error: Invalid value for 'SAMPLES': Path"),
+])
+def test_usage_errors_use_our_style_with_clicks_usage_line(run_cli, argv, message):
+    code, out, err = run_cli(*argv)
+    assert code == 2 and out == ""
+    assert "Error:" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("Usage: wsmerge") and lines[1].startswith("Try 'wsmerge")
+    assert lines[-1].startswith(message)
+
+
+def test_click_errors_without_a_usage_line_use_our_style_too(run_cli):
+    code, out, err = run_cli("demo", "--device")       # click raises this one without a context
+    assert (code, out, err) == (2, "", "error: Option '--device' requires an argument.\n")
+
+
+def test_help_and_version_exit_0_and_a_bare_group_shows_its_help(run_cli):
+    assert run_cli("--help")[0] == 0
+    assert run_cli("zoo", "build", "-h")[0] == 0
+    assert run_cli("--version")[0] == 0
+    code, out, err = run_cli("zoo")
+    assert code == 2 and err.startswith("Usage: wsmerge zoo") and "error:" not in err
+
+
+# ---------------------------------------------------------------------------------------------
 # 9. zoo build reports progress while batches train, not only when they finish
 
 
