@@ -69,6 +69,8 @@ def wsmerge() -> None:
 @wsmerge.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("-o", "--out", "out_option", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The output directory, as with every other command (the same as OUT; give either).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; read no tensor data.")
 @device_option
 @click.option("--shard-size", type=SizeType(), default="5G", show_default=True,
@@ -92,7 +94,7 @@ def wsmerge() -> None:
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo as private.")
 @click.option("--revision", default=None, help="With --push-to-hub: the branch to commit to.")
 @click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead.")
-def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: int,
+def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, device: str, shard_size: int,
         out_dtype: str | None, overwrite: bool, allow_nonfinite: bool, no_progress: bool,
         as_json: bool, search: str | None, data: str | None, split: str,
         push_repo: str | None = None, private: bool = False, revision: str | None = None,
@@ -116,8 +118,9 @@ def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: in
     from weightspace.merge import plan_merge, run_plan
     from weightspace.spec import load_spec
 
+    out = _one_out(out, out_option)
     if out is None and not dry_run:
-        raise click.UsageError("missing OUT (the output directory); or pass --dry-run")
+        raise click.UsageError("missing OUT (the output directory: SPEC OUT or -o OUT); or pass --dry-run")
     if push_repo is None and (private or revision or create_pr):
         raise click.UsageError("--private, --revision and --create-pr need --push-to-hub")
     if push_repo is not None:
@@ -181,6 +184,14 @@ def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: in
     if push_repo is not None:
         url = _push(out, push_repo, private, revision, create_pr)
         click.echo(f"{'opened pull request' if create_pr else 'pushed'} {out} to {push_repo}: {url}")
+
+
+def _one_out(argument: Path | None, option: Path | None) -> Path | None:
+    """`run SPEC OUT` and `run SPEC -o OUT` are the same; both naming different places is an error."""
+    if argument is not None and option is not None and os.path.abspath(argument) != os.path.abspath(option):
+        raise click.UsageError(f"OUT {argument} and -o/--out {option} name different directories; "
+                               f"give the output once")
+    return argument if argument is not None else option
 
 
 def _push(out: Path, repo: str, private: bool, revision: str | None, create_pr: bool) -> str:

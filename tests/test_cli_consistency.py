@@ -303,6 +303,28 @@ def test_help_and_version_exit_0_and_a_bare_group_shows_its_help(run_cli):
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. run takes OUT as an argument or as -o, like every other command
+
+
+def test_run_takes_out_as_argument_or_option(tmp_path, run_cli):
+    spec = EXAMPLES / "linear.yaml"
+    code, _, err = run_cli("run", spec, "-o", tmp_path / "a", "--no-progress")
+    assert code == 0, err
+    code, _, err = run_cli("run", spec, tmp_path / "b", "--no-progress")
+    assert code == 0, err
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
+    code, _, err = run_cli("run", spec, tmp_path / "c", "--out", str(tmp_path / "c") + "/", "--no-progress")
+    assert code == 0, err                                   # the same directory twice is fine
+    code, _, err = run_cli("run", spec, tmp_path / "d", "-o", tmp_path / "e")
+    assert code == 2
+    assert err.splitlines()[-1] == (f"error: OUT {tmp_path / 'd'} and -o/--out {tmp_path / 'e'} name "
+                                    f"different directories; give the output once")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    code, _, err = run_cli("run", spec)
+    assert code == 2 and "missing OUT" in err
+
+
+# ---------------------------------------------------------------------------------------------
 # 9. zoo build reports progress while batches train, not only when they finish
 
 
