@@ -333,17 +333,24 @@ def methods(as_json: bool, name: str | None) -> None:
 @wsmerge.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="wsmerge-demo")
 @device_option
-def demo(out: Path, device: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT even if `wsmerge demo` did not write it.")
+def demo(out: Path, device: str, overwrite: bool) -> None:
     """Build tiny checkpoints and merge them with several methods; needs no downloads.
 
     Writes a base model and three "fine-tunes" (base + seeded deltas) to
     OUT/models, merges them with linear, task_arithmetic, ties, dare_ties,
-    slerp and model_stock into OUT/merges, and prints how far each merge
-    lands from its inputs.
+    slerp and model_stock into OUT/merges (specs in OUT/specs), and prints
+    how far each merge lands from its inputs. A second run replaces the
+    demo's own earlier output; any other existing OUT needs --overwrite.
+
+    \b
+    Examples:
+      wsmerge demo
+      wsmerge demo runs/demo --device cpu
     """
     from cli.demo import run_demo
 
-    run_demo(out, device=device, echo=click.echo)
+    run_demo(out, device=device, overwrite=overwrite, echo=click.echo)
 
 
 from cli.align import align  # noqa: E402

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from cli.main import wsmerge
+from weightspace import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -322,6 +325,66 @@ def test_run_takes_out_as_argument_or_option(tmp_path, run_cli):
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
     code, _, err = run_cli("run", spec)
     assert code == 2 and "missing OUT" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. demo refuses what it did not write; 8. its printed commands work
+
+
+def test_demo_refuses_a_directory_it_did_not_write(tmp_path, run_cli):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / ".wsmerge-demo").write_text("not the demo's marker")
+    before = _snapshot(out)
+    code, stdout, err = run_cli("demo", out, "--device", "cpu")
+    assert code == 2 and stdout == ""
+    assert err == (f"error: {out} exists and was not written by `wsmerge demo`; pass --overwrite to replace "
+                   f"it, or name another OUT (wsmerge demo OTHER_DIR)\n")
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli("demo", tmp_path / "file")
+    assert code == 2 and "is a file" in err
+    code, stdout, err = run_cli("demo", out, "--device", "cpu", "--overwrite")
+    assert code == 0, err
+    assert stdout.startswith(f"replacing {out}/ (--overwrite)\n")
+    assert not (out / "notes.txt").exists() and (out / "merges" / "ties").is_dir()
+
+
+def test_demo_twice_in_the_same_folder_replaces_its_own_output(tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("demo")
+    assert code == 0, err
+    assert "replacing" not in out
+    (tmp_path / "wsmerge-demo" / "ties-again").mkdir()        # what the printed rerun command makes
+    code, out, err = run_cli("demo")
+    assert code == 0, err
+    assert out.startswith("replacing the demo written earlier in wsmerge-demo/\n")
+    assert not (tmp_path / "wsmerge-demo" / "ties-again").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wsmerge-demo"]     # no temporary left
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_demo_printed_commands_run_from_another_directory(tmp_path, run_cli, monkeypatch, relative):
+    """The demo names its models relative to the specs (../models/base): the printed rerun and
+    inspect commands work from a working directory that is not the demo's root."""
+    here = tmp_path / "work"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, out, err = run_cli("demo", "demo" if relative else here / "demo", "--device", "cpu")
+    assert code == 0, err
+    assert "model: ../models/ft_a" in (here / "demo" / "specs" / "ties.yaml").read_text()
+    rerun = re.search(r"rerun one with: (wsmerge .*)", out)[1]
+    inspect = re.search(r"inspect a result with: (wsmerge .*)", out)[1]
+    if not relative:                     # absolute paths: run them from anywhere
+        monkeypatch.chdir(tmp_path)
+    for line in (rerun, inspect):
+        code, _, err = run_cli(*shlex.split(line)[1:])
+        assert code == 0, (line, err)
+    again = load_space(here / "demo" / "ties-again")
+    ties = load_space(here / "demo" / "merges" / "ties")
+    for n in ties:
+        assert torch.equal(again[n].load(), ties[n].load())
 
 
 # ---------------------------------------------------------------------------------------------
