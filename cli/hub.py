@@ -25,8 +25,8 @@ def upload(out: Path, repo_id: str, private: bool, revision: str | None, create_
     changed or deleted.
 
     \b
-    Example:
-      wsmerge upload out/ties my-org/llama-ties --create-pr
+    Example (after `wsmerge run examples/ties.yaml runs/ties`):
+      wsmerge upload runs/ties my-org/tiny-ties --create-pr
     """
     from weightspace.hub import push_to_hub
 

@@ -49,17 +49,19 @@ def wsmerge() -> None:
     """Merge, inspect and generate neural-network weights.
 
     \b
-    Start here:
-      wsmerge demo                        build tiny models and merge them several ways
-      wsmerge methods                     every merge method, its parameters and defaults
-      wsmerge run spec.yaml out/          run a YAML merge spec (mergekit's schema)
-      wsmerge run spec.yaml out/ --dry-run   the plan only: tensors, bytes, peak memory
-      wsmerge inspect MODEL --vs OTHER    structure, dtypes, per-tensor cosine vs OTHER
-      wsmerge zoo build SPEC -o zoo/      train a population of small models (resumable)
-      wsmerge fisher|gram MODEL --data D  statistics for data-aware merges (fisher, regmean)
-      wsmerge atlas learn ...             learn per-block task-vector coefficients (aTLAS)
-      wsmerge rws | learngene | generate  signatures, genes, weight generators
-      wsmerge upload OUT org/name         push a result to the Hub
+    Start here (from the repository root; outputs go under runs/):
+      wsmerge demo                                  tiny models merged 6 ways, in wsmerge-demo/
+      wsmerge methods                               every merge method, its parameters and defaults
+      wsmerge run examples/ties.yaml runs/ties      run a YAML merge spec (mergekit's schema)
+      wsmerge run examples/ties.yaml --dry-run      the plan only: tensors, bytes, peak memory
+      wsmerge inspect runs/ties --vs examples/models/base   structure, dtypes, cosine per tensor
+      wsmerge upload runs/ties my-org/tiny-ties     push a result to the Hub (token: HF_TOKEN)
+
+    More commands, each with examples in its --help: zoo (populations of small
+    trained models), fisher and gram (statistics for data-aware merges), atlas
+    (learned task-vector coefficients), align (permutation alignment), rws
+    (robust weight signatures), learngene (genes that grow networks of any
+    depth) and generate (weight generators).
 
     Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage, 130 interrupted.
     Pass -v after any command (or set WSMERGE_DEBUG=1) to see tracebacks.
@@ -111,9 +113,11 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
     It is written beside OUT and renamed into place only when complete.
 
     \b
-    Example:
-      wsmerge run examples/ties.yaml out/ties
+    Examples (from the repository root):
+      wsmerge run examples/ties.yaml runs/ties
+      wsmerge run examples/ties.yaml -o runs/ties-sharded --shard-size 60K
       wsmerge run examples/ties.yaml --dry-run
+      wsmerge run examples/fisher.yaml runs/fisher-best --search target_weight=0:1:5 --data digits
     """
     from weightspace.merge import plan_merge, run_plan
     from weightspace.spec import load_spec
@@ -236,8 +240,10 @@ def inspect(model: str, other: str | None, as_json: bool, top: int, plot: Path |
     difference ||a-b||/||a|| (streamed; one tensor pair in memory at a time).
 
     \b
-    Example:
-      wsmerge inspect out/ties --vs examples/models/tiny-base
+    Examples (from the repository root):
+      wsmerge inspect examples/models/base
+      wsmerge inspect runs/ties --vs examples/models/base
+      wsmerge inspect examples/digits/atlas.coeffs.safetensors --plot runs/atlas-coeffs.png
     """
     from weightspace.inspect import compare, summarize
     from weightspace.sources import load_space
@@ -293,7 +299,13 @@ def inspect(model: str, other: str | None, as_json: bool, top: int, plot: Path |
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("name", required=False)
 def methods(as_json: bool, name: str | None) -> None:
-    """List every merge method with its parameters and defaults (or one, by NAME)."""
+    """List every merge method with its parameters and defaults (or one, by NAME).
+
+    \b
+    Examples:
+      wsmerge methods
+      wsmerge methods ties
+    """
     from weightspace.methods import all_methods, get_method
 
     ms = {name: get_method(name)} if name else all_methods()

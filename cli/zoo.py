@@ -22,11 +22,13 @@ def zoo() -> None:
     """Populations of small trained models: build, measure, show.
 
     \b
-    wsmerge zoo build examples/zoo/digits-phases.yaml -o zoo/   train the grid (resumable)
-    wsmerge zoo build SPEC -o zoo/ --executor ray               the same zoo on Ray
-    wsmerge zoo metrics zoo/                                    landscape metrics it lacks
-    wsmerge zoo show zoo/ --plot phases.png                     table and phase diagram
-    wsmerge zoo datasets                                        dataset references
+    Examples (from the repository root):
+      wsmerge zoo build examples/zoo/digits-phases.yaml -o runs/zoo --dry-run   count, train nothing
+      wsmerge zoo build examples/zoo/digits-phases.yaml -o runs/zoo    train the grid (resumable)
+      wsmerge zoo build examples/zoo/digits-phases.yaml -o runs/zoo --executor ray   the same on Ray
+      wsmerge zoo metrics runs/zoo                     landscape metrics it lacks
+      wsmerge zoo show runs/zoo --plot runs/phases.png     table and phase diagram
+      wsmerge zoo datasets                             dataset references
 
     A zoo is a directory: catalog.parquet (one row per checkpoint; read it
     with pandas or duckdb) and models/<id>/epoch-NNNN/ checkpoints that every
@@ -57,6 +59,10 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
     batched computation (torch.func vmap). Each finished model is written
     atomically with its catalog rows, so an interrupted build (Ctrl-C, SIGTERM:
     exit code 130) resumes where it stopped: run the same command again.
+
+    \b
+    Example:
+      wsmerge zoo build examples/zoo/digits-tasks.yaml -o runs/zoo-tasks --workers 2
     """
     from weightspace.errors import SpecError
     from weightspace.spec import read_yaml_file
@@ -125,6 +131,10 @@ def metrics(zoo_dir: Path, checkpoints: str | None, executor: str, workers: int 
     Settings come from the spec's `metrics:` section (zoo.yaml). Each
     checkpoint's metrics are saved in the catalog as they arrive, so an
     interrupted run (exit code 130) resumes: run the same command again.
+
+    \b
+    Example:
+      wsmerge zoo metrics runs/zoo --checkpoints all --no-pairs
     """
     from zoo.survey import compute_metrics
 
@@ -201,6 +211,10 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
     underfit (poorly/well connected), III fit but poorly connected, IV-A/IV-B
     fit and connected (low/high CKA). Run `wsmerge zoo metrics` first for
     Hessian, mc and CKA panels.
+
+    \b
+    Example:
+      wsmerge zoo show runs/zoo --all --json
     """
     from weightspace.errors import InputError
     from zoo.phases import PhaseRules, phase_grid, plot_phases
@@ -239,7 +253,12 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
 
 @zoo.command()
 def datasets() -> None:
-    """Dataset references a spec or --data can name (bases, transforms, corruptions)."""
+    """Dataset references a spec or --data can name (bases, transforms, corruptions).
+
+    \b
+    Example:
+      wsmerge zoo datasets
+    """
     from zoo import data
 
     describe = getattr(data, "describe", None)
