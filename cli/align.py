@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Command
 
-@click.command()
+
+@click.command(cls=Command)
 @click.argument("a")
 @click.argument("b")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -28,8 +30,8 @@ def align(a: str, b: str, out: Path, arch: str | None, max_iter: int, seed: int,
     averaging A with B. Zoo architectures mlp, cnn and resmlp are supported.
 
     \b
-    Example:
-      wsmerge align zoo/mlp_seed0 zoo/mlp_seed1 -o zoo/mlp_seed1_aligned
+    Example (from the repository root):
+      wsmerge align examples/digits/ft0 examples/digits/ft1 -o runs/ft1-aligned
     """
     from merges.rebasin import align as align_spaces
     from weightspace.sink import check_output, save_space

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import click
 
-from cli.options import GreedyOption
+from cli.options import GreedyOption, Group, device_option
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group)
 def atlas() -> None:
     """aTLAS: task vectors composed with learned per-block coefficients.
 
     \b
-    wsmerge atlas learn --base BASE --task-vectors FT1 FT2 --data digits -o coeffs.safetensors
-    wsmerge run examples/atlas.yaml out/          # merge_method: atlas, parameters: {coefficients: ...}
-    wsmerge atlas show coeffs.safetensors --plot coeffs.png   # heat map: task vector x block
+    Examples (from the repository root):
+      wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
+          examples/digits/ft1 examples/digits/ft2 --data digits --steps 50 -o runs/atlas.coeffs.safetensors
+      wsmerge atlas show runs/atlas.coeffs.safetensors --plot runs/atlas.png   # task vector x block
+      wsmerge run examples/atlas.yaml runs/atlas     # merge_method: atlas, parameters: {coefficients: ...}
 
     theta = theta_0 + sum_i sum_b lambda_(i,b) (theta_i - theta_0), one lambda per
     task vector and parameter tensor (Zhang et al., NeurIPS 2024). Only the
@@ -57,7 +59,7 @@ def atlas() -> None:
 @click.option("--threshold", type=float, default=0.9, show_default=True, help="Confidence for pseudo-labels.")
 @click.option("--penalty", type=click.Choice(["l1", "l2"]), default=None, help="Penalty on the coefficients.")
 @click.option("--penalty-weight", type=float, default=0.0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -66,7 +68,13 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
           partitions: int, blockwise: bool, budget: int | None, budget_mode: str, gradient_free: bool,
           threshold: float, penalty: str | None, penalty_weight: float, device: str, seed: int,
           overwrite: bool, no_progress: bool) -> None:
-    """Learn aTLAS coefficients for task vectors (FT - BASE) on DATA."""
+    """Learn aTLAS coefficients for task vectors (FT - BASE) on DATA.
+
+    \b
+    Example (from the repository root; few-shot, 4 labelled digits per class):
+      wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
+          examples/digits/ft1 --data digits --shots 4 --steps 50 -o runs/atlas-4shot.coeffs.safetensors
+    """
     from merges.atlas import learn_coefficients, save_coefficients
     from weightspace.errors import InputError
     from weightspace.sources import load_space
@@ -117,7 +125,12 @@ def _few_shot_batches(data: str, adapter, split: str, k: int, seed: int, batch_s
               help="Write a heat map (task vector x block) as PNG/PDF/SVG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the coefficients as JSON.")
 def show(coefficients: Path, plot: Path | None, as_json: bool) -> None:
-    """Print learned coefficients per task vector and block; --plot draws the heat map."""
+    """Print learned coefficients per task vector and block; --plot draws the heat map.
+
+    \b
+    Example (from the repository root):
+      wsmerge atlas show examples/digits/atlas.coeffs.safetensors --json
+    """
     from merges.atlas import load_coefficients
 
     c = load_coefficients(coefficients)

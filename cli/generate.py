@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
-from cli.options import GreedyOption
+from cli.options import GreedyOption, Group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group)
 def generate() -> None:
     """Weight generators: learn a zoo's weights, then sample new models for a dataset.
 
@@ -26,11 +26,12 @@ def generate() -> None:
     fine-tune or open them like any other model.
 
     \b
-    wsmerge zoo build examples/zoo/digits-phases.yaml -o zoo/       a zoo to learn from
-    wsmerge generate train zoo/ -o gen/                             d2nwg, every dataset of the zoo
-    wsmerge generate train zoo/ -o gen-kde/ --method kde --subset 'head.*'
-    wsmerge generate sample gen/ --data digits:classes=0-4 -n 20 -o samples/
-    wsmerge generate eval samples/ --data digits:classes=0-4 --zoo zoo/ --epochs 0,1
+    Examples (from the repository root; the zoo has one architecture, 16-wide MLPs, on 6 tasks):
+      wsmerge zoo build examples/zoo/digits-tasks.yaml -o runs/zoo-tasks     a zoo to learn from
+      wsmerge generate train runs/zoo-tasks -o runs/gen --tasks digits digits:rotate=90   d2nwg
+      wsmerge generate train runs/zoo-tasks -o runs/gen-kde --method kde --subset 'head.*'
+      wsmerge generate sample runs/gen --data digits:rotate=90 -n 20 -o runs/samples
+      wsmerge generate eval runs/samples --data digits:rotate=90 --zoo runs/zoo-tasks --epochs 0,1
     """
 
 
@@ -90,8 +91,9 @@ def train(zoo_dir: Path, out: Path, method: str, subset: str | None, tasks: tupl
     to the latents of the best models. The zoo must hold one architecture.
 
     \b
-    wsmerge generate train zoo/ -o gen/ --epochs 500,1000
-    wsmerge generate train zoo/ -o gen/ --tasks digits:classes=0-4 --tasks digits:classes=5-9
+    Examples (after `wsmerge zoo build examples/zoo/digits-tasks.yaml -o runs/zoo-tasks`):
+      wsmerge generate train runs/zoo-tasks -o runs/gen-all --epochs 500,1000
+      wsmerge generate train runs/zoo-tasks -o runs/gen-flips --tasks digits:flip=h --tasks digits:flip=v
     """
     from zoo.gen.generator import train_generator
 
@@ -170,8 +172,9 @@ def sample(gen_dir: Path, data: str, n: int, out: Path, seed: int, steps: int | 
     sampler (kde), with a note.
 
     \b
-    wsmerge generate sample gen/ --data digits:classes=0-4 -n 20 -o samples/
-    wsmerge generate sample gen/ --data digits:classes=0-4:rotate=90 -n 20 -o rot/ --seed 1
+    Examples (after the `wsmerge generate --help` examples):
+      wsmerge generate sample runs/gen --data digits -n 20 -o runs/samples-digits
+      wsmerge generate sample runs/gen --data digits:rotate=180 -n 20 -o runs/samples-rot180 --seed 1
     """
     from zoo.gen.generator import sample as sample_models
 
@@ -207,7 +210,8 @@ def eval_(samples: Path, data: str, zoo_dir: Path | None, epochs: str, seed: int
     their errors (Jaccard), next to the same numbers between zoo neighbours.
 
     \b
-    wsmerge generate eval samples/ --data digits:classes=0-4 --epochs 0,1,5
+    Example (after the `wsmerge generate --help` examples):
+      wsmerge generate eval runs/samples --data digits:rotate=90 --epochs 0,1,5
     """
     from zoo.gen.evaluate import evaluate_samples
 

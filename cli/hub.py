@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Command
 
-@click.command()
+
+@click.command(cls=Command)
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
@@ -23,8 +25,8 @@ def upload(out: Path, repo_id: str, private: bool, revision: str | None, create_
     changed or deleted.
 
     \b
-    Example:
-      wsmerge upload out/ties my-org/llama-ties --create-pr
+    Example (after `wsmerge run examples/ties.yaml runs/ties`):
+      wsmerge upload runs/ties my-org/tiny-ties --create-pr
     """
     from weightspace.hub import push_to_hub
 

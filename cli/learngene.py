@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Group, device_option
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+@click.group(cls=Group)
 def learngene() -> None:
     """Learngene: a few layer-shaped tensors that initialize networks of any depth.
 
@@ -27,10 +29,12 @@ def learngene() -> None:
     Embeddings, final norm and head are kept as they are.
 
     \b
-    wsmerge learngene fit MODEL -o model.gene                  # training-free: least squares over depth
-    wsmerge learngene train --teacher T --data digits --mode tleg --aux-depth 6 -o t.gene
-    wsmerge learngene expand model.gene --depth 12 -o model-x12  # config.json depth rewritten
-    wsmerge learngene inspect model.gene --plot fit.png        # residual per layer and suffix
+    Examples (from the repository root):
+      wsmerge learngene fit examples/models/base -o runs/base.gene     # training-free: least squares
+      wsmerge learngene expand runs/base.gene --depth 8 -o runs/base-x8   # config.json depth rewritten
+      wsmerge learngene inspect runs/base.gene --plot runs/base-gene.png  # residual per layer, tensor
+      wsmerge learngene train --teacher examples/digits/base --data digits --aux-depth 4 --epochs 1 \\
+          -o runs/digits.gene                                          # distilled from a teacher
     """
 
 
@@ -70,8 +74,9 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
     Streams one per-layer tensor name at a time (two passes over its layers).
 
     \b
-    wsmerge learngene fit ./minilm -o minilm.gene
-    wsmerge learngene fit ./minilm -o minilm-sws.gene --mode sws --stages 2,2,2
+    Examples (from the repository root; the tiny Llama has 4 layers):
+      wsmerge learngene fit examples/models/base -o runs/base.gene
+      wsmerge learngene fit examples/models/base -o runs/base-sws.gene --mode sws --stages 1,2,1
     """
     from merges.learngene import fit_gene, save_gene
     from weightspace.sources import load_space
@@ -116,7 +121,7 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Use at most this many examples.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -134,9 +139,10 @@ def train(teacher: str, data: str, out: Path, mode: str, aux_depth: int, stages:
     (AdamW, cosine decay). Then expand the gene to any depth.
 
     \b
-    wsmerge learngene train --teacher zoo/models/<id>/epoch-0020 --data digits \\
-        --mode tleg --aux-depth 6 --epochs 5 -o digits.gene
-    wsmerge learngene expand digits.gene --depth 12 -o vit-x12
+    Examples (from the repository root; any zoo checkpoint can teach):
+      wsmerge learngene train --teacher examples/digits/base --data digits \\
+          --mode sws --aux-depth 3 --epochs 1 -o runs/digits-sws.gene
+      wsmerge learngene expand runs/digits-sws.gene --depth 6 -o runs/digits-x6
     """
     from merges.learngene import save_gene, train_gene
     from weightspace.errors import SpecError
@@ -197,8 +203,9 @@ def expand(gene: Path, depth: int, out: Path, stages: str | None, like: str | No
     checkpoint) and is meant to be fine-tuned.
 
     \b
-    wsmerge learngene expand minilm.gene --depth 12 -o minilm-x12
-    wsmerge learngene expand digits-sws.gene --depth 7 --stages 2,3,2 -o resmlp-x7
+    Examples (after the `learngene fit` examples):
+      wsmerge learngene expand runs/base.gene --depth 12 -o runs/base-x12
+      wsmerge learngene expand runs/base-sws.gene --depth 7 --stages 2,3,2 -o runs/base-sws-x7
     """
     import torch
 
@@ -235,7 +242,8 @@ def inspect_cmd(gene: Path, plot: Path | None, as_json: bool) -> None:
     norms of A and B (or of the stage tensors). A trained gene: the distillation run.
 
     \b
-    wsmerge learngene inspect minilm.gene --plot minilm-fit.png
+    Example (after `wsmerge learngene fit examples/models/base -o runs/base.gene`):
+      wsmerge learngene inspect runs/base.gene --json
     """
     from merges.learngene import gene_summary, load_gene
 

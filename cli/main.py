@@ -15,9 +15,8 @@ from pathlib import Path
 
 import click
 
+from cli.options import DEBUG_ENV, Group, Interrupted, device_option
 from weightspace.errors import WeightspaceError
-
-DEBUG_ENV = "WSMERGE_DEBUG"
 
 
 def _human(n: float) -> str:
@@ -44,38 +43,38 @@ class SizeType(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and per-tensor detail.")
+@click.group(cls=Group)
 @click.version_option(package_name="weightspace", prog_name="wsmerge")
-def wsmerge(verbose: bool) -> None:
+def wsmerge() -> None:
     """Merge, inspect and generate neural-network weights.
 
     \b
-    Start here:
-      wsmerge demo                        build tiny models and merge them several ways
-      wsmerge methods                     every merge method, its parameters and defaults
-      wsmerge run spec.yaml out/          run a YAML merge spec (mergekit's schema)
-      wsmerge run spec.yaml out/ --dry-run   the plan only: tensors, bytes, peak memory
-      wsmerge inspect MODEL --vs OTHER    structure, dtypes, per-tensor cosine vs OTHER
-      wsmerge zoo build SPEC -o zoo/      train a population of small models (resumable)
-      wsmerge fisher|gram MODEL --data D  statistics for data-aware merges (fisher, regmean)
-      wsmerge atlas learn ...             learn per-block task-vector coefficients (aTLAS)
-      wsmerge rws | learngene | generate  signatures, genes, weight generators
-      wsmerge upload OUT org/name         push a result to the Hub
+    Start here (from the repository root; outputs go under runs/):
+      wsmerge demo                                  tiny models merged 6 ways, in wsmerge-demo/
+      wsmerge methods                               every merge method, its parameters and defaults
+      wsmerge run examples/ties.yaml runs/ties      run a YAML merge spec (mergekit's schema)
+      wsmerge run examples/ties.yaml --dry-run      the plan only: tensors, bytes, peak memory
+      wsmerge inspect runs/ties --vs examples/models/base   structure, dtypes, cosine per tensor
+      wsmerge upload runs/ties my-org/tiny-ties     push a result to the Hub (token: HF_TOKEN)
 
-    Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage. Set WSMERGE_DEBUG=1
-    (or pass -v) to see tracebacks.
+    More commands, each with examples in its --help: zoo (populations of small
+    trained models), fisher and gram (statistics for data-aware merges), atlas
+    (learned task-vector coefficients), align (permutation alignment), rws
+    (robust weight signatures), learngene (genes that grow networks of any
+    depth) and generate (weight generators).
+
+    Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage, 130 interrupted.
+    Pass -v after any command (or set WSMERGE_DEBUG=1) to see tracebacks.
     """
-    if verbose:
-        os.environ[DEBUG_ENV] = "1"
 
 
 @wsmerge.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("-o", "--out", "out_option", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The output directory, as with every other command (the same as OUT; give either).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; read no tensor data.")
-@click.option("--device", default="auto", show_default=True,
-              help="Where the math runs: auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--shard-size", type=SizeType(), default="5G", show_default=True,
               help="Largest output shard, in bytes or with K/M/G suffix (decimal; KiB/MiB/GiB binary).")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
@@ -97,7 +96,7 @@ def wsmerge(verbose: bool) -> None:
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo as private.")
 @click.option("--revision", default=None, help="With --push-to-hub: the branch to commit to.")
 @click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead.")
-def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: int,
+def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, device: str, shard_size: int,
         out_dtype: str | None, overwrite: bool, allow_nonfinite: bool, no_progress: bool,
         as_json: bool, search: str | None, data: str | None, split: str,
         push_repo: str | None = None, private: bool = False, revision: str | None = None,
@@ -114,15 +113,18 @@ def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: in
     It is written beside OUT and renamed into place only when complete.
 
     \b
-    Example:
-      wsmerge run examples/ties.yaml out/ties
+    Examples (from the repository root):
+      wsmerge run examples/ties.yaml runs/ties
+      wsmerge run examples/ties.yaml -o runs/ties-sharded --shard-size 60K
       wsmerge run examples/ties.yaml --dry-run
+      wsmerge run examples/fisher.yaml runs/fisher-best --search target_weight=0:1:5 --data digits
     """
     from weightspace.merge import plan_merge, run_plan
     from weightspace.spec import load_spec
 
+    out = _one_out(out, out_option)
     if out is None and not dry_run:
-        raise click.UsageError("missing OUT (the output directory); or pass --dry-run")
+        raise click.UsageError("missing OUT (the output directory: SPEC OUT or -o OUT); or pass --dry-run")
     if push_repo is None and (private or revision or create_pr):
         raise click.UsageError("--private, --revision and --create-pr need --push-to-hub")
     if push_repo is not None:
@@ -188,6 +190,14 @@ def run(spec: Path, out: Path | None, dry_run: bool, device: str, shard_size: in
         click.echo(f"{'opened pull request' if create_pr else 'pushed'} {out} to {push_repo}: {url}")
 
 
+def _one_out(argument: Path | None, option: Path | None) -> Path | None:
+    """`run SPEC OUT` and `run SPEC -o OUT` are the same; both naming different places is an error."""
+    if argument is not None and option is not None and os.path.abspath(argument) != os.path.abspath(option):
+        raise click.UsageError(f"OUT {argument} and -o/--out {option} name different directories; "
+                               f"give the output once")
+    return argument if argument is not None else option
+
+
 def _push(out: Path, repo: str, private: bool, revision: str | None, create_pr: bool) -> str:
     from weightspace.hub import push_to_hub
 
@@ -230,8 +240,10 @@ def inspect(model: str, other: str | None, as_json: bool, top: int, plot: Path |
     difference ||a-b||/||a|| (streamed; one tensor pair in memory at a time).
 
     \b
-    Example:
-      wsmerge inspect out/ties --vs examples/models/tiny-base
+    Examples (from the repository root):
+      wsmerge inspect examples/models/base
+      wsmerge inspect runs/ties --vs examples/models/base
+      wsmerge inspect examples/digits/atlas.coeffs.safetensors --plot runs/atlas-coeffs.png
     """
     from weightspace.inspect import compare, summarize
     from weightspace.sources import load_space
@@ -287,7 +299,13 @@ def inspect(model: str, other: str | None, as_json: bool, top: int, plot: Path |
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("name", required=False)
 def methods(as_json: bool, name: str | None) -> None:
-    """List every merge method with its parameters and defaults (or one, by NAME)."""
+    """List every merge method with its parameters and defaults (or one, by NAME).
+
+    \b
+    Examples:
+      wsmerge methods
+      wsmerge methods ties
+    """
     from weightspace.methods import all_methods, get_method
 
     ms = {name: get_method(name)} if name else all_methods()
@@ -326,18 +344,25 @@ def methods(as_json: bool, name: str | None) -> None:
 
 @wsmerge.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="wsmerge-demo")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def demo(out: Path, device: str) -> None:
+@device_option
+@click.option("--overwrite", is_flag=True, help="Replace OUT even if `wsmerge demo` did not write it.")
+def demo(out: Path, device: str, overwrite: bool) -> None:
     """Build tiny checkpoints and merge them with several methods; needs no downloads.
 
     Writes a base model and three "fine-tunes" (base + seeded deltas) to
     OUT/models, merges them with linear, task_arithmetic, ties, dare_ties,
-    slerp and model_stock into OUT/merges, and prints how far each merge
-    lands from its inputs.
+    slerp and model_stock into OUT/merges (specs in OUT/specs), and prints
+    how far each merge lands from its inputs. A second run replaces the
+    demo's own earlier output; any other existing OUT needs --overwrite.
+
+    \b
+    Examples:
+      wsmerge demo
+      wsmerge demo runs/demo --device cpu
     """
     from cli.demo import run_demo
 
-    run_demo(out, device=device, echo=click.echo)
+    run_demo(out, device=device, overwrite=overwrite, echo=click.echo)
 
 
 from cli.align import align  # noqa: E402
@@ -367,6 +392,21 @@ from cli.hub import upload  # noqa: E402
 wsmerge.add_command(upload)
 
 
+def show_click_error(e: click.ClickException) -> None:
+    """Click's own errors in our style: its usage line and hint, then `error: ...` like every other error."""
+    if isinstance(e, click.exceptions.NoArgsIsHelpError):  # `wsmerge zoo` alone: the help, not an error
+        e.show()
+        return
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        hint = ""
+        if ctx.command.get_help_option(ctx) is not None:
+            names = ctx.command.get_help_option_names(ctx)
+            hint = f"Try '{ctx.command_path} {max(names, key=len)}' for help.\n"
+        click.echo(f"{ctx.get_usage()}\n{hint}", err=True, color=ctx.color)
+    click.echo(f"error: {e.format_message()}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point with our exit codes and error style."""
 
@@ -379,16 +419,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread (tests)
         old_term = None
     try:
-        wsmerge.main(args=argv, prog_name="wsmerge", standalone_mode=False)
-        return 0
+        # standalone_mode=False: click returns the code of a `ctx.exit(code)` / Exit(code) instead of
+        # exiting, and the command's return value (None) otherwise
+        rv = wsmerge.main(args=argv, prog_name="wsmerge", standalone_mode=False)
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
-        e.show()
+        show_click_error(e)
+        return e.exit_code
+    except Interrupted as e:
+        click.echo(e.message, err=True)
         return e.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("interrupted; nothing was written", err=True)
-        return 130
+        return Interrupted.exit_code
     except WeightspaceError as e:
         if _debug():
             import traceback

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
+from cli.options import Group
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+@click.group(cls=Group)
 def rws() -> None:
     """Robust weight signatures: robustness as a patch added to a model's weights.
 
@@ -23,10 +25,16 @@ def rws() -> None:
     keeps; unpatching subtracts it again (Cai et al., ICML 2023).
 
     \b
-    wsmerge rws extract --pretrained PRE --clean STD --robust NOISY -o noise.rws.safetensors --bits 4
-    wsmerge rws inspect noise.rws.safetensors --plot noise-layers.png
-    wsmerge rws patch STD noise.rws.safetensors blur.rws.safetensors:0.5 -o std+noise+blur
-    wsmerge rws unpatch std+noise+blur blur.rws.safetensors:0.5 -o std+noise
+    Examples (from the repository root, with the digit fine-tunes standing in for fine-tunes
+    on corrupted data; examples/rws_digits.py makes real ones):
+      wsmerge rws extract --pretrained examples/digits/base --clean examples/digits/ft0 \\
+          --robust examples/digits/ft1 -o runs/ft1.rws.safetensors --bits 4
+      wsmerge rws extract --pretrained examples/digits/base --clean examples/digits/ft0 \\
+          --robust examples/digits/ft2 -o runs/ft2.rws.safetensors
+      wsmerge rws inspect runs/ft1.rws.safetensors --plot runs/ft1-rws.png
+      wsmerge rws patch examples/digits/ft0 runs/ft1.rws.safetensors runs/ft2.rws.safetensors:0.5 \\
+          -o runs/ft0+ft1+ft2
+      wsmerge rws unpatch runs/ft0+ft1+ft2 runs/ft2.rws.safetensors:0.5 -o runs/ft0+ft1
     """
 
 
@@ -54,8 +62,10 @@ def extract(pretrained: str, clean: str, robust: str, out: Path, layers: str, sh
     """Extract the robust weight signature of ROBUST against CLEAN, both fine-tuned from PRETRAINED.
 
     \b
-    wsmerge rws extract --pretrained pre --clean std --robust noisy -o noise.rws.safetensors
-    wsmerge rws extract ... --layers first:2 --bits 4 --scheme log --per-row
+    Examples (from the repository root):
+      wsmerge rws extract --pretrained examples/digits/base --clean examples/digits/ft0 \\
+          --robust examples/digits/ft1 -o runs/ft1-first2.rws.safetensors \\
+          --layers first:2 --bits 4 --scheme log --per-row
     """
     from merges.signatures import (
         extract_signature,
@@ -151,8 +161,10 @@ def patch_cmd(model: str, signatures: tuple[str, ...], out: Path, overwrite: boo
     record in the output's safetensors metadata, which `rws unpatch` checks.
 
     \b
-    wsmerge rws patch std noise.rws.safetensors -o std+noise
-    wsmerge rws patch std noise.rws.safetensors:0.8 blur.rws.safetensors:0.5 -o std+noise+blur
+    Examples (after the `wsmerge rws --help` extract examples):
+      wsmerge rws patch examples/digits/ft0 runs/ft1.rws.safetensors -o runs/ft0+ft1-only
+      wsmerge rws patch examples/digits/ft0 runs/ft1.rws.safetensors:0.8 runs/ft2.rws.safetensors:0.5 \\
+          -o runs/ft0+ft1-0.8+ft2-0.5
     """
     _write(model, signatures, out, overwrite, undo=False)
 
@@ -172,7 +184,8 @@ def unpatch_cmd(model: str, signatures: tuple[str, ...], out: Path, force: bool,
     once it is empty the model equals the unpatched one up to float rounding.
 
     \b
-    wsmerge rws unpatch std+noise+blur blur.rws.safetensors:0.5 -o std+noise
+    Example (after the `wsmerge rws --help` examples):
+      wsmerge rws unpatch runs/ft0+ft1+ft2 runs/ft2.rws.safetensors:0.5 -o runs/ft0+ft1-again
     """
     _write(model, signatures, out, overwrite, undo=True, force=force)
 
@@ -192,7 +205,8 @@ def inspect_cmd(signature: Path, plot: Path | None, as_json: bool) -> None:
     the layer's share of the total squared RWS norm, and whether the signature keeps it.
 
     \b
-    wsmerge rws inspect noise.rws.safetensors --plot noise-layers.png
+    Example (after the `wsmerge rws --help` examples):
+      wsmerge rws inspect runs/ft2.rws.safetensors --json
     """
     from merges.signatures import layer_summary, load_signature, signature_size_report
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from cli.options import Command
+
 _COMMON = [
     click.argument("model"),
     click.option("--data", required=True,
@@ -58,7 +60,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise click.UsageError(f"-o {out}: the output is a .safetensors file")
 
 
-@click.command()
+@click.command(cls=Command)
 @_common
 @click.option("--estimator", type=click.Choice(["exact", "sampled", "empirical"]), default="exact",
               show_default=True, help="exact: sum over classes weighted by the model's probabilities; "
@@ -75,9 +77,14 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
     tensor names. Name the file as the model's `fisher` parameter in a
     `merge_method: fisher` spec.
 
+    A transformers classifier works the same way, with a JSONL file as DATA
+    (`--data train.jsonl --estimator empirical`).
+
     \b
-    wsmerge fisher zoo/models/ID/epoch-0010 --data digits:classes=0-4 -o a.fisher.safetensors
-    wsmerge fisher ./minilm-cls --data train.jsonl -o cls.fisher.safetensors --estimator empirical
+    Examples (from the repository root):
+      wsmerge fisher examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.fisher.safetensors
+      wsmerge fisher examples/digits/ft1 --data digits:classes=4-6 --estimator empirical \\
+          --n-examples 512 -o runs/ft1.fisher.safetensors
     """
     from merges.fisher import fisher_diagonal, save_fisher
 
@@ -93,7 +100,7 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
                f"{len(space)} tensors, {space.num_params:,} entries ({time.perf_counter() - t0:.1f} s)")
 
 
-@click.command()
+@click.command(cls=Command)
 @_common
 def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
          num_labels: int | None, max_length: int, seed: int, overwrite: bool, no_progress: bool) -> None:
@@ -105,7 +112,8 @@ def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_si
     `merge_method: regmean` spec.
 
     \b
-    wsmerge gram zoo/models/ID/epoch-0010 --data digits:classes=0-4 -o a.gram.safetensors
+    Example (from the repository root):
+      wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.gram.safetensors
     """
     from merges.regmean import gram_matrices, save_gram
 

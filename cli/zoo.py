@@ -9,22 +9,26 @@ from typing import Any
 
 import click
 
+from cli.options import Group, Interrupted
+
 # catalog columns that are never "config that varies"
 _NOT_CONFIG = {"checkpoints", "betas"}
 _METRIC_COLUMNS = ("train_loss", "train_acc", "val_acc", "test_acc", "gap", "hessian_top_eig",
                    "hessian_trace", "mc_linear", "mc_bezier", "cka")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group)
 def zoo() -> None:
     """Populations of small trained models: build, measure, show.
 
     \b
-    wsmerge zoo build examples/zoo/digits-phases.yaml -o zoo/   train the grid (resumable)
-    wsmerge zoo build SPEC -o zoo/ --executor ray               the same zoo on Ray
-    wsmerge zoo metrics zoo/                                    landscape metrics it lacks
-    wsmerge zoo show zoo/ --plot phases.png                     table and phase diagram
-    wsmerge zoo datasets                                        dataset references
+    Examples (from the repository root):
+      wsmerge zoo build examples/zoo/digits-phases.yaml -o runs/zoo --dry-run   count, train nothing
+      wsmerge zoo build examples/zoo/digits-phases.yaml -o runs/zoo    train the grid (resumable)
+      wsmerge zoo build examples/zoo/digits-phases.yaml -o runs/zoo --executor ray   the same on Ray
+      wsmerge zoo metrics runs/zoo                     landscape metrics it lacks
+      wsmerge zoo show runs/zoo --plot runs/phases.png     table and phase diagram
+      wsmerge zoo datasets                             dataset references
 
     A zoo is a directory: catalog.parquet (one row per checkpoint; read it
     with pandas or duckdb) and models/<id>/epoch-NNNN/ checkpoints that every
@@ -53,8 +57,12 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
 
     Models that share an architecture and a batch size train together as one
     batched computation (torch.func vmap). Each finished model is written
-    atomically with its catalog rows, so an interrupted build resumes where
-    it stopped: run the same command again.
+    atomically with its catalog rows, so an interrupted build (Ctrl-C, SIGTERM:
+    exit code 130) resumes where it stopped: run the same command again.
+
+    \b
+    Example:
+      wsmerge zoo build examples/zoo/digits-tasks.yaml -o runs/zoo-tasks --workers 2
     """
     from weightspace.errors import SpecError
     from weightspace.spec import read_yaml_file
@@ -84,8 +92,7 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
                            yes=yes, max_batch=max_batch, progress=progress)
     except KeyboardInterrupt:
         n = len(Zoo(out).model_ids) if (out / CATALOG).is_file() else 0
-        click.echo(f"interrupted: {n} models are saved in {out}; run the same command to resume", err=True)
-        raise click.exceptions.Exit(130) from None
+        raise Interrupted(f"interrupted: {n} models are saved in {out}; run the same command to resume") from None
     except SpecError as e:
         raise SpecError(f"{spec}: {e}") from None
     info = {"zoo": str(out), "models": report.total, "trained": report.trained, "skipped": report.skipped,
@@ -121,15 +128,38 @@ def metrics(zoo_dir: Path, checkpoints: str | None, executor: str, workers: int 
     eigenvalue (power iteration on Hessian-vector products) and trace
     (Hutchinson). Per pair of seeds of one config: mode connectivity mc on
     the linear path and on a fitted Bezier curve, and CKA of their logits.
-    Settings come from the spec's `metrics:` section (zoo.yaml).
+    Settings come from the spec's `metrics:` section (zoo.yaml). Each
+    checkpoint's metrics are saved in the catalog as they arrive, so an
+    interrupted run (exit code 130) resumes: run the same command again.
+
+    \b
+    Example:
+      wsmerge zoo metrics runs/zoo --checkpoints all --no-pairs
     """
     from zoo.survey import compute_metrics
 
     progress = not no_progress and sys.stderr.isatty()
-    done = compute_metrics(zoo_dir, checkpoints=checkpoints, executor=executor, workers=workers,
-                           address=address, pairs=not no_pairs, progress=progress)
+    try:
+        done = compute_metrics(zoo_dir, checkpoints=checkpoints, executor=executor, workers=workers,
+                               address=address, pairs=not no_pairs, progress=progress)
+    except KeyboardInterrupt:
+        n = _with_metrics(zoo_dir)
+        raise Interrupted(f"interrupted: {n} checkpoint(s) of {zoo_dir} have their metrics saved; "
+                          f"run the same command to compute the rest") from None
     click.echo(f"{zoo_dir}: metrics for {done} checkpoint(s)" if done else
                f"{zoo_dir}: every checkpoint already has its metrics")
+
+
+def _with_metrics(zoo_dir: Path) -> int:
+    """Checkpoints whose landscape metrics are in the catalog (0 if it cannot be read)."""
+    from weightspace.errors import WeightspaceError
+    from zoo.store import Zoo
+    from zoo.survey import DONE_COLUMN
+
+    try:
+        return sum(r.get(DONE_COLUMN) is not None for r in Zoo(zoo_dir).rows)
+    except WeightspaceError:
+        return 0
 
 
 def varying_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -181,6 +211,10 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
     underfit (poorly/well connected), III fit but poorly connected, IV-A/IV-B
     fit and connected (low/high CKA). Run `wsmerge zoo metrics` first for
     Hessian, mc and CKA panels.
+
+    \b
+    Example:
+      wsmerge zoo show runs/zoo --all --json
     """
     from weightspace.errors import InputError
     from zoo.phases import PhaseRules, phase_grid, plot_phases
@@ -219,7 +253,12 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
 
 @zoo.command()
 def datasets() -> None:
-    """Dataset references a spec or --data can name (bases, transforms, corruptions)."""
+    """Dataset references a spec or --data can name (bases, transforms, corruptions).
+
+    \b
+    Example:
+      wsmerge zoo datasets
+    """
     from zoo import data
 
     describe = getattr(data, "describe", None)

@@ -26,6 +26,7 @@ from weightspace.safetensors_io import nbytes_of
 
 _DONE = object()
 DEFAULT_PREFETCH_BYTES = 256 * 2**20
+DEFAULT_PREFETCH = 4
 
 
 class _ByteBudget:
@@ -99,19 +100,39 @@ def _loaded_bytes(s: Step, compute_dtype: torch.dtype | None) -> int:
 
 
 def estimate_peak_bytes(steps: Sequence[Step], compute_dtype: torch.dtype | None,
-                        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> int:
-    """Tensor memory the executor may hold at once: the input budget (at least
-    the largest step), the method's workspace (about four tensors of the step's
-    size) and one result being written plus one queued."""
+                        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, prefetch: int = DEFAULT_PREFETCH) -> int:
+    """Tensor memory `execute` may hold at once for this plan: the largest, over the steps j,
+    of what is alive while step j is computed.
+
+    - Inputs of j and of the steps after it that the reader has loaded: at most `prefetch`
+      queued plus one in the reader's hands, and together within the `prefetch_bytes` budget
+      (a step larger than the budget is let through alone). A small plan thus reports its own
+      size; the budget only caps a large one.
+    - The method's working copies for j in the compute dtype: about one per input (task
+      vectors, masks) plus the result before its cast. A statistics step reads one row block
+      per input at a time and keeps about as much again in working copies.
+    - The results of the two steps before j, one being written and one queued for the writer.
+    """
     if not steps:
         return 0
-    inputs = max(prefetch_bytes, max(_loaded_bytes(s, compute_dtype) for s in steps))
     el = torch.empty((), dtype=compute_dtype).element_size() if compute_dtype else 4
-    biggest_out = max(s.out_bytes for s in steps)
-    biggest_work = max(4 * (s.out_bytes // s.dtype.itemsize) * el for s in steps)
-    if any(s.shape is None for s in steps):  # blocked statistics: one row block per input at a time
-        biggest_work += max(_loaded_bytes(s, compute_dtype) for s in steps)
-    return inputs + biggest_work + 2 * biggest_out
+    loaded = [_loaded_bytes(s, compute_dtype) for s in steps]
+    outs = [s.out_bytes for s in steps]
+    window = prefetch + 2
+    run = sum(loaded[:window])          # inputs of steps j .. j + window - 1
+    peak = 0
+    for j, s in enumerate(steps):
+        inputs = loaded[j] if loaded[j] > prefetch_bytes else min(run, prefetch_bytes)
+        if s.shape is None:
+            work = 2 * loaded[j + 1] if j + 1 < len(steps) else 0
+        else:
+            work = (len(s.inputs) + 1) * (s.out_bytes // s.dtype.itemsize) * el
+        waiting = sum(outs[max(0, j - 2):j])
+        peak = max(peak, inputs + work + waiting)
+        run -= loaded[j]
+        if j + window < len(steps):
+            run += loaded[j + window]
+    return peak
 
 
 def execute(
@@ -120,7 +141,7 @@ def execute(
     *,
     device: str | torch.device | None = "auto",
     compute_dtype: torch.dtype | None = torch.float32,
-    prefetch: int = 4,
+    prefetch: int = DEFAULT_PREFETCH,
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
     progress: bool = True,
     allow_nonfinite: bool = False,

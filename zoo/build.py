@@ -1,16 +1,22 @@
 """Build a zoo from a spec: train what is missing, batched, on local processes or Ray.
 
-    report = build_zoo(load_zoo_spec("examples/zoo/digits-phases.yaml"), "zoo/")
+    report = build_zoo(load_zoo_spec("examples/zoo/digits-phases.yaml"), "runs/zoo")
     report.trained, report.skipped, report.seconds
+    build_zoo(spec, "runs/zoo", on_progress=lambda p: print(p.models_done, p.epochs_done))
 
 Resumable: a model whose id (a hash of its full config) is in the catalog is
 not trained again; a killed build loses at most the models in flight.
+
+Progress: the models of a batch finish together, so besides the saved models
+the workers report every finished epoch of every batch (model-epochs), which
+keeps a progress display moving while the first batches train.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,14 +80,24 @@ def payload_of(result: TrainResult, input_shape: tuple[int, ...], num_classes: i
     return {"model_id": run.model_id, "rows": rows, "files": files}
 
 
-def train_unit(run_dicts: list[dict]) -> list[dict[str, Any]]:
-    """Worker entry point: train one group of runs together; returns their payloads."""
+def train_unit(run_dicts: list[dict], report: Callable[[Any], None] | None = None) -> list[dict[str, Any]]:
+    """Worker entry point: train one group of runs together; returns their payloads.
+
+    With `report`, every finished epoch sends `(unit_key(run_dicts), models in the group)`:
+    that many model-epochs are done."""
     from zoo.data import load_task
 
     runs = [ModelRun.model_validate(d) for d in run_dicts]
     task = load_task(runs[0].dataset)
-    results = train_batch(runs, task=task)
+    key = unit_key(run_dicts)
+    on_epoch = None if report is None else (lambda epoch: report((key, len(runs))))
+    results = train_batch(runs, task=task, on_epoch=on_epoch)
     return [payload_of(r, task.input_shape, task.num_classes) for r in results]
+
+
+def unit_key(run_dicts: list[dict]) -> str:
+    """Names a unit in progress reports: its first model's id (a model is in one unit only)."""
+    return ModelRun.model_validate(run_dicts[0]).model_id
 
 
 def plan_units(runs: list[ModelRun], workers: int, max_batch: int = 64) -> list[list[ModelRun]]:
@@ -112,11 +128,102 @@ class BuildReport:
         return 60.0 * self.trained / self.seconds if self.seconds else 0.0
 
 
+@dataclass(frozen=True)
+class BuildProgress:
+    """Where a build stands: models trained and saved, and model-epochs trained (of those to train)."""
+
+    models_done: int
+    models_total: int
+    epochs_done: int
+    epochs_total: int
+    seconds: float
+
+
+class _Progress:
+    """Counts saved models and trained model-epochs; feeds `on_progress` and, on a terminal, two bars
+    (saved models; epochs of the running batches) whose timers a small thread keeps moving."""
+
+    def __init__(self, name: str, todo: list[ModelRun], units: list[list[dict]], workers: int, *,
+                 bars: bool, on_progress: Callable[[BuildProgress], None] | None):
+        self.t0 = time.perf_counter()
+        self.on_progress = on_progress
+        self.models_total = len(todo)
+        self.epochs_total = sum(r.train.epochs for r in todo)
+        self.unit_epochs = {unit_key(u): sum(d["train"]["epochs"] for d in u) for u in units}
+        self.credited = dict.fromkeys(self.unit_epochs, 0)
+        self.finished: set[str] = set()
+        self.models_done = self.epochs_done = 0
+        self.bars = None
+        self._stop = threading.Event()
+        if bars and todo:
+            from tqdm import tqdm
+
+            models = tqdm(total=self.models_total, desc=f"zoo {name}", unit="model", dynamic_ncols=True)
+            epochs = tqdm(total=self.epochs_total, desc="  training", unit="epoch", dynamic_ncols=True,
+                          leave=False) if self.epochs_total else None
+            models.set_postfix_str(f"starting {min(workers, len(units))} worker(s)"
+                                   if workers > 1 and len(units) > 1 else "", refresh=False)
+            self.bars = (models, epochs)
+            threading.Thread(target=self._tick, name="zoo-progress", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            for b in self.bars or ():
+                if b is not None:
+                    b.refresh()
+
+    def _emit(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(BuildProgress(self.models_done, self.models_total, self.epochs_done,
+                                           self.epochs_total, time.perf_counter() - self.t0))
+
+    def _epochs(self, key: str, n: int) -> None:
+        n = min(n, self.unit_epochs[key] - self.credited[key])
+        if n <= 0:
+            return
+        self.credited[key] += n
+        self.epochs_done += n
+        if self.bars is not None:
+            if self.bars[0].postfix:
+                self.bars[0].set_postfix_str("", refresh=False)
+            if self.bars[1] is not None:
+                self.bars[1].update(n)
+
+    def report(self, msg: tuple[str, int]) -> None:
+        """A worker finished an epoch of a batch: `(unit key, model-epochs)`."""
+        key, n = msg
+        if key in self.finished or key not in self.credited:
+            return               # a late report of a batch whose models are already saved
+        self._epochs(key, n)
+        self._emit()
+
+    def unit_started_saving(self, key: str) -> None:
+        self._epochs(key, self.unit_epochs.get(key, 0))
+        self.finished.add(key)
+
+    def model_saved(self) -> None:
+        self.models_done += 1
+        if self.bars is not None:
+            self.bars[0].update(1)
+        self._emit()
+
+    def close(self) -> None:
+        self._stop.set()
+        for b in reversed(self.bars or ()):
+            if b is not None:
+                b.close()
+
+
 def build_zoo(spec: ZooSpec, out: str | Path, *, spec_text: str | None = None, executor: str = "local",
               workers: int | None = None, address: str | None = None, yes: bool = False,
               max_batch: int = 64, progress: bool = True,
-              on_model: Callable[[dict[str, Any]], None] | None = None) -> BuildReport:
-    """Train every model of the spec that the zoo at `out` lacks; returns what was done."""
+              on_model: Callable[[dict[str, Any]], None] | None = None,
+              on_progress: Callable[[BuildProgress], None] | None = None) -> BuildReport:
+    """Train every model of the spec that the zoo at `out` lacks; returns what was done.
+
+    `on_model(row)` is called with each saved model's last catalog row, `on_progress` with a
+    `BuildProgress` after every saved model and every epoch a batch finishes; `progress` shows
+    both as bars on the terminal."""
     runs = spec.runs()
     if len(runs) > LARGE_ZOO and not yes:
         raise SpecError(f"this spec makes {len(runs)} models (more than {LARGE_ZOO}); "
@@ -137,22 +244,19 @@ def build_zoo(spec: ZooSpec, out: str | Path, *, spec_text: str | None = None, e
     report.skipped = len(runs) - len(todo)
     workers = workers or default_workers()
     units = [[r.to_dict() for r in g] for g in plan_units(todo, workers, max_batch)]
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"zoo {spec.name}", unit="model", dynamic_ncols=True)
+    track = _Progress(spec.name, todo, units, workers, bars=progress, on_progress=on_progress)
     try:
-        for payloads in map_units(train_unit, units, executor=executor, workers=workers, address=address):
+        for payloads in map_units(train_unit, units, executor=executor, workers=workers, address=address,
+                                  on_report=track.report):
+            if payloads:
+                track.unit_started_saving(payloads[0]["model_id"])
             for p in payloads:
                 rows = zoo.add_model(p)
                 report.trained += 1
+                track.model_saved()
                 if on_model is not None:
                     on_model(rows[-1])
-            if bar is not None:
-                bar.update(len(payloads))
     finally:
-        if bar is not None:
-            bar.close()
+        track.close()
     report.seconds = time.perf_counter() - t0
     return report
