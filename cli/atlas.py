@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import GreedyOption, Group, device_option
+from cli.options import GreedyOption, Group, check_plot, device_option
 
 
 @click.group(cls=Group)
@@ -131,6 +131,7 @@ def show(coefficients: Path, plot: Path | None, as_json: bool) -> None:
     Example (from the repository root):
       wsmerge atlas show examples/digits/atlas.coeffs.safetensors --json
     """
+    check_plot(plot)
     from merges.atlas import load_coefficients
 
     c = load_coefficients(coefficients)
@@ -151,15 +152,9 @@ def show(coefficients: Path, plot: Path | None, as_json: bool) -> None:
 
 
 def plot_coefficients(c, path: Path) -> Path:
-    from weightspace.errors import WeightspaceError
+    from weightspace.extras import pyplot
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise WeightspaceError("plots need matplotlib: pip install 'weightspace[plot]'") from None
+    plt = pyplot()
     values = (c.values if c.values.dim() == 2 else c.values.mean(-1)).float().numpy()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(c.blocks) + 2), 0.5 * len(c.tasks) + 2.2))
     lim = float(abs(values).max()) or 1.0

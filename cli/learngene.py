@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import Group, device_option
+from cli.options import Group, check_plot, device_option
 
 
 @click.group(cls=Group)
@@ -111,7 +111,7 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
 @click.option("--denominator", type=click.Choice(["L", "L-1"]), default="L", show_default=True)
 @click.option("--init", type=click.Choice(["random", "fit"]), default="random", show_default=True,
               help="random: the architecture's seeded init; fit: start from a fit of the teacher.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data (default 1).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data (default 10).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps instead of --epochs.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
@@ -175,6 +175,13 @@ def train(teacher: str, data: str, out: Path, mode: str, aux_depth: int, stages:
                f"{r['examples']} examples)")
     click.echo(f"loss {_fmt(r['loss_start'])} -> {_fmt(r['loss_end'])}   distillation {_fmt(r['kd_start'])} -> "
                f"{_fmt(r['kd_end'])}   cross-entropy {_fmt(r['ce_start'])} -> {_fmt(r['ce_end'])}")
+    click.echo(f"accuracy {_fmt(r['acc_start'], '.3f')} -> {_fmt(r['acc_end'], '.3f')} on the training "
+               f"data (chance {_fmt(r['chance'], '.3f')})")
+    if r["at_chance"]:
+        click.echo(f"warning: the auxiliary network is still at chance after {r['steps']} steps "
+                   f"(accuracy {r['acc_end']:.3f}, chance {r['chance']:.3f}), so this gene will not "
+                   f"initialize a working network; train longer (--epochs) or with a larger --lr "
+                   f"(now {r['lr']:g})", err=True)
 
 
 @learngene.command()
@@ -245,6 +252,7 @@ def inspect_cmd(gene: Path, plot: Path | None, as_json: bool) -> None:
     Example (after `wsmerge learngene fit examples/models/base -o runs/base.gene`):
       wsmerge learngene inspect runs/base.gene --json
     """
+    check_plot(plot)
     from merges.learngene import gene_summary, load_gene
 
     g = load_gene(gene)
@@ -307,15 +315,9 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 def plot_gene(g, summary: list[dict], path: Path, title: str = "") -> Path:
     """Fit: residual per layer (one line per tensor) and ||theta_l|| vs ||fit_l|| (normalized per
     tensor). Trained: loss per step and the layer norms of the expansion at the source depth."""
-    from weightspace.errors import WeightspaceError
+    from weightspace.extras import pyplot
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise WeightspaceError("plots need matplotlib: pip install 'weightspace[plot]'") from None
+    plt = pyplot()
     rep = g.meta.get("report") or {}
     L = g.source_depth
     xs = list(range(L))

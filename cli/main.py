@@ -169,6 +169,8 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
             return
         _print_plan(summary, plan)
         return
+    for n in plan.notes:  # e.g. a path found only relative to the working directory
+        click.echo(f"note: {n}", err=True)
     progress = not no_progress and sys.stderr.isatty()
     t0 = time.perf_counter()
     stats = run_plan(plan, out, device=device, shard_size=shard_size, overwrite=overwrite,
@@ -312,7 +314,8 @@ def methods(as_json: bool, name: str | None) -> None:
 
     def pinfo(p) -> dict:
         return {"name": p.name, "type": p.kind.__name__, "default": p.default,
-                "required": p.required and p.default is None, "doc": p.doc}
+                "required": p.required and p.default is None, "range": p.range_text() or None,
+                "doc": p.doc}
 
     data = [
         {"name": m.name, "pretty_name": m.pretty_name, "paper": m.paper, "url": m.reference_url,
@@ -337,8 +340,9 @@ def methods(as_json: bool, name: str | None) -> None:
             for p in d[kind]:
                 where = "global" if kind == "global_parameters" else "per model"
                 req = "required" if p["required"] else f"default {p['default']!r}"
+                allowed = f"; {p['range']}" if p["range"] else ""
                 doc = f"  {p['doc']}" if p["doc"] else ""
-                click.echo(f"    {p['name']:<18} {p['type']:<5} {where:<9} {req}{doc}")
+                click.echo(f"    {p['name']:<18} {p['type']:<5} {where:<9} {req}{allowed}{doc}")
         click.echo("")
 
 

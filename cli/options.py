@@ -77,6 +77,14 @@ device_option = click.option("--device", default="auto", show_default=True, call
                              help=DEVICE_HELP)
 
 
+def check_plot(plot: object) -> None:
+    """Before any work: a --plot needs matplotlib (the plot extra)."""
+    if plot is not None:
+        from weightspace.extras import pyplot
+
+        pyplot()
+
+
 class GreedyOption(click.Option):
     """An option that takes every value up to the next option: `--task-vectors A B C`."""
 

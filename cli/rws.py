@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cli.options import Group
+from cli.options import Group, check_plot
 
 
 @click.group(cls=Group)
@@ -208,6 +208,7 @@ def inspect_cmd(signature: Path, plot: Path | None, as_json: bool) -> None:
     Example (after the `wsmerge rws --help` examples):
       wsmerge rws inspect runs/ft2.rws.safetensors --json
     """
+    check_plot(plot)
     from merges.signatures import layer_summary, load_signature, signature_size_report
 
     sig = load_signature(signature)
@@ -262,15 +263,9 @@ def _print_layers(summary: list[dict]) -> None:
 
 def plot_layers(summary: list[dict], path: Path, title: str = "") -> Path:
     """Two bar charts per layer: relative change (robust, clean) and ||RWS||; kept layers highlighted."""
-    from weightspace.errors import WeightspaceError
+    from weightspace.extras import pyplot
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise WeightspaceError("plots need matplotlib: pip install 'weightspace[plot]'") from None
+    plt = pyplot()
     labels = [u["label"] for u in summary]
     xs = list(range(len(summary)))
     kept = [u["kept"] != "none" for u in summary]

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from cli.options import Group, Interrupted
+from cli.options import Group, Interrupted, check_plot
 
 # catalog columns that are never "config that varies"
 _NOT_CONFIG = {"checkpoints", "betas"}
@@ -73,7 +73,9 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
     if address and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
     text = read_yaml_file(spec, "zoo spec")
-    s = parse_zoo_spec(text, source=str(spec))
+    s = parse_zoo_spec(text, source=str(spec), folder=spec.parent)
+    for n in s.notes:
+        click.echo(f"note: {n}", err=True)
     if dry_run:
         runs = s.runs()
         have = Zoo(out).model_ids if (out / CATALOG).is_file() else set()
@@ -92,7 +94,8 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
                            yes=yes, max_batch=max_batch, progress=progress)
     except KeyboardInterrupt:
         n = len(Zoo(out).model_ids) if (out / CATALOG).is_file() else 0
-        raise Interrupted(f"interrupted: {n} models are saved in {out}; run the same command to resume") from None
+        raise Interrupted(f"interrupted: {n} model{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} saved "
+                          f"in {out}; run the same command to resume") from None
     except SpecError as e:
         raise SpecError(f"{spec}: {e}") from None
     info = {"zoo": str(out), "models": report.total, "trained": report.trained, "skipped": report.skipped,
@@ -216,6 +219,7 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
     Example:
       wsmerge zoo show runs/zoo --all --json
     """
+    check_plot(plot)
     from weightspace.errors import InputError
     from zoo.phases import PhaseRules, phase_grid, plot_phases
     from zoo.store import Zoo
@@ -249,6 +253,54 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
     if plot is not None:
         plot_phases(grid, plot, title=f"{zoo_dir}")
         click.echo(f"phase diagram: {plot}", err=as_json)
+
+
+@zoo.command()
+@click.argument("zoo_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("where", nargs=-1, metavar="[COLUMN=VALUE]...")
+@click.option("--epoch", type=click.IntRange(min=0), default=None,
+              help="That epoch's checkpoint instead of each model's last.")
+@click.option("--one", is_flag=True, help="Exactly one model must match (else exit 1).")
+@click.option("--json", "as_json", is_flag=True, help="The matching catalog rows as JSON.")
+def find(zoo_dir: Path, where: tuple[str, ...], epoch: int | None, one: bool, as_json: bool) -> None:
+    """Print the checkpoint directory of every model whose catalog columns match.
+
+    COLUMN=VALUE pairs name catalog columns (grid axes such as width, batch_size,
+    seed, dataset, or any other column of `zoo show --all --json`); a model
+    matches when every pair does. Use it to name a zoo model without its id,
+    e.g. in a shell: A=$(wsmerge zoo find runs/zoo width=64 seed=0 --one).
+
+    \b
+    Example:
+      wsmerge zoo find runs/zoo width=64 batch_size=8 seed=0 --one
+    """
+    import yaml
+
+    from weightspace.errors import InputError
+    from zoo.store import Zoo
+
+    pairs = {}
+    for item in where:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise click.UsageError(f"{item!r}: give COLUMN=VALUE, e.g. width=64")
+        pairs[key] = yaml.safe_load(value)
+    z = Zoo(zoo_dir)
+    rows = z.find(pairs, epoch=epoch)
+    wanted = " ".join(where) or "(any)"
+    if not rows:
+        raise InputError(f"{zoo_dir}: no {'checkpoint' if epoch is None else f'epoch-{epoch} checkpoint'} "
+                         f"matches {wanted}")
+    if one and len(rows) > 1:
+        raise InputError(f"{zoo_dir}: {len(rows)} models match {wanted} (ids "
+                         f"{', '.join(r['model_id'] for r in rows[:5])}{' ...' if len(rows) > 5 else ''}); "
+                         f"add COLUMN=VALUE pairs until one does")
+    if as_json:
+        click.echo(json.dumps([{**r, "checkpoint": str(z.checkpoint_dir(r))} for r in rows], indent=2,
+                              default=str))
+        return
+    for r in rows:
+        click.echo(z.checkpoint_dir(r))
 
 
 @zoo.command()

@@ -418,7 +418,7 @@ def _parse_only(argv: list[str]) -> str | None:
     """Why an example is parsed but not run here (None: it runs)."""
     if argv[:2] == ["zoo", "build"] and "--dry-run" not in argv:
         return "trains a whole example zoo (48-60 MLPs, 10-25 s on 2 cores); tests/test_zoo.py builds small ones"
-    if argv[:2] in (["zoo", "metrics"], ["zoo", "show"]):
+    if argv[:2] in (["zoo", "metrics"], ["zoo", "show"], ["zoo", "find"]):
         return "needs runs/zoo from the zoo build above"
     if argv[0] == "generate":
         return ("needs runs/zoo-tasks from a zoo build and trains generators (about a minute); "

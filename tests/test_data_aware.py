@@ -86,8 +86,7 @@ def test_open_batches_errors(finetunes, tmp_path):
         open_batches("digitz", adapter)
 
 
-@pytest.mark.requires("hf")  # open_model asks for transformers before it reads config.json
-def test_open_model_errors(tmp_path):
+def test_open_model_errors(tmp_path):  # needs no extra: config.json is read before transformers
     WeightSpace.from_tensors({"w": torch.zeros(2, 2)}).save(tmp_path / "bare")
     with pytest.raises(InputError, match="no config.json, so the architecture is unknown"):
         open_model(tmp_path / "bare")

@@ -69,9 +69,10 @@ def test_require_extra_skips_naming_the_extra(monkeypatch, require_extra):
 
 def test_plot_without_matplotlib_says_which_extra(monkeypatch, run_cli, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    code, _, err = run_cli("inspect", DIGITS_COEFFS, "--plot", tmp_path / "c.png")
+    code, out, err = run_cli("inspect", DIGITS_COEFFS, "--plot", tmp_path / "c.png")
     assert code == 1 and "plots need matplotlib: pip install 'weightspace[plot]'" in err
     assert not (tmp_path / "c.png").exists()
+    assert out == ""  # refused before the table is computed and printed
 
 
 def test_transformers_model_without_transformers_says_which_extra(monkeypatch, run_cli, tiny_models):
@@ -90,3 +91,4 @@ def test_ray_executor_without_ray_says_which_extra(monkeypatch, run_cli, tmp_pat
                     "grid: {width: [4], seed: [0]}\n")
     code, _, err = run_cli("zoo", "build", spec, "-o", tmp_path / "z", "--executor", "ray", "--no-progress")
     assert code == 1 and "--executor ray needs Ray: pip install 'weightspace[ray]'" in err
+    assert not (tmp_path / "z").exists()  # refused before the zoo directory is made

@@ -607,6 +607,17 @@ def test_cli_train_on_a_zoo_teacher(teacher, tmp_path, run_cli):
     assert code == 2 and "add up to 5 layers, but the network has 4" in err
 
 
+def test_cli_train_warns_when_the_gene_stayed_at_chance(teacher, tmp_path, run_cli):
+    code, out, err = run_cli("learngene", "train", "--teacher", teacher, "--data", "digits", "--aux-depth", "4",
+                             "--steps", "1", "--lr", "1e-9", "--n-examples", "256", "-o", tmp_path / "g",
+                             "--no-progress")
+    assert code == 0, err
+    rep = load_gene(tmp_path / "g").meta["report"]
+    assert f"accuracy {rep['acc_start']:.3f} -> {rep['acc_end']:.3f} on the training data" in out
+    assert err.startswith("warning: the auxiliary network is still at chance after 1 steps")
+    assert "train longer (--epochs) or with a larger --lr (now 1e-09)" in err
+
+
 def test_gene_summary_and_a_model_path(tmp_path):
     gene, A, B = _tleg_gene("L", source_depth=4)
     rows = {r["suffix"]: r for r in gene_summary(gene, depth=8)}

@@ -239,3 +239,16 @@ def test_a_zoo_spec_reads_its_init_checkpoint_beside_itself(tmp_path, monkeypatc
     (d / "zoo.yaml").write_text("dataset: digits\ninit: nowhere\n")
     with pytest.raises(SpecError, match=r"zoo\.yaml: init: nowhere: no such checkpoint \(looked for "):
         load_zoo_spec(d / "zoo.yaml")
+
+
+def test_cli_says_once_when_it_uses_the_working_directory(project, tmp_path, run_cli, monkeypatch):
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    (spec_dir / "spec.yaml").write_text(FISHER_SPEC)
+    monkeypatch.chdir(project)
+    code, out, err = run_cli("run", spec_dir / "spec.yaml", tmp_path / "out")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 4 and len(set(notes)) == 4
+    assert any(n.startswith("note: models[1].model (line 5): 'models/ft_b' is not beside the spec")
+               for n in notes)

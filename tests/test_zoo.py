@@ -216,6 +216,27 @@ def small_zoo(tmp_path_factory):
     return root
 
 
+def test_zoo_find_names_models_by_their_columns(small_zoo, run_cli):
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(small_zoo / "catalog.parquet").to_pylist()
+    want = sorted(small_zoo / r["path"] for r in rows if r["final"] and r["width"] == 8)
+    code, out, err = run_cli("zoo", "find", small_zoo, "width=8")
+    assert code == 0, err
+    assert [Path(p) for p in out.split()] == [p.resolve() for p in want] and len(want) == 2
+    seed = next(r["seed"] for r in rows if r["width"] == 8)
+    code, out, _ = run_cli("zoo", "find", small_zoo, "width=8", f"seed={seed}", "--epoch", "1", "--one")
+    assert code == 0 and out.strip().endswith("epoch-0001")
+    code, _, err = run_cli("zoo", "find", small_zoo, "width=8", "--one")
+    assert code == 1 and "2 models match width=8" in err
+    code, _, err = run_cli("zoo", "find", small_zoo, "width=3")
+    assert code == 1 and "no checkpoint matches width=3" in err
+    code, _, err = run_cli("zoo", "find", small_zoo, "widht=8")
+    assert code == 2 and "'widht' is not a column" in err and "Did you mean 'width'?" in err
+    code, _, err = run_cli("zoo", "find", small_zoo, "width")
+    assert code == 2 and "give COLUMN=VALUE" in err
+
+
 def test_catalog_rows_and_checkpoints_reload(small_zoo, task):
     import pyarrow.parquet as pq
 

@@ -31,7 +31,8 @@ from weightspace.binding import (
     HFSequenceClassifierAdapter,
     load_into,
 )
-from weightspace.errors import InputError, SpecError, WeightspaceError
+from weightspace.errors import InputError, SpecError
+from weightspace.extras import require
 from weightspace.sources import load_space
 
 TASKS = ("auto", "classification", "causal-lm")
@@ -64,14 +65,10 @@ def open_model(model: str | Path, *, task: str = "auto", num_labels: int | None 
 
 
 def _open_hf(model: str | Path, cfg: dict, task: str, num_labels: int | None, seed: int) -> Adapter:
-    try:
-        import transformers
-    except ImportError:
-        raise WeightspaceError(f"{model}: a transformers model needs the hf extra: "
-                               f"pip install 'weightspace[hf]'") from None
     if not cfg:
         raise InputError(f"{model}: no config.json, so the architecture is unknown; a zoo checkpoint "
                          f"or a transformers model directory is needed")
+    transformers = require("transformers", "hf", f"{model}: a transformers model needs the hf extra")
     path = _local_dir(model)
     archs = cfg.get("architectures") or []
     if task == "auto":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from weightspace.errors import SpecError
-from zoo.executors import default_workers, map_units
+from zoo.executors import check_executor, default_workers, map_units
 from zoo.spec import LARGE_ZOO, ZooSpec
 from zoo.store import Zoo
 from zoo.train import ModelRun, TrainResult, group_runs, train_batch
@@ -231,6 +231,7 @@ def build_zoo(spec: ZooSpec, out: str | Path, *, spec_text: str | None = None, e
     ids = [r.model_id for r in runs]
     if len(set(ids)) != len(ids):
         raise SpecError("the grid makes the same model twice; check for repeated axis values")
+    check_executor(executor)   # before the zoo directory is created
     t0 = time.perf_counter()
     zoo = Zoo(out, create=True)
     report = BuildReport(total=len(runs), adopted=list(zoo.adopted))

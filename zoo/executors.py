@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from weightspace.errors import SpecError, WeightspaceError
+from weightspace.extras import require
 
 EXECUTORS = ("local", "ray")
 
@@ -63,6 +64,15 @@ def _call_with_report(fn: Callable[..., Any], report: Callable[[Any], None], uni
     return fn(unit, report)
 
 
+def check_executor(executor: str) -> None:
+    """SpecError for an unknown executor, and the missing-extra error for Ray without Ray,
+    before any work starts (or anything is written)."""
+    if executor not in EXECUTORS:
+        raise SpecError(f"--executor: unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        require("ray", "ray", "--executor ray needs Ray")
+
+
 def map_units(fn: Callable[..., Any], units: Sequence[Any], *, executor: str = "local",
               workers: int | None = None, address: str | None = None,
               on_report: Callable[[Any], None] | None = None) -> Iterator[Any]:
@@ -71,8 +81,7 @@ def map_units(fn: Callable[..., Any], units: Sequence[Any], *, executor: str = "
     With `on_report`, `fn` is called as `fn(unit, report)`, and every `report(msg)` it makes
     reaches `on_report(msg)` in this process while the unit is still running (local executor).
     """
-    if executor not in EXECUTORS:
-        raise SpecError(f"--executor: unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    check_executor(executor)
     if not units:
         return
     workers = workers or default_workers()
@@ -131,10 +140,7 @@ def _map_local(fn: Callable[..., Any], units: Sequence[Any], workers: int,
 
 def _map_ray(fn: Callable[..., Any], units: Sequence[Any], workers: int, address: str | None,
              with_report: bool = False) -> Iterator[Any]:
-    try:
-        import ray
-    except ImportError:
-        raise WeightspaceError("--executor ray needs Ray: pip install 'weightspace[ray]'") from None
+    ray = require("ray", "ray", "--executor ray needs Ray")
     started = not ray.is_initialized()
     if started:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,

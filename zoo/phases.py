@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from weightspace.errors import InputError, WeightspaceError
+from weightspace.errors import InputError
+from weightspace.extras import pyplot
 
 PANELS = (
     ("test_acc", "test accuracy", False),
@@ -95,13 +96,7 @@ def phase_grid(rows: Sequence[Mapping[str, Any]], x: str = "batch_size", y: str 
 
 def plot_phases(grid: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
     """Heat maps of the metrics over (y, x) plus the phase labels; saved as an image."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise WeightspaceError("plots need matplotlib: pip install 'weightspace[plot]'") from None
+    plt = pyplot()
     import numpy as np
 
     xs, ys, cells = grid["xs"], grid["ys"], grid["cells"]

@@ -125,11 +125,29 @@ class ZooSpec(BaseModel):
         return out
 
 
-def parse_zoo_spec(text: str, source: str = "<zoo spec>") -> ZooSpec:
+def parse_zoo_spec(text: str, source: str = "<zoo spec>", folder: str | Path | None = None) -> ZooSpec:
+    """Validate a zoo spec. An `init` checkpoint path (top level or a grid axis) is read against
+    `folder`, the spec file's own folder (see weightspace.sources.locate), so a spec means the
+    same from any working directory; without a folder, against the working directory."""
     spec = parse_yaml_model(text, source, ZooSpec, what="zoo spec",
                             hint="a zoo spec must be a YAML mapping (dataset, arch, train, grid)",
                             fields_at=lambda loc: list(ZooSpec.model_fields) if not loc else [])
+
+    def resolve(ref: str, where: str) -> str:
+        found = locate(ref, folder)
+        if found.path is None:
+            raise SpecError(f"{where}: {ref}: no such checkpoint (looked for "
+                            f"{' or '.join(map(str, found.looked))})")
+        if found.note:
+            spec.notes.append(f"{source}: {where}: {found.note}")
+        return str(found.path.resolve())
+
     try:
+        if spec.init is not None:
+            spec.init = resolve(spec.init, "init")
+        if "init" in spec.grid:
+            spec.grid["init"] = [resolve(v, f"grid.init[{i}]") if isinstance(v, str) else v
+                                 for i, v in enumerate(spec.grid["init"])]
         runs = spec.runs()
         for ref in sorted({r.dataset for r in runs}):
             load_task(ref)
@@ -139,23 +157,5 @@ def parse_zoo_spec(text: str, source: str = "<zoo spec>") -> ZooSpec:
 
 
 def load_zoo_spec(path: str | Path) -> ZooSpec:
-    """Read a zoo spec file; an `init` checkpoint path is read against the spec's own folder
-    (see weightspace.sources.locate), so the spec means the same from any working directory."""
-    spec = parse_zoo_spec(read_yaml_file(path, "zoo spec"), source=str(path))
-    folder = Path(path).parent
-
-    def resolve(ref: str, where: str) -> str:
-        found = locate(ref, folder)
-        if found.path is None:
-            raise SpecError(f"{path}: {where}: {ref}: no such checkpoint (looked for "
-                            f"{' or '.join(map(str, found.looked))})")
-        if found.note:
-            spec.notes.append(f"{path}: {where}: {found.note}")
-        return str(found.path.resolve())
-
-    if spec.init is not None:
-        spec.init = resolve(spec.init, "init")
-    if "init" in spec.grid:
-        spec.grid["init"] = [resolve(v, f"grid.init[{i}]") if isinstance(v, str) else v
-                             for i, v in enumerate(spec.grid["init"])]
-    return spec
+    """Read and validate a zoo spec file (paths in it are read against its folder)."""
+    return parse_zoo_spec(read_yaml_file(path, "zoo spec"), source=str(path), folder=Path(path).parent)

@@ -27,8 +27,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from weightspace.errors import InputError
+from weightspace.errors import InputError, SpecError
 from weightspace.files import atomic_file
+from weightspace.methods import suggest
 
 CATALOG = "catalog.parquet"
 MODELS = "models"
@@ -188,6 +189,25 @@ class Zoo:
 
     def final_rows(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r.get("final")]
+
+    def find(self, where: Mapping[str, Any], epoch: int | None = None) -> list[dict[str, Any]]:
+        """Rows whose catalog columns equal `where` ({"width": 64, "seed": 0}), each model's
+        final checkpoint unless `epoch` is given; in model id order.
+
+            Zoo("runs/zoo").find({"width": 64, "batch_size": 8, "seed": 0})
+        """
+        columns = sorted({k for r in self.rows for k in r})
+        for k in where:
+            if k not in columns:
+                raise SpecError(f"{k!r} is not a column of {self.catalog_path}.{suggest(k, columns)} "
+                                f"Columns: {', '.join(columns)}")
+
+        def same(have: Any, want: Any) -> bool:
+            return have == want or str(have) == str(want)
+
+        rows = self.final_rows() if epoch is None else [r for r in self.rows if r["epoch"] == epoch]
+        hits = [r for r in rows if all(same(r.get(k), v) for k, v in where.items())]
+        return sorted(hits, key=lambda r: (r["model_id"], r["epoch"]))
 
     def load(self, row: Mapping[str, Any]):
         """The checkpoint of a row as a WeightSpace (config in meta)."""
