@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-
-from zoo.data import load_task
-from zoo.train import ModelRun, TrainConfig, group_runs, train_batch
+from weightspace.zoo.data import load_task
+from weightspace.zoo.train import ModelRun, TrainConfig, group_runs, train_batch
 
 ARCHS = {
     "mlp w32": {"arch": "mlp", "width": 32, "depth": 2},

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from cli.options import Command
+from weightspace.cli.options import Command
 
 
 @click.command(cls=Command)
@@ -33,7 +32,8 @@ def align(a: str, b: str, out: Path, arch: str | None, max_iter: int, seed: int,
     Example (from the repository root):
       wsmerge align examples/digits/ft0 examples/digits/ft1 -o runs/ft1-aligned
     """
-    from merges.rebasin import align as align_spaces
+    from weightspace.merges.rebasin import align as align_spaces
+
     from weightspace.sink import check_output, save_space
     from weightspace.sources import load_space
 

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 import click
-
-from cli.options import GreedyOption, Group
+from weightspace.cli.options import GreedyOption, Group
 
 
 @click.group(cls=Group)
@@ -95,7 +94,7 @@ def train(zoo_dir: Path, out: Path, method: str, subset: str | None, tasks: tupl
       wsmerge generate train runs/zoo-tasks -o runs/gen-all --epochs 500,1000
       wsmerge generate train runs/zoo-tasks -o runs/gen-flips --tasks digits:flip=h --tasks digits:flip=v
     """
-    from zoo.gen.generator import train_generator
+    from weightspace.zoo.gen.generator import train_generator
 
     values = _int_list(epochs, "--epochs")
     if len(values) > 2 or 0 in values:
@@ -143,7 +142,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def _ranges(values: list[int]) -> str:
-    from zoo.gen.generator import _ranges as ranges
+    from weightspace.zoo.gen.generator import _ranges as ranges
 
     return ranges(values)
 
@@ -176,7 +175,7 @@ def sample(gen_dir: Path, data: str, n: int, out: Path, seed: int, steps: int | 
       wsmerge generate sample runs/gen --data digits -n 20 -o runs/samples-digits
       wsmerge generate sample runs/gen --data digits:rotate=180 -n 20 -o runs/samples-rot180 --seed 1
     """
-    from zoo.gen.generator import sample as sample_models
+    from weightspace.zoo.gen.generator import sample as sample_models
 
     t0 = time.perf_counter()
     paths = sample_models(gen_dir, data, n, out, seed=seed, steps=steps, eta=eta, overwrite=overwrite,
@@ -213,7 +212,7 @@ def eval_(samples: Path, data: str, zoo_dir: Path | None, epochs: str, seed: int
     Example (after the `wsmerge generate --help` examples):
       wsmerge generate eval runs/samples --data digits:rotate=90 --epochs 0,1,5
     """
-    from zoo.gen.evaluate import evaluate_samples
+    from weightspace.zoo.gen.evaluate import evaluate_samples
 
     ks = _int_list(epochs, "--epochs")
     report = evaluate_samples(samples, data, zoo_dir=zoo_dir, finetune_epochs=ks, seed=seed,

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from cli.options import Command
+from weightspace.cli.options import Command
 
 
 @click.command(cls=Command)

@@ -10,8 +10,7 @@ import warnings
 from pathlib import Path
 
 import click
-
-from cli.options import Group, check_plot, device_option
+from weightspace.cli.options import Group, check_plot, device_option
 
 
 @click.group(cls=Group)
@@ -39,7 +38,7 @@ def learngene() -> None:
 
 
 def _stages(text: str | None):
-    from merges.learngene import parse_stages
+    from weightspace.merges.learngene import parse_stages
 
     return parse_stages(text)
 
@@ -78,7 +77,8 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
       wsmerge learngene fit examples/models/base -o runs/base.gene
       wsmerge learngene fit examples/models/base -o runs/base-sws.gene --mode sws --stages 1,2,1
     """
-    from merges.learngene import fit_gene, save_gene
+    from weightspace.merges.learngene import fit_gene, save_gene
+
     from weightspace.sources import load_space
 
     _check_out(out, overwrite)
@@ -144,18 +144,19 @@ def train(teacher: str, data: str, out: Path, mode: str, aux_depth: int, stages:
           --mode sws --aux-depth 3 --epochs 1 -o runs/digits-sws.gene
       wsmerge learngene expand runs/digits-sws.gene --depth 6 -o runs/digits-x6
     """
-    from merges.learngene import save_gene, train_gene
+    from weightspace.merges.learngene import save_gene, train_gene
+    from weightspace.zoo.arch import build_model
+    from weightspace.zoo.bind import open_batches, open_model
+
     from weightspace.errors import SpecError
     from weightspace.sources import load_space
-    from zoo.arch import build_model
-    from zoo.bind import open_batches, open_model
 
     _check_out(out, overwrite)
     cfg = load_space(teacher).meta.get("config") or {}
     if cfg.get("model_type") != "weightspace-zoo":
         raise SpecError(f"--teacher {teacher}: `learngene train` takes a zoo checkpoint (config.json with "
                         f"model_type weightspace-zoo); for transformers models call "
-                        f"merges.learngene.train_gene with a student_factory, or use `learngene fit`")
+                        f"weightspace.merges.learngene.train_gene with a student_factory, or use `learngene fit`")
     adapter = open_model(teacher)
     arch, shape, classes = dict(cfg["arch"]), tuple(cfg["input_shape"]), int(cfg["num_classes"])
 
@@ -215,8 +216,12 @@ def expand(gene: Path, depth: int, out: Path, stages: str | None, like: str | No
       wsmerge learngene expand runs/base-sws.gene --depth 7 --stages 2,3,2 -o runs/base-sws-x7
     """
     import torch
-
-    from merges.learngene import check_compatible, expansion_stages, load_gene, save_expanded
+    from weightspace.merges.learngene import (
+        check_compatible,
+        expansion_stages,
+        load_gene,
+        save_expanded,
+    )
 
     _check_out(out, overwrite)
     g = load_gene(gene)
@@ -253,7 +258,7 @@ def inspect_cmd(gene: Path, plot: Path | None, as_json: bool) -> None:
       wsmerge learngene inspect runs/base.gene --json
     """
     check_plot(plot)
-    from merges.learngene import gene_summary, load_gene
+    from weightspace.merges.learngene import gene_summary, load_gene
 
     g = load_gene(gene)
     summary = gene_summary(g)

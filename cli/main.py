@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import click
+from weightspace.cli.options import DEBUG_ENV, Group, Interrupted, device_option
 
-from cli.options import DEBUG_ENV, Group, Interrupted, device_option
 from weightspace.errors import WeightspaceError
 
 
@@ -140,7 +140,7 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
     s = load_spec(spec)
     searched = None
     if search is not None:
-        from zoo.search import parse_search, search_merge, with_value
+        from weightspace.zoo.search import parse_search, search_merge, with_value
 
         if dry_run:
             raise click.UsageError("--search merges every candidate; it cannot be combined with --dry-run")
@@ -251,10 +251,10 @@ def inspect(model: str, other: str | None, as_json: bool, top: int, plot: Path |
     from weightspace.sources import load_space
 
     if model.endswith(".safetensors") and Path(model).is_file():
-        from merges.atlas import is_coefficients_file
+        from weightspace.merges.atlas import is_coefficients_file
 
         if is_coefficients_file(model):            # aTLAS coefficients: a table and a heat map
-            from cli.atlas import show
+            from weightspace.cli.atlas import show
 
             click.get_current_context().invoke(show, coefficients=Path(model), plot=plot, as_json=as_json)
             return
@@ -364,34 +364,34 @@ def demo(out: Path, device: str, overwrite: bool) -> None:
       wsmerge demo
       wsmerge demo runs/demo --device cpu
     """
-    from cli.demo import run_demo
+    from weightspace.cli.demo import run_demo
 
     run_demo(out, device=device, overwrite=overwrite, echo=click.echo)
 
 
-from cli.align import align  # noqa: E402
+from weightspace.cli.align import align  # noqa: E402
 
 wsmerge.add_command(align)
-from cli.zoo import zoo  # noqa: E402
+from weightspace.cli.zoo import zoo  # noqa: E402
 
 wsmerge.add_command(zoo)
-from cli.stats import fisher, gram  # noqa: E402
+from weightspace.cli.stats import fisher, gram  # noqa: E402
 
 wsmerge.add_command(fisher)
 wsmerge.add_command(gram)
-from cli.atlas import atlas  # noqa: E402
+from weightspace.cli.atlas import atlas  # noqa: E402
 
 wsmerge.add_command(atlas)
-from cli.rws import rws  # noqa: E402
+from weightspace.cli.rws import rws  # noqa: E402
 
 wsmerge.add_command(rws)
-from cli.learngene import learngene  # noqa: E402
+from weightspace.cli.learngene import learngene  # noqa: E402
 
 wsmerge.add_command(learngene)
-from cli.generate import generate  # noqa: E402
+from weightspace.cli.generate import generate  # noqa: E402
 
 wsmerge.add_command(generate)
-from cli.hub import upload  # noqa: E402
+from weightspace.cli.hub import upload  # noqa: E402
 
 wsmerge.add_command(upload)
 

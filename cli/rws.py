@@ -8,8 +8,7 @@ import warnings
 from pathlib import Path
 
 import click
-
-from cli.options import Group, check_plot
+from weightspace.cli.options import Group, check_plot
 
 
 @click.group(cls=Group)
@@ -67,12 +66,13 @@ def extract(pretrained: str, clean: str, robust: str, out: Path, layers: str, sh
           --robust examples/digits/ft1 -o runs/ft1-first2.rws.safetensors \\
           --layers first:2 --bits 4 --scheme log --per-row
     """
-    from merges.signatures import (
+    from weightspace.merges.signatures import (
         extract_signature,
         layer_summary,
         save_signature,
         signature_size_report,
     )
+
     from weightspace.errors import InputError, SpecError
     from weightspace.sources import load_space
 
@@ -120,7 +120,8 @@ def _parse_sig_args(args: tuple[str, ...]) -> list[tuple[str, float]]:
 
 def _write(model: str, sigs: tuple[str, ...], out: Path, overwrite: bool, *, undo: bool,
            force: bool = False) -> None:
-    from merges.signatures import RECORD_KEY, patch, save_patched, unpatch
+    from weightspace.merges.signatures import RECORD_KEY, patch, save_patched, unpatch
+
     from weightspace.sink import check_output
     from weightspace.sources import load_space
 
@@ -209,7 +210,7 @@ def inspect_cmd(signature: Path, plot: Path | None, as_json: bool) -> None:
       wsmerge rws inspect runs/ft2.rws.safetensors --json
     """
     check_plot(plot)
-    from merges.signatures import layer_summary, load_signature, signature_size_report
+    from weightspace.merges.signatures import layer_summary, load_signature, signature_size_report
 
     sig = load_signature(signature)
     meta = sig.meta
@@ -239,7 +240,7 @@ def inspect_cmd(signature: Path, plot: Path | None, as_json: bool) -> None:
 
 
 def _human(n: float) -> str:
-    from cli.main import _human as human
+    from weightspace.cli.main import _human as human
 
     return human(n)
 

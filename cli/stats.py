@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 import click
-
-from cli.options import Command
+from weightspace.cli.options import Command
 
 _COMMON = [
     click.argument("model"),
@@ -42,7 +41,7 @@ def _common(fn):
 
 def _open(model: str, data: str, split: str, n_examples: int, batch_size: int, task: str,
           num_labels: int | None, max_length: int, seed: int):
-    from zoo.bind import open_batches, open_model
+    from weightspace.zoo.bind import open_batches, open_model
 
     adapter = open_model(model, task=task, num_labels=num_labels, seed=seed)
     tok = model if Path(model).is_dir() else None
@@ -86,7 +85,7 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
       wsmerge fisher examples/digits/ft1 --data digits:classes=4-6 --estimator empirical \\
           --n-examples 512 -o runs/ft1.fisher.safetensors
     """
-    from merges.fisher import fisher_diagonal, save_fisher
+    from weightspace.merges.fisher import fisher_diagonal, save_fisher
 
     _check_out(out, overwrite)
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed)
@@ -115,7 +114,7 @@ def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_si
     Example (from the repository root):
       wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.gram.safetensors
     """
-    from merges.regmean import gram_matrices, save_gram
+    from weightspace.merges.regmean import gram_matrices, save_gram
 
     _check_out(out, overwrite)
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed)

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from cli.options import Group, Interrupted, check_plot
+from weightspace.cli.options import Group, Interrupted, check_plot
 
 # catalog columns that are never "config that varies"
 _NOT_CONFIG = {"checkpoints", "betas"}
@@ -64,11 +63,12 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
     Example:
       wsmerge zoo build examples/zoo/digits-tasks.yaml -o runs/zoo-tasks --workers 2
     """
+    from weightspace.zoo.build import build_zoo
+    from weightspace.zoo.spec import LARGE_ZOO, parse_zoo_spec
+    from weightspace.zoo.store import CATALOG, Zoo
+
     from weightspace.errors import SpecError
     from weightspace.spec import read_yaml_file
-    from zoo.build import build_zoo
-    from zoo.spec import LARGE_ZOO, parse_zoo_spec
-    from zoo.store import CATALOG, Zoo
 
     if address and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
@@ -139,7 +139,7 @@ def metrics(zoo_dir: Path, checkpoints: str | None, executor: str, workers: int 
     Example:
       wsmerge zoo metrics runs/zoo --checkpoints all --no-pairs
     """
-    from zoo.survey import compute_metrics
+    from weightspace.zoo.survey import compute_metrics
 
     progress = not no_progress and sys.stderr.isatty()
     try:
@@ -155,9 +155,10 @@ def metrics(zoo_dir: Path, checkpoints: str | None, executor: str, workers: int 
 
 def _with_metrics(zoo_dir: Path) -> int:
     """Checkpoints whose landscape metrics are in the catalog (0 if it cannot be read)."""
+    from weightspace.zoo.store import Zoo
+    from weightspace.zoo.survey import DONE_COLUMN
+
     from weightspace.errors import WeightspaceError
-    from zoo.store import Zoo
-    from zoo.survey import DONE_COLUMN
 
     try:
         return sum(r.get(DONE_COLUMN) is not None for r in Zoo(zoo_dir).rows)
@@ -167,8 +168,8 @@ def _with_metrics(zoo_dir: Path) -> int:
 
 def varying_columns(rows: list[dict[str, Any]]) -> list[str]:
     """Config columns whose value differs between rows (the zoo's grid axes)."""
-    from zoo.arch import ARCHITECTURES
-    from zoo.train import TrainConfig
+    from weightspace.zoo.arch import ARCHITECTURES
+    from weightspace.zoo.train import TrainConfig
 
     config = {"dataset", "arch", "seed", *TrainConfig.model_fields,
               *(k for knobs in ARCHITECTURES.values() for k in knobs)}
@@ -220,9 +221,10 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
       wsmerge zoo show runs/zoo --all --json
     """
     check_plot(plot)
+    from weightspace.zoo.phases import PhaseRules, phase_grid, plot_phases
+    from weightspace.zoo.store import Zoo
+
     from weightspace.errors import InputError
-    from zoo.phases import PhaseRules, phase_grid, plot_phases
-    from zoo.store import Zoo
 
     z = Zoo(zoo_dir)
     z.check_weights()
@@ -275,9 +277,9 @@ def find(zoo_dir: Path, where: tuple[str, ...], epoch: int | None, one: bool, as
       wsmerge zoo find runs/zoo width=64 batch_size=8 seed=0 --one
     """
     import yaml
+    from weightspace.zoo.store import Zoo
 
     from weightspace.errors import InputError
-    from zoo.store import Zoo
 
     pairs = {}
     for item in where:
@@ -311,7 +313,7 @@ def datasets() -> None:
     Example:
       wsmerge zoo datasets
     """
-    from zoo import data
+    from weightspace.zoo import data
 
     describe = getattr(data, "describe", None)
     rows = describe() if describe is not None else [(n, "base", "") for n in data.BASES]

@@ -30,9 +30,9 @@ SHOTS = (1, 2, 4, 8, 16)
 
 def prepare(work: Path, seed: int, *, base_epochs: int = 5, base_fraction: float = 0.3,
             ft_epochs: int = 5) -> tuple[Path, list[Path]]:
-    from zoo.build import checkpoint_config
-    from zoo.data import load_task
-    from zoo.train import ModelRun, TrainConfig, train
+    from weightspace.zoo.build import checkpoint_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.train import ModelRun, TrainConfig, train
 
     work.mkdir(parents=True, exist_ok=True)
     digits = load_task("digits")
@@ -60,13 +60,14 @@ def atlas_digits(workdir: str | Path, seed: int = 0, *, steps: int = 300,
                  ties_lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0), atlas_lr: float = 0.05,
                  tta_lr: float = 1e-3, threshold: float = 0.6,
                  shots: tuple[int, ...] = SHOTS) -> dict[str, Any]:
-    from merges.atlas import few_shot, learn_coefficients, save_coefficients
+    from weightspace.merges.atlas import few_shot, learn_coefficients, save_coefficients
+    from weightspace.zoo.bind import open_batches, open_model
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.search import accuracy, search_merge, with_value
+
     from weightspace.merge import plan_merge, run_plan
     from weightspace.sources import load_space
     from weightspace.spec import parse_spec
-    from zoo.bind import open_batches, open_model
-    from zoo.data import load_task
-    from zoo.search import accuracy, search_merge, with_value
 
     work = Path(workdir)
     base, fts = prepare(work, seed)

@@ -25,10 +25,10 @@ HELD_OUT = ("digits:flip=h", "digits:flip=v")
 
 def generate_digits(workdir: str | Path, *, n: int = 10, seed: int = 0, methods: tuple[str, ...] = ("d2nwg", "kde"),
                     tasks: tuple[str, ...] = SEEN + HELD_OUT, **train_kw: Any) -> dict[str, Any]:
-    from zoo.build import build_zoo
-    from zoo.gen.evaluate import evaluate_samples
-    from zoo.gen.generator import sample, train_generator
-    from zoo.spec import load_zoo_spec
+    from weightspace.zoo.build import build_zoo
+    from weightspace.zoo.gen.evaluate import evaluate_samples
+    from weightspace.zoo.gen.generator import sample, train_generator
+    from weightspace.zoo.spec import load_zoo_spec
 
     work = Path(workdir)
     zoo_dir = work / "zoo"

@@ -31,13 +31,14 @@ def _arch(depth: int) -> dict:
 
 def learngene_digits(workdir: str | Path, seed: int = 0, *, teacher_epochs: int = 15, gene_epochs: int = 5,
                      epochs: int = 3, depths: tuple[int, ...] = DEPTHS) -> dict[str, Any]:
-    from merges.learngene import fit_gene, save_expanded, save_gene, train_gene
+    from weightspace.merges.learngene import fit_gene, save_expanded, save_gene, train_gene
+    from weightspace.zoo.arch import build_model
+    from weightspace.zoo.bind import open_batches, open_model
+    from weightspace.zoo.build import checkpoint_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.train import ModelRun, TrainConfig, train
+
     from weightspace.sources import load_space
-    from zoo.arch import build_model
-    from zoo.bind import open_batches, open_model
-    from zoo.build import checkpoint_config
-    from zoo.data import load_task
-    from zoo.train import ModelRun, TrainConfig, train
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from zoo.tiny import write_tiny_llama
+from weightspace.zoo.tiny import write_tiny_llama
 
 HERE = Path(__file__).parent / "models"
 

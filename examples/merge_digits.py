@@ -39,12 +39,12 @@ def prepare_models(workdir: str | Path, seed: int = 0, *, base_epochs: int = 5, 
                    ft_epochs: int = 5, n_examples: int = 512,
                    estimators: tuple[str, ...] = ("exact", "sampled", "empirical")) -> tuple[Path, list[Path]]:
     """Train the base and one fine-tune per task; write each fine-tune's Fisher files and Gram file."""
-    from merges.fisher import fisher_diagonal, save_fisher
-    from merges.regmean import gram_matrices, save_gram
-    from zoo.bind import open_batches, open_model
-    from zoo.build import checkpoint_config
-    from zoo.data import load_task
-    from zoo.train import ModelRun, TrainConfig, train
+    from weightspace.merges.fisher import fisher_diagonal, save_fisher
+    from weightspace.merges.regmean import gram_matrices, save_gram
+    from weightspace.zoo.bind import open_batches, open_model
+    from weightspace.zoo.build import checkpoint_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.train import ModelRun, TrainConfig, train
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -82,9 +82,10 @@ def digits_task_merge(workdir: str | Path, seed: int = 0, *, base_epochs: int = 
                       base_fraction: float = 0.3, ft_epochs: int = 5, n_examples: int = 512,
                       lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)) -> dict[str, Any]:
     """Train, merge, evaluate; returns {"rows": [{method, per-task acc, joint acc}], ...}."""
+    from weightspace.zoo.search import accuracy, search_merge, with_value
+
     from weightspace.merge import plan_merge, run_plan
     from weightspace.spec import parse_spec
-    from zoo.search import accuracy, search_merge, with_value
 
     work = Path(workdir)
     base, fts = prepare_models(work, seed, base_epochs=base_epochs, base_fraction=base_fraction,

@@ -29,9 +29,9 @@ BITS = (None, 8, 4, 3, 2)
 
 
 def _train(work: Path, name: str, dataset: str, seed: int, epochs: int, init: Path | None, lr: float) -> Path:
-    from zoo.build import checkpoint_config
-    from zoo.data import load_task
-    from zoo.train import ModelRun, TrainConfig, train
+    from weightspace.zoo.build import checkpoint_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.train import ModelRun, TrainConfig, train
 
     task = load_task(dataset)
     run = ModelRun(dataset=dataset, arch=ARCH, seed=seed, init=str(init) if init else None,
@@ -45,9 +45,10 @@ def _train(work: Path, name: str, dataset: str, seed: int, epochs: int, init: Pa
 
 def rws_digits(workdir: str | Path, seed: int = 0, *, alphas: tuple[float, ...] = ALPHAS,
                bits: tuple[int | None, ...] = BITS, layers: str = "auto", share: float = 0.5) -> dict[str, Any]:
-    from merges.signatures import extract_signature, patch, save_signature
+    from weightspace.merges.signatures import extract_signature, patch, save_signature
+    from weightspace.zoo.bind import open_batches, open_model
+
     from weightspace.sources import load_space
-    from zoo.bind import open_batches, open_model
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Built-in merge methods. Importing this package registers each of them
 (it is the `weightspace.methods` entry point)."""
 
-from merges import (  # noqa: F401  (imported for their @register side effect)
+from weightspace.merges import (  # noqa: F401  (imported for their @register side effect)
     atlas,
     breadcrumbs,
     dare,

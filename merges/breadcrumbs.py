@@ -13,7 +13,14 @@ with Sparse Masks" (arXiv:2312.06795).
 
 from __future__ import annotations
 
-from merges.generalized_ta import DENSITY, GAMMA, WEIGHT, TaskVectorMerge, task_vector_params
+from weightspace.merges.generalized_ta import (
+    DENSITY,
+    GAMMA,
+    WEIGHT,
+    TaskVectorMerge,
+    task_vector_params,
+)
+
 from weightspace.methods import register
 
 _PAPER = (

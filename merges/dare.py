@@ -14,7 +14,8 @@ Homologous Models as a Free Lunch" (arXiv:2311.03099).
 
 from __future__ import annotations
 
-from merges.generalized_ta import DENSITY, WEIGHT, TaskVectorMerge, task_vector_params
+from weightspace.merges.generalized_ta import DENSITY, WEIGHT, TaskVectorMerge, task_vector_params
+
 from weightspace.methods import register
 
 _PAPER = (

@@ -15,7 +15,14 @@ Magnitude-Based Sampling" (arXiv:2406.11617).
 
 from __future__ import annotations
 
-from merges.generalized_ta import DENSITY, EPSILON, WEIGHT, TaskVectorMerge, task_vector_params
+from weightspace.merges.generalized_ta import (
+    DENSITY,
+    EPSILON,
+    WEIGHT,
+    TaskVectorMerge,
+    task_vector_params,
+)
+
 from weightspace.methods import register
 
 _PAPER = (

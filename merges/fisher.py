@@ -414,7 +414,7 @@ class Fisher(MergeMethod):
         Param("fisher", required=True, kind=str, doc="path to this model's Fisher diagonal "
               "(a safetensors file with the model's tensor names; see fisher_diagonal)"),
         Param("fisher_norm", default=None, gt=0.0, doc="the norm normalize_fishers divides by; computed "
-              "from the file when absent (merges.fisher.fisher_norms)"),
+              "from the file when absent (weightspace.merges.fisher.fisher_norms)"),
     )
 
     def check_params(self, params: TensorParams, where: list[str]) -> None:
@@ -485,7 +485,7 @@ class Fisher(MergeMethod):
                     f"normalize_fishers: Fisher file {pm['fisher']!r} (model {i}) is not found from "
                     f"the working directory {os.getcwd()}, so its norm cannot be computed; give an "
                     f"absolute path, or set fisher_norm in that model's parameters "
-                    f"(python -c 'from merges.fisher import fisher_norms; print(fisher_norms([...]))')")
+                    f"(python -c 'from weightspace.merges.fisher import fisher_norms; print(fisher_norms([...]))')")
             norm = fisher_norms([path])[0]
             if norm == 0:
                 raise InputError(f"normalize_fishers: Fisher file {pm['fisher']!r} (model {i}) is zero "

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from weightspace.merges._sparsify import Consensus, Sparsification, kth_and_count_above, sparsify
 
-from merges._sparsify import Consensus, Sparsification, kth_and_count_above, sparsify
 from weightspace.errors import SpecError
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
 

@@ -15,7 +15,7 @@ interpolates between networks whose units correspond.
 A `PermutationSpec` says which permutation acts on which axis of each
 tensor, as in the paper's code. It is derived from the tensor names (depth
 from `weightspace.structure`) and checked against the shapes, for the zoo's
-`mlp`, `cnn` and `resmlp` (`zoo.arch`). Everything here holds whole models
+`mlp`, `cnn` and `resmlp` (`weightspace.zoo.arch`). Everything here holds whole models
 in memory: it is for zoo-sized networks, not for streaming large ones.
 """
 

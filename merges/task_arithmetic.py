@@ -12,7 +12,8 @@ Ilharco et al. 2023, "Editing Models with Task Arithmetic" (arXiv:2212.04089).
 
 from __future__ import annotations
 
-from merges.generalized_ta import DENSITY, WEIGHT, TaskVectorMerge, task_vector_params
+from weightspace.merges.generalized_ta import DENSITY, WEIGHT, TaskVectorMerge, task_vector_params
+
 from weightspace.methods import register
 
 

@@ -58,7 +58,7 @@ def _hide_extras_from_env() -> None:
 
 _hide_extras_from_env()  # before anything below imports the libraries (and they their extras)
 
-from zoo.tiny import write_tiny_llama  # noqa: E402
+from weightspace.zoo.tiny import write_tiny_llama  # noqa: E402
 
 
 def _installed(module: str) -> bool:
@@ -135,12 +135,12 @@ def tiny_models(tmp_path: Path) -> TinyModels:
 
 
 def run_cli(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
-    """Run `wsmerge ARGS` in this process through `cli.main.main`: (exit code, stdout, stderr).
+    """Run `wsmerge ARGS` in this process through `weightspace.cli.main.main`: (exit code, stdout, stderr).
 
     `env` sets (or, with None, removes) environment variables for the call only.
     WSMERGE_DEBUG and the SIGTERM handler, which `main` changes, are restored after.
     """
-    from cli.main import main
+    from weightspace.cli.main import main
 
     saved_env = {k: os.environ.get(k) for k in {"WSMERGE_DEBUG", *(env or {})}}
     saved_term = signal.getsignal(signal.SIGTERM)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import weightspace.merges.atlas as atlas
 from torch import nn
-
-import merges.atlas as atlas
-from merges.atlas import (
+from weightspace.merges.atlas import (
     Coefficients,
     apply_coefficients,
     entropy_loss,
@@ -25,6 +24,7 @@ from merges.atlas import (
     save_coefficients,
     supervised_loss,
 )
+
 from weightspace.binding import ClassifierAdapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
@@ -367,10 +367,10 @@ def test_errors():
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from zoo.bind import open_batches, open_model
-    from zoo.build import checkpoint_config
-    from zoo.data import load_task
-    from zoo.train import ModelRun, TrainConfig, train
+    from weightspace.zoo.bind import open_batches, open_model
+    from weightspace.zoo.build import checkpoint_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.train import ModelRun, TrainConfig, train
 
     root = tmp_path_factory.mktemp("atlas-digits")
     arch = {"arch": "mlp", "width": 32, "depth": 1}

@@ -109,7 +109,7 @@ def test_merged_llama_loads_with_transformers(tmp_path, run_cli):
 
 def _fake_hub_cache(root: Path, repo: str, seed: int, delta_seed: int | None = None) -> None:
     """A Hugging Face cache entry as huggingface_hub lays it out (refs/ + snapshots/)."""
-    from zoo.tiny import write_tiny_llama
+    from weightspace.zoo.tiny import write_tiny_llama
 
     folder = root / f"models--{repo.replace('/', '--')}"
     commit = (f"{seed:02d}{delta_seed or 0:02d}" * 10)[:40]
@@ -159,8 +159,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, run_cli):
 def test_greedy_option_takes_a_list_or_repeats():
     import click
     from click.testing import CliRunner
-
-    from cli.options import GreedyOption
+    from weightspace.cli.options import GreedyOption
 
     @click.command()
     @click.option("--tasks", cls=GreedyOption, multiple=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 import pytest
 import torch
+from weightspace.cli.main import wsmerge
 
-from cli.main import wsmerge
 from weightspace import load_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,13 +74,13 @@ def _interrupt_on_call(monkeypatch, module, name: str, at: int = 1):
 
 
 def test_interrupted_zoo_build_exits_130_and_resumes(tmp_path, run_cli, monkeypatch):
-    import zoo.build
+    from weightspace.zoo import build as zoo_build
 
     spec = tmp_path / "zoo.yaml"
     spec.write_text(ZOO_SPEC)
     root = tmp_path / "z"
     # two batches (one per width) trained in this process; Ctrl-C while the second one trains
-    calls = _interrupt_on_call(monkeypatch, zoo.build, "train_unit", at=2)
+    calls = _interrupt_on_call(monkeypatch, zoo_build, "train_unit", at=2)
     code, _, err = run_cli("zoo", "build", spec, "-o", root, "--workers", "1", "--no-progress")
     assert len(calls) == 2
     assert code == 130
@@ -93,13 +93,13 @@ def test_interrupted_zoo_build_exits_130_and_resumes(tmp_path, run_cli, monkeypa
 
 
 def test_interrupted_zoo_metrics_exits_130_and_keeps_what_it_computed(tmp_path, run_cli, monkeypatch):
-    import zoo.survey
+    from weightspace.zoo import survey as zoo_survey
 
     spec = tmp_path / "zoo.yaml"
     spec.write_text(ZOO_SPEC)
     root = tmp_path / "z"
     assert run_cli("zoo", "build", spec, "-o", root, "--workers", "1", "--no-progress")[0] == 0
-    _interrupt_on_call(monkeypatch, zoo.survey, "metrics_unit", at=2)
+    _interrupt_on_call(monkeypatch, zoo_survey, "metrics_unit", at=2)
     code, _, err = run_cli("zoo", "metrics", root, "--workers", "1", "--no-progress", "--no-pairs")
     assert code == 130
     assert err == (f"interrupted: 1 checkpoint(s) of {root} have their metrics saved; "
@@ -117,21 +117,21 @@ def _digits(name: str) -> str:
 # (command line with OUT for the output, module, function to interrupt)
 LONG_COMMANDS = [
     (["fisher", _digits("ft0"), "--data", "digits:classes=0-3", "-o", "OUT.safetensors", "--n-examples", "32"],
-     "merges.fisher", "fisher_diagonal"),
+     "weightspace.merges.fisher", "fisher_diagonal"),
     (["gram", _digits("ft0"), "--data", "digits:classes=0-3", "-o", "OUT.safetensors", "--n-examples", "32"],
-     "merges.regmean", "gram_matrices"),
+     "weightspace.merges.regmean", "gram_matrices"),
     (["atlas", "learn", "--base", _digits("base"), "--task-vectors", _digits("ft0"), _digits("ft1"),
-      "--data", "digits", "-o", "OUT.safetensors", "--steps", "2"], "merges.atlas", "learn_coefficients"),
+      "--data", "digits", "-o", "OUT.safetensors", "--steps", "2"], "weightspace.merges.atlas", "learn_coefficients"),
     (["learngene", "train", "--teacher", _digits("base"), "--data", "digits", "--aux-depth", "2",
-      "--steps", "2", "-o", "OUT"], "merges.learngene", "train_gene"),
-    (["learngene", "fit", str(EXAMPLES / "models" / "base"), "-o", "OUT"], "merges.learngene", "fit_gene"),
+      "--steps", "2", "-o", "OUT"], "weightspace.merges.learngene", "train_gene"),
+    (["learngene", "fit", str(EXAMPLES / "models" / "base"), "-o", "OUT"], "weightspace.merges.learngene", "fit_gene"),
     (["rws", "extract", "--pretrained", _digits("base"), "--clean", _digits("ft0"), "--robust", _digits("ft1"),
-      "-o", "OUT.rws.safetensors"], "merges.signatures", "extract_signature"),
-    (["align", _digits("ft0"), _digits("ft1"), "-o", "OUT"], "merges.rebasin", "align"),
-    (["generate", "train", "ZOO", "-o", "OUT"], "zoo.gen.generator", "train_generator"),
-    (["generate", "sample", "GEN", "--data", "digits", "-o", "OUT"], "zoo.gen.generator", "sample"),
-    (["generate", "eval", "ZOO", "--data", "digits"], "zoo.gen.evaluate", "evaluate_samples"),
-    (["run", str(EXAMPLES / "ties.yaml"), "OUT", "--no-progress"], "merges.ties", "Ties.merge"),
+      "-o", "OUT.rws.safetensors"], "weightspace.merges.signatures", "extract_signature"),
+    (["align", _digits("ft0"), _digits("ft1"), "-o", "OUT"], "weightspace.merges.rebasin", "align"),
+    (["generate", "train", "ZOO", "-o", "OUT"], "weightspace.zoo.gen.generator", "train_generator"),
+    (["generate", "sample", "GEN", "--data", "digits", "-o", "OUT"], "weightspace.zoo.gen.generator", "sample"),
+    (["generate", "eval", "ZOO", "--data", "digits"], "weightspace.zoo.gen.evaluate", "evaluate_samples"),
+    (["run", str(EXAMPLES / "ties.yaml"), "OUT", "--no-progress"], "weightspace.merges.ties", "Ties.merge"),
 ]
 
 
@@ -189,12 +189,12 @@ def test_sigterm_stops_a_zoo_build_with_workers_at_once(tmp_path):
     """A real build on two worker processes gets SIGTERM while both train: it exits 130 within
     seconds (it does not wait for the batches in flight), says how to resume, stops its workers
     and leaves a consistent zoo."""
-    from zoo.store import Zoo
+    from weightspace.zoo.store import Zoo
 
     spec = tmp_path / "s.yaml"
     spec.write_text(ZOO_SPEC.replace("epochs: 1, batch_size: 128", "epochs: 400, batch_size: 16"))
     root = tmp_path / "z"
-    cmd = [sys.executable, "-m", "cli.main", "zoo", "build", str(spec), "-o", str(root), "--workers", "2",
+    cmd = [sys.executable, "-m", "weightspace.cli.main", "zoo", "build", str(spec), "-o", str(root), "--workers", "2",
            "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -226,7 +226,7 @@ def test_sigterm_stops_a_zoo_build_with_workers_at_once(tmp_path):
 
 
 def test_every_command_takes_verbose_and_device_options_are_one_definition():
-    from cli.options import _resolve_device, _set_verbose
+    from weightspace.cli.options import _resolve_device, _set_verbose
 
     devices = []
     for path, cmd in COMMANDS:
@@ -394,7 +394,7 @@ def test_demo_printed_commands_run_from_another_directory(tmp_path, run_cli, mon
 def _help_lines(path: tuple[str, ...], cmd: click.Command) -> list[str]:
     """Lines of the command's --help that start with `wsmerge`, continuation backslashes joined,
     the description after two spaces or a `#` cut off."""
-    from cli.options import CONTEXT_SETTINGS
+    from weightspace.cli.options import CONTEXT_SETTINGS
 
     # the settings a real run inherits from `wsmerge` (click caches a command's help option)
     ctx = click.Context(cmd, info_name=" ".join(path), **CONTEXT_SETTINGS)
@@ -499,8 +499,8 @@ def test_every_help_example_parses_and_runs(tmp_path, run_cli, monkeypatch):
 
 
 def test_zoo_build_reports_progress_as_models_finish(tmp_path):
-    from zoo.build import build_zoo
-    from zoo.spec import parse_zoo_spec
+    from weightspace.zoo.build import build_zoo
+    from weightspace.zoo.spec import parse_zoo_spec
 
     spec = parse_zoo_spec(ZOO_SPEC.replace("epochs: 1", "epochs: 3").replace("[4, 8]", "[4, 8, 6]"))
     events = []
@@ -518,8 +518,8 @@ def test_zoo_build_reports_progress_as_models_finish(tmp_path):
 
 
 def test_zoo_build_progress_comes_from_worker_processes_while_they_train(tmp_path):
-    from zoo.build import build_zoo
-    from zoo.spec import parse_zoo_spec
+    from weightspace.zoo.build import build_zoo
+    from weightspace.zoo.spec import parse_zoo_spec
 
     spec = parse_zoo_spec(ZOO_SPEC.replace("epochs: 1", "epochs: 30"))
     events = []

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from weightspace.zoo.bind import open_batches, open_model
+from weightspace.zoo.build import checkpoint_config
+from weightspace.zoo.data import load_task
+from weightspace.zoo.search import accuracy, parse_search, search_merge, with_value
+from weightspace.zoo.train import ModelRun, TrainConfig, train
 
 from weightspace.binding import ClassifierAdapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.sources import load_space
 from weightspace.spec import parse_spec
-from zoo.bind import open_batches, open_model
-from zoo.build import checkpoint_config
-from zoo.data import load_task
-from zoo.search import accuracy, parse_search, search_merge, with_value
-from zoo.train import ModelRun, TrainConfig, train
 
 ARCH = {"arch": "mlp", "width": 32, "depth": 1}
 
@@ -304,7 +304,7 @@ def test_normalize_fishers_finds_spec_relative_files(tmp_path, run_cli, monkeypa
     monkeypatch.chdir(elsewhere)            # the spec's relative Fisher paths are not under the CWD
     code, _, err = run_cli("run", str(spec), str(tmp_path / "out"), "--no-progress")
     assert code == 0, err
-    from merges.fisher import fisher_norms
+    from weightspace.merges.fisher import fisher_norms
 
     norms = fisher_norms([tmp_path / f"digits/ft{i}.fisher.safetensors" for i in range(3)])
     # normalized weights 1/|F_i| change the result against the plain merge
@@ -377,7 +377,7 @@ def test_atlas_learn_cli_on_minilm(tmp_path, run_cli):
                              str(tmp_path / "ft0"), str(tmp_path / "ft1"), "--data", str(data), "-o", str(coeffs),
                              "--steps", "5", "--no-progress")
     assert code == 0, err
-    from merges.atlas import load_coefficients
+    from weightspace.merges.atlas import load_coefficients
 
     c = load_coefficients(coeffs)
     assert c.values.shape[0] == 2 and "classifier.weight" in c.blocks and torch.isfinite(c.values).all()

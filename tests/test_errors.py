@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from weightspace.zoo.tiny import write_tiny_llama
 
 import weightspace.safetensors_io as safetensors_io
 import weightspace.sink as sink_mod
 from weightspace.errors import InputError
 from weightspace.sources import load_space
-from zoo.tiny import write_tiny_llama
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 UP_PROJ = "model.layers.1.mlp.up_proj.weight"
@@ -548,9 +548,9 @@ def test_write_failing_midway_keeps_existing_output(tiny_models, run_cli, write_
 
 def test_interrupt_midway_keeps_existing_output(tiny_models, run_cli, write_spec, out, monkeypatch,
                                                 good_out):
-    import merges.linear
+    from weightspace.merges import linear
 
-    real = merges.linear.weighted_average
+    real = linear.weighted_average
     calls: list[int] = []
 
     def interrupted(*a, **kw):  # Ctrl-C while the fourth tensor is being merged
@@ -559,7 +559,7 @@ def test_interrupt_midway_keeps_existing_output(tiny_models, run_cli, write_spec
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(merges.linear, "weighted_average", interrupted)
+    monkeypatch.setattr(linear, "weighted_average", interrupted)
     spec = write_spec(linear_spec(tiny_models.ft_a, tiny_models.ft_b, weights=[0.9, 0.1]))
     code, _, err = run_cli("run", spec, out, "--overwrite")
     assert len(calls) == 4
@@ -692,12 +692,12 @@ def test_traceback_only_when_asked(tiny_models, run_cli, write_spec, out, argv_p
 
 
 def test_error_inside_a_method_names_the_tensor(tiny_models, run_cli, write_spec, out, monkeypatch):
-    import merges.linear
+    from weightspace.merges import linear
 
     def boom(*a, **kw):
         raise ZeroDivisionError("synthetic")
 
-    monkeypatch.setattr(merges.linear, "weighted_average", boom)
+    monkeypatch.setattr(linear, "weighted_average", boom)
     spec = write_spec(linear_spec(tiny_models.ft_a, tiny_models.ft_b))
     code, _, err = run_cli("run", spec, out)
     assert code == 1

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
+from weightspace.zoo.arch import model_from_config
+from weightspace.zoo.build import build_zoo
+from weightspace.zoo.data import load_task
+from weightspace.zoo.gen.evaluate import evaluate_samples
+from weightspace.zoo.gen.generator import check_data, load_generator, sample, train_generator
+from weightspace.zoo.gen.kde import KDESampler, bandwidths
+from weightspace.zoo.gen.tokenize import Tokenizer
+from weightspace.zoo.spec import parse_zoo_spec
+from weightspace.zoo.store import Zoo, write_catalog
 
 from weightspace.errors import InputError, SpecError
 from weightspace.sources import load_space
-from zoo.arch import model_from_config
-from zoo.build import build_zoo
-from zoo.data import load_task
-from zoo.gen.evaluate import evaluate_samples
-from zoo.gen.generator import check_data, load_generator, sample, train_generator
-from zoo.gen.kde import KDESampler, bandwidths
-from zoo.gen.tokenize import Tokenizer
-from zoo.spec import parse_zoo_spec
-from zoo.store import Zoo, write_catalog
 
 TASK_A, TASK_B = "digits:classes=0-4", "digits:classes=5-9"
 
@@ -206,7 +206,7 @@ def test_d2nwg_samples_are_zoo_checkpoints_that_work(tiny_zoo, d2nwg, tmp_path):
     paths = sample(d2nwg, TASK_A, 6, tmp_path / "s", seed=0)
     assert [p.name for p in paths] == [f"sample-{i:03d}" for i in range(6)]
     like = Zoo(tiny_zoo).load(Zoo(tiny_zoo).final_rows()[0])
-    from zoo.bind import open_model
+    from weightspace.zoo.bind import open_model
 
     for p in paths:
         space = load_space(p)

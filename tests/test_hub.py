@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from weightspace.zoo.tiny import write_tiny_llama
 
 from tests.fake_hub import FakeHub
 from weightspace.errors import InputError, SpecError
 from weightspace.hub import push_to_hub, resolve_hub, scrub
-from zoo.tiny import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = "hf_good_token"
@@ -50,7 +50,7 @@ def wsm(hub: FakeHub, tmp: Path, *args: str, token: str | None = GOOD, **env: st
     e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     if token:
         e["HF_TOKEN"] = token
-    r = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=e, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "weightspace.cli.main", *args], cwd=REPO, env=e, capture_output=True,
                        text=True, timeout=180)
     return r.returncode, r.stdout, r.stderr
 

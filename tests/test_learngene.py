@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-
-from merges.learngene import (
+from weightspace.merges.learngene import (
     Gene,
     check_compatible,
     config_with_depth,
@@ -25,6 +24,7 @@ from merges.learngene import (
     stage_sizes,
     train_gene,
 )
+
 from weightspace.binding import ClassifierAdapter, load_into
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
@@ -369,8 +369,7 @@ def test_load_gene_errors_name_the_file(tmp_path):
 @pytest.mark.requires("hf")
 def test_expansions_load_in_transformers_llama_and_gpt2(tmp_path):
     import transformers
-
-    from zoo.tiny import write_tiny_llama
+    from weightspace.zoo.tiny import write_tiny_llama
 
     src = write_tiny_llama(tmp_path / "llama", layers=3)
     gene = fit_gene(load_space(src))
@@ -434,9 +433,9 @@ def test_minilm_gene_expands_to_bert_of_any_depth(tmp_path):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A small resmlp trained briefly on digits, saved as a zoo checkpoint."""
-    from zoo.build import checkpoint_config
-    from zoo.data import load_task
-    from zoo.train import ModelRun, TrainConfig, train
+    from weightspace.zoo.build import checkpoint_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.train import ModelRun, TrainConfig, train
 
     run = ModelRun(dataset="digits", arch={"arch": "resmlp", "width": 16, "depth": 3},
                    train=TrainConfig(epochs=2, data_fraction=0.3))
@@ -464,8 +463,8 @@ def test_distillation_loss_formula():
 
 @pytest.mark.parametrize("mode, init", [("tleg", "random"), ("sws", "random"), ("tleg", "fit")])
 def test_train_gene_lowers_the_distillation_loss(teacher, mode, init):
-    from zoo.arch import build_model
-    from zoo.bind import open_batches, open_model
+    from weightspace.zoo.arch import build_model
+    from weightspace.zoo.bind import open_batches, open_model
 
     adapter = open_model(teacher)
     arch = load_space(teacher).meta["config"]["arch"]
@@ -503,8 +502,8 @@ def test_train_gene_lowers_the_distillation_loss(teacher, mode, init):
 
 
 def test_a_gene_that_stayed_at_chance_is_reported(teacher):
-    from zoo.arch import build_model
-    from zoo.bind import open_batches, open_model
+    from weightspace.zoo.arch import build_model
+    from weightspace.zoo.bind import open_batches, open_model
 
     adapter = open_model(teacher)
     arch = load_space(teacher).meta["config"]["arch"]
@@ -518,7 +517,7 @@ def test_a_gene_that_stayed_at_chance_is_reported(teacher):
 
 
 def test_train_gene_on_a_vit_and_errors():
-    from zoo.arch import build_model
+    from weightspace.zoo.arch import build_model
 
     arch = {"arch": "vit", "width": 16, "depth": 2, "patch": 4, "heads": 2}
     torch.manual_seed(1)
@@ -548,7 +547,7 @@ def test_train_gene_on_a_vit_and_errors():
 
 
 def test_cli_fit_expand_inspect(tmp_path, run_cli, require_extra):
-    from zoo.tiny import write_tiny_llama
+    from weightspace.zoo.tiny import write_tiny_llama
 
     src = write_tiny_llama(tmp_path / "llama", layers=4)
     code, out, err = run_cli("learngene", "fit", src, "-o", tmp_path / "g", "--mode", "sws", "--stages", "1,2,1")
@@ -593,7 +592,7 @@ def test_cli_train_on_a_zoo_teacher(teacher, tmp_path, run_cli):
     code, out, err = run_cli("learngene", "expand", tmp_path / "g", "--depth", "9", "-o", tmp_path / "x9",
                              "--like", teacher)
     assert code == 0, err
-    from zoo.bind import open_model
+    from weightspace.zoo.bind import open_model
 
     adapter = open_model(tmp_path / "x9")             # a zoo checkpoint of depth 9
     assert len(adapter.module.blocks) == 9

@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from weightspace.merges import _sparsify
 
-from merges import _sparsify
 from weightspace.errors import SpecError
 from weightspace.methods import MergeMethod, TensorParams, all_methods, get_method
 
@@ -726,7 +726,7 @@ def test_model_counts_are_enforced():
 def test_chunked_trim_elect_matches_reference_across_block_edges(monkeypatch, chunk, consensus, normalize):
     """The block-wise fast path (ties / task_arithmetic) equals the whole-tensor
     reference, including ties at the trim threshold that straddle block edges."""
-    import merges.generalized_ta as gta
+    import weightspace.merges.generalized_ta as gta
 
     monkeypatch.setattr(gta, "CHUNK", chunk)
     g = torch.Generator().manual_seed(3)

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from weightspace.cli.main import main
+from weightspace.zoo.tiny import write_tiny_llama
 
-from cli.main import main
 from weightspace import SpecError, load_space
 from weightspace.merge import evaluate, plan_merge, run_plan
 from weightspace.spec import Condition, parse_spec
-from zoo.tiny import write_tiny_llama
 
 
 @pytest.mark.parametrize(
@@ -224,7 +224,7 @@ def test_blocked_ties_equals_whole_tensor_ties(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sample_rows", [[0], list(range(0, 40, 3)), []])
 def test_blocked_trim_thresholds_are_exact_even_when_the_sample_misleads(sample_rows):
     """A sample that brackets the threshold badly falls back to an exact selection."""
-    from merges.generalized_ta import _trim_whole, trim_blocked
+    from weightspace.merges.generalized_ta import _trim_whole, trim_blocked
 
     g = torch.Generator().manual_seed(1)
     base = torch.randint(-3, 4, (40, 9), generator=g).float()

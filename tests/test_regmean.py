@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import weightspace.merges.regmean  # noqa: F401  (registers `regmean` until merges/__init__ lists it)
 from torch import nn
+from weightspace.merges.regmean import gram_matrices, regmean_solve, save_gram, shrink_off_diagonal
+from weightspace.zoo.arch import build_model
 
-import merges.regmean  # noqa: F401  (registers `regmean` until merges/__init__ lists it)
-from merges.regmean import gram_matrices, regmean_solve, save_gram, shrink_off_diagonal
 from weightspace.binding import Adapter, ClassifierAdapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.methods import TensorParams, get_method
 from weightspace.safetensors_io import read_header
 from weightspace.sources import load_space
-from zoo.arch import build_model
 
 
 def gram_of(x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +217,7 @@ def test_tensors_without_grams_are_the_weighted_average_and_one_model_is_returne
 
 
 def _train_mlp(classes: str, seed: int):
-    from zoo.train import ModelRun, TrainConfig, train
+    from weightspace.zoo.train import ModelRun, TrainConfig, train
 
     run = ModelRun(dataset=f"digits:classes={classes}", arch={"arch": "mlp", "width": 16, "depth": 1},
                    train=TrainConfig(epochs=2, batch_size=64, lr=0.1), seed=seed)
@@ -225,7 +225,7 @@ def _train_mlp(classes: str, seed: int):
 
 
 def _grams_for(run, tensors, n=200):
-    from zoo.data import load_task
+    from weightspace.zoo.data import load_task
 
     task = load_task(run.dataset)
     model = build_model(run.arch, task.input_shape, task.num_classes)

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import merges.signatures as rws
-from merges.signatures import (
+import weightspace.merges.signatures as rws
+from weightspace.merges.signatures import (
     RECORD_KEY,
     Signature,
     dequantize_tensor,
@@ -35,11 +34,12 @@ from merges.signatures import (
     unpack_bits,
     unpatch,
 )
+from weightspace.zoo.arch import build_model
+
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.safetensors_io import read_header
 from weightspace.sources import load_space
-from zoo.arch import build_model
 
 ARCH = {"arch": "resmlp", "width": 16, "depth": 3, "mlp_ratio": 2}
 CONFIG = {"model_type": "weightspace-zoo", "arch": ARCH, "input_shape": [1, 8, 8], "num_classes": 10}
@@ -559,7 +559,7 @@ def test_a_failed_patch_leaves_no_output(zoo_models, two_signatures, tmp_path):
 
 
 def test_parse_signature_arguments(tmp_path):
-    from cli.rws import _parse_sig_args
+    from weightspace.cli.rws import _parse_sig_args
 
     odd = tmp_path / "a:0.5"
     odd.write_text("")

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from weightspace.zoo.tiny import write_tiny_llama
 
 from weightspace import load_space
 from weightspace.errors import InputError, SpecError
 from weightspace.merge import plan_merge, run_plan
 from weightspace.methods import all_methods
 from weightspace.spec import load_spec, parse_spec
-from zoo.tiny import write_tiny_llama
 
 FISHER_SPEC = """\
 merge_method: fisher
@@ -227,7 +227,7 @@ def test_cli_errors_from_spec_values_name_file_field_and_line(tiny_models, run_c
 
 
 def test_a_zoo_spec_reads_its_init_checkpoint_beside_itself(tmp_path, monkeypatch):
-    from zoo.spec import load_zoo_spec
+    from weightspace.zoo.spec import load_zoo_spec
 
     d = tmp_path / "zoo-spec"
     write_tiny_llama(d / "init", seed=0)

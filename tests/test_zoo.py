@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from weightspace.zoo.arch import build_model, model_from_config
+from weightspace.zoo.build import build_zoo
+from weightspace.zoo.data import load_task
+from weightspace.zoo.phases import PhaseRules, classify, phase_grid
+from weightspace.zoo.spec import parse_zoo_spec
+from weightspace.zoo.store import Zoo, read_catalog
+from weightspace.zoo.train import ModelRun, TrainConfig, group_runs, lr_factor, train, train_batch
 
 from weightspace.binding import call, load_into, space_of
 from weightspace.errors import InputError, SpecError
 from weightspace.sources import load_space
-from zoo.arch import build_model, model_from_config
-from zoo.build import build_zoo
-from zoo.data import load_task
-from zoo.phases import PhaseRules, classify, phase_grid
-from zoo.spec import parse_zoo_spec
-from zoo.store import Zoo, read_catalog
-from zoo.train import ModelRun, TrainConfig, group_runs, lr_factor, train, train_batch
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_data_fraction_uses_a_seeded_subset(task):
     res = train_batch(runs, task=task)
     # one step per epoch over 25% of 1078 examples: history's running loss is that batch's loss
     assert len(res[0].history["train_loss"]) == 1
-    from zoo.train import _train_indices
+    from weightspace.zoo.train import _train_indices
 
     i0, i1 = _train_indices(runs[0], 1078), _train_indices(runs[1], 1078)
     assert len(i0) == round(0.25 * 1078) and len(set(i0.tolist())) == len(i0)
@@ -277,7 +277,7 @@ def test_interrupted_build_is_recovered(small_zoo, tmp_path):
     rows = read_catalog(root / "catalog.parquet")
     victim = rows[0]["model_id"]
     # a kill between renaming the model into place and replacing the catalog ...
-    from zoo.store import write_catalog
+    from weightspace.zoo.store import write_catalog
 
     write_catalog(root / "catalog.parquet", [r for r in rows if r["model_id"] != victim])
     # ... and a kill while a model was being written
@@ -314,7 +314,7 @@ def test_killed_build_leaves_consistent_zoo(tmp_path):
     spec.write_text(SMALL_SPEC.replace("seed: [0, 1]", "seed: [0, 1, 2, 3, 4, 5]")
                     .replace("epochs: 2", "epochs: 6"))
     root = tmp_path / "z"
-    cmd = [sys.executable, "-m", "cli.main", "zoo", "build", str(spec), "-o", str(root),
+    cmd = [sys.executable, "-m", "weightspace.cli.main", "zoo", "build", str(spec), "-o", str(root),
            "--workers", "1", "--max-batch", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -361,7 +361,7 @@ def test_ray_executor_builds_the_same_zoo(small_zoo, tmp_path):
 
 
 def test_unknown_executor_and_missing_ray_message():
-    from zoo.executors import map_units
+    from weightspace.zoo.executors import map_units
 
     with pytest.raises(SpecError, match="unknown executor 'dask'"):
         list(map_units(abs, [1], executor="dask"))
@@ -372,7 +372,7 @@ def test_unknown_executor_and_missing_ray_message():
 
 
 def test_zoo_metrics_fill_the_catalog_and_resume(small_zoo, tmp_path):
-    from zoo.survey import compute_metrics
+    from weightspace.zoo.survey import compute_metrics
 
     root = tmp_path / "z"
     shutil.copytree(small_zoo, root)

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
-
-from weightspace.errors import SpecError
-from zoo.data import (
+from weightspace.zoo.data import (
     BASES,
     CORRUPTIONS,
     OPS,
@@ -25,6 +23,8 @@ from zoo.data import (
     load_task,
     teacher,
 )
+
+from weightspace.errors import SpecError
 
 SPLITS = ("train", "val", "test")
 

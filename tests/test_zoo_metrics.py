@@ -1,4 +1,4 @@
-"""zoo.metrics against exact answers: dense Hessians of tiny networks, the HSIC form of CKA,
+"""weightspace.zoo.metrics against exact answers: dense Hessians of tiny networks, the HSIC form of CKA,
 hand-computed loss landscapes for mode connectivity, and two trained digits MLPs."""
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-
-from weightspace.errors import InputError, SpecError
-from zoo.arch import build_model
-from zoo.data import load_task
-from zoo.metrics import (
+from weightspace.zoo.arch import build_model
+from weightspace.zoo.data import load_task
+from weightspace.zoo.metrics import (
     cka,
     curve_losses,
     evaluate,
@@ -29,6 +27,8 @@ from zoo.metrics import (
     mode_connectivity,
     pair_metrics,
 )
+
+from weightspace.errors import InputError, SpecError
 
 # ---------------------------------------------------------------------------------------------
 # helpers

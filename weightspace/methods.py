@@ -252,7 +252,7 @@ def _load_plugins() -> None:
         found = True
     if not found:  # running from a source tree that was never installed
         try:
-            import_module("merges")
+            import_module("weightspace.merges")
         except ImportError:
             pass
 

@@ -6,7 +6,7 @@
     batches = open_batches("digits:classes=0-4", adapter, split="train", n_examples=512)
     batches = open_batches("reviews.jsonl", adapter, tokenizer=minilm_dir)   # {"text": ..., "label": ...}
 
-DATA is a zoo dataset reference (`zoo.data.load_task`) for zoo models, and a
+DATA is a zoo dataset reference (`weightspace.zoo.data.load_task`) for zoo models, and a
 local JSONL file (one {"text": ..., "label": ...} per line; `text_pair`
 optional) or a plain text file (one example per line, for language models)
 for transformers models, tokenized with the tokenizer in the model directory.
@@ -55,7 +55,7 @@ def open_model(model: str | Path, *, task: str = "auto", num_labels: int | None 
     space = load_space(model)
     cfg = space.meta.get("config") or {}
     if cfg.get("model_type") == "weightspace-zoo":
-        from zoo.arch import model_from_config
+        from weightspace.zoo.arch import model_from_config
 
         module = model_from_config(cfg, str(model))
         load_into(module, space)
@@ -99,7 +99,7 @@ def _open_hf(model: str | Path, cfg: dict, task: str, num_labels: int | None, se
 
 def _zoo_batches(ref: str, adapter: Adapter, split: str, batch_size: int,
                  n_examples: int | None) -> Iterator[dict[str, torch.Tensor]]:
-    from zoo.data import load_task
+    from weightspace.zoo.data import load_task
 
     task = load_task(ref)
     s = task.split(split)

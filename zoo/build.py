@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightspace.zoo.executors import check_executor, default_workers, map_units
+from weightspace.zoo.spec import LARGE_ZOO, ZooSpec
+from weightspace.zoo.store import Zoo
+from weightspace.zoo.train import ModelRun, TrainResult, group_runs, train_batch
+
 from weightspace.errors import SpecError
-from zoo.executors import check_executor, default_workers, map_units
-from zoo.spec import LARGE_ZOO, ZooSpec
-from zoo.store import Zoo
-from zoo.train import ModelRun, TrainResult, group_runs, train_batch
 
 ZOO_MODEL_TYPE = "weightspace-zoo"
 
@@ -85,7 +86,7 @@ def train_unit(run_dicts: list[dict], report: Callable[[Any], None] | None = Non
 
     With `report`, every finished epoch sends `(unit_key(run_dicts), models in the group)`:
     that many model-epochs are done."""
-    from zoo.data import load_task
+    from weightspace.zoo.data import load_task
 
     runs = [ModelRun.model_validate(d) for d in run_dicts]
     task = load_task(runs[0].dataset)

@@ -53,7 +53,7 @@ def with_value(spec: MergeSpec, param: str, value: float) -> MergeSpec:
 
 def accuracy(model_dir: str | Path, data: str, split: str = "val", batch_size: int = 512) -> float:
     """Top-1 accuracy of a merged model on DATA's split."""
-    from zoo.bind import open_batches, open_model
+    from weightspace.zoo.bind import open_batches, open_model
 
     adapter = open_model(model_dir)
     params = adapter.params()

@@ -2,10 +2,10 @@
 
     n = compute_metrics("zoo/")                  # fills the catalog's metric columns, resumable
 
-Per checkpoint: `zoo.metrics.landscape_metrics` (losses, accuracies, gap,
+Per checkpoint: `weightspace.zoo.metrics.landscape_metrics` (losses, accuracies, gap,
 Hessian top eigenvalue and trace). Per pair of checkpoints that differ only in
 their seed (same config, same epoch; seeds paired in a cycle, each unordered
-pair computed once): `zoo.metrics.pair_metrics` (mc on the linear path and on
+pair computed once): `weightspace.zoo.metrics.pair_metrics` (mc on the linear path and on
 a fitted Bezier curve, logit CKA); both rows of a pair carry its values and
 `pair_model_id`. Work fans out like `zoo build` (local processes or Ray);
 units carry the weights as safetensors bytes.
@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from weightspace.zoo.executors import map_units
+from weightspace.zoo.spec import MetricsConfig, parse_zoo_spec
+from weightspace.zoo.store import SPEC, Zoo
+
 from weightspace.errors import WeightspaceError
-from zoo.executors import map_units
-from zoo.spec import MetricsConfig, parse_zoo_spec
-from zoo.store import SPEC, Zoo
 
 DONE_COLUMN = "hessian_top_eig"
 PAIR_COLUMNS = ("mc_linear", "mc_bezier", "cka")
@@ -46,10 +47,9 @@ def metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
 
 def _metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load
-
-    from zoo.arch import model_from_config
-    from zoo.data import load_task
-    from zoo.metrics import landscape_metrics, pair_metrics
+    from weightspace.zoo.arch import model_from_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.metrics import landscape_metrics, pair_metrics
 
     cfg = unit["config"]
     model = model_from_config(cfg, unit["path"])

@@ -3,7 +3,7 @@
     WSMERGE_TEST_HIDE=transformers,matplotlib python -m pytest -q
 
 tests/conftest.py runs this file in the test process and puts its folder first on PYTHONPATH,
-so every Python the tests start (`python -m cli.main`, spawned zoo workers) runs it at start-up
+so every Python the tests start (`python -m weightspace.cli.main`, spawned zoo workers) runs it at start-up
 as its `sitecustomize` and hides the same packages: a test that needs an optional package and
 does not skip fails here, as it would for a user without that extra.
 """

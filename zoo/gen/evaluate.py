@@ -7,7 +7,7 @@
 Accuracy (test split of DATA), best / mean / median over models:
 
 - generated: every sample zero-shot (epoch 0) and after k epochs of fine-tuning
-  (`zoo.train` with `init=` the sample, the zoo's training settings, one run of
+  (`weightspace.zoo.train` with `init=` the sample, the zoo's training settings, one run of
   max(k) epochs checkpointed at every k, all samples with the same seed so they
   see the same batches);
 - random_init: as many seeded random inits of the same architecture, trained
@@ -94,7 +94,7 @@ def _check_task(task, cfg: dict[str, Any], data: str) -> None:
 
 
 def _train_config(cfg: dict[str, Any], epochs: list[int]):
-    from zoo.train import TrainConfig
+    from weightspace.zoo.train import TrainConfig
 
     base = dict(cfg.get("train") or {})
     base.update({"epochs": max(epochs), "checkpoints": tuple(epochs), "warmup_epochs": 0})
@@ -122,10 +122,11 @@ def evaluate_samples(samples: str | Path | Sequence[str | Path], data: str, *,
                      seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Accuracy of generated models (zero-shot and fine-tuned) against the zoo and random init,
     and the memorization check (module docstring). Keys of per-epoch tables are str(k)."""
+    from weightspace.zoo.arch import model_from_config
+    from weightspace.zoo.data import load_task
+    from weightspace.zoo.train import ModelRun, train, train_batch
+
     from weightspace.sources import load_space
-    from zoo.arch import model_from_config
-    from zoo.data import load_task
-    from zoo.train import ModelRun, train, train_batch
 
     paths = sample_paths(samples)
     epochs = sorted({int(k) for k in finetune_epochs})
@@ -180,7 +181,7 @@ def evaluate_samples(samples: str | Path | Sequence[str | Path], data: str, *,
     if zoo_dir is None:
         return report
 
-    from zoo.store import Zoo
+    from weightspace.zoo.store import Zoo
 
     zoo = Zoo(zoo_dir)
     report["zoo_dir"] = str(zoo_dir)

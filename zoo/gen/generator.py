@@ -5,20 +5,20 @@
     open_model(paths[0])            # a zoo checkpoint like any other (inspect, merge, fine-tune)
 
 Both methods share the first stage: the zoo's checkpoints (one architecture)
-are tokenized (`zoo.gen.tokenize`: per-tensor normalization, chunks) and a
-chunk VAE (`zoo.gen.vae`) maps every model to a latent vector.
+are tokenized (`weightspace.zoo.gen.tokenize`: per-tensor normalization, chunks) and a
+chunk VAE (`weightspace.zoo.gen.vae`) maps every model to a latent vector.
 
 - d2nwg (Soro et al., "Diffusion-Based Neural Network Weights Generation",
-  ICLR 2025): a dataset encoder (`zoo.gen.setenc`, a seeded random Deep Set,
+  ICLR 2025): a dataset encoder (`weightspace.zoo.gen.setenc`, a seeded random Deep Set,
   optionally aligned contrastively with the latents) embeds every row's
-  dataset, and a conditional latent DDPM (`zoo.gen.diffusion`) learns
+  dataset, and a conditional latent DDPM (`weightspace.zoo.gen.diffusion`) learns
   p(latent | dataset embedding). Sampling embeds the requested dataset, so an
   unseen dataset with seen classes (a rotation, a corruption) gets weights too.
   The DDPM runs on the latents' principal coordinates (at most N - 1 for N
   checkpoints, at most `pca_dim`), which a small zoo needs: see `latent_pca`.
 - kde (Schürholt et al., "Hyper-Representations as Generative Models", NeurIPS
   2022): per-dimension kernel densities on the latents of the top 30 % of the
-  zoo by validation accuracy (`zoo.gen.kde`), one sampler per task plus a
+  zoo by validation accuracy (`weightspace.zoo.gen.kde`), one sampler per task plus a
   pooled one; the dataset only picks the sampler.
 
 A generator directory:
@@ -49,13 +49,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from weightspace.zoo.gen.kde import KDESampler
+from weightspace.zoo.gen.tokenize import Tokenizer
+from weightspace.zoo.gen.vae import ChunkVAE, tensor_weights
 
 from weightspace.errors import InputError, SpecError
 from weightspace.files import atomic_dir
 from weightspace.ir import WeightSpace
-from zoo.gen.kde import KDESampler
-from zoo.gen.tokenize import Tokenizer
-from zoo.gen.vae import ChunkVAE, tensor_weights
 
 FORMAT = "weightspace-generator"
 FORMAT_VERSION = 1
@@ -157,7 +157,7 @@ def condition_stats(embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
 # ---------------------------------------------------------------- reading the zoo
 
 def _zoo_rows(zoo_dir: str | Path, tasks: Sequence[str] | None, checkpoints: str) -> tuple[Any, list[dict]]:
-    from zoo.store import Zoo
+    from weightspace.zoo.store import Zoo
 
     if checkpoints not in ("final", "all"):
         raise SpecError(f"checkpoints: must be 'final' or 'all', got {checkpoints!r}")
@@ -220,8 +220,9 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     (default: every dataset of the zoo). `checkpoints="all"` learns from every
     trained checkpoint (epoch > 0), not only each model's last.
     """
+    from weightspace.zoo.data import load_task
+
     from weightspace.sink import check_output
-    from zoo.data import load_task
 
     if method not in METHODS:
         raise SpecError(f"--method: unknown method {method!r}; choose {' or '.join(METHODS)}")
@@ -305,8 +306,8 @@ def _train_d2nwg(meta: dict, rows: list[dict], latents: torch.Tensor, task_data:
                  embed_k: int, contrastive_epochs: int, hidden: int, depth: int, timesteps: int,
                  pca_dim: int | None,
                  epochs: int, lr: float, seed: int, progress: bool) -> dict[str, dict[str, torch.Tensor]]:
-    from zoo.gen.diffusion import LatentDDPM
-    from zoo.gen.setenc import DatasetEncoder, embed_task
+    from weightspace.zoo.gen.diffusion import LatentDDPM
+    from weightspace.zoo.gen.setenc import DatasetEncoder, embed_task
 
     input_dim = math.prod(meta["input_shape"])
     encoder = DatasetEncoder(input_dim, hidden=64, out_dim=embed_dim, seed=seed)
@@ -367,7 +368,7 @@ def _align_encoder(encoder, rows: list[dict], latents: torch.Tensor, task_data: 
     """Optional: train the dataset encoder so a dataset's embedding points at its models' latents
     (CLIP-style, `contrastive_loss`, through a linear projection of the latents that is discarded).
     Every step draws fresh class samples, so the encoder sees each dataset through many subsets."""
-    from zoo.gen.setenc import contrastive_loss, embed_task
+    from weightspace.zoo.gen.setenc import contrastive_loss, embed_task
 
     refs = sorted(task_data)
     if len(refs) < 2:
@@ -439,8 +440,8 @@ def load_generator(path: str | Path) -> Generator:
     vae.eval()
     gen = Generator(d, meta, tok, vae)
     if meta["method"] == "d2nwg":
-        from zoo.gen.diffusion import LatentDDPM
-        from zoo.gen.setenc import DatasetEncoder
+        from weightspace.zoo.gen.diffusion import LatentDDPM
+        from weightspace.zoo.gen.setenc import DatasetEncoder
 
         try:
             e, dd = meta["encoder"], meta["diffusion"]
@@ -471,7 +472,7 @@ def load_generator(path: str | Path) -> Generator:
 def check_data(gen: Generator, data: str) -> tuple[Any, dict[str, Any] | None, list[str]]:
     """The task of `data`, the training task it is (or None) and notes; refuses data the
     generator cannot serve (input shape, labels beyond the head, classes never seen)."""
-    from zoo.data import load_task
+    from weightspace.zoo.data import load_task
 
     task = load_task(data)
     meta = gen.meta
@@ -520,8 +521,8 @@ def sample_latents(gen: Generator, data: str, n: int, *, seed: int = 0, steps: i
                    eta: float = 1.0, task=None, match: dict | None = None) -> tuple[torch.Tensor, str]:
     """(n, latent) latents for `data` and which sampler made them (see `sample` for steps/eta)."""
     if gen.method == "d2nwg":
-        from zoo.data import load_task
-        from zoo.gen.setenc import embed_task
+        from weightspace.zoo.data import load_task
+        from weightspace.zoo.gen.setenc import embed_task
 
         task = task if task is not None else load_task(data)
         e = gen.meta["encoder"]
