@@ -1,0 +1,95 @@
+"""The shape of the installed package: one import name, plug-in methods, layers that point one way.
+
+    python -m pytest tests/test_layout.py
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"weightspace": "weightspace", "merges": "weightspace.merges", "zoo": "weightspace.zoo",
+           "cli": "weightspace.cli"}
+
+
+def _python(code: str, *, cwd: Path, pythonpath: list[Path]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, pythonpath))}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the tree (so no build/ or egg-info lands in the repository)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in FOLDERS:
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(dist), str(src)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "No module named" in r.stderr:
+        pytest.skip(f"cannot build a wheel here: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr
+    return next(dist.glob("weightspace-*.whl"))
+
+
+def test_the_wheel_installs_one_top_level_name_with_every_module(wheel, tmp_path):
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(tmp_path / "site")
+    assert {n.split("/")[0] for n in names} == {"weightspace", "weightspace-0.1.0.dist-info"}
+    for folder, package in FOLDERS.items():  # every source module is in the wheel, under the name
+        for f in (ROOT / folder).rglob("*.py"):
+            want = "/".join([*package.split("."), *f.relative_to(ROOT / folder).parts])
+            assert want in names, f"{f.relative_to(ROOT)} is not in the wheel as {want}"
+    entry = (tmp_path / "site" / "weightspace-0.1.0.dist-info" / "entry_points.txt").read_text()
+    assert "wsmerge = weightspace.cli.main:entry" in entry
+    assert "[weightspace.methods]\nbuiltin = weightspace.merges" in entry
+    # imported from the unpacked wheel, away from the repository, the names work
+    r = _python("""
+        import weightspace.merges, weightspace.zoo.gen, weightspace.cli.main
+        from weightspace.methods import all_methods
+        print(weightspace.merges.__file__)
+        print(len(all_methods()))
+        """, cwd=tmp_path, pythonpath=[tmp_path / "site"])
+    assert r.returncode == 0, r.stderr
+    where, count = r.stdout.split()
+    assert Path(where).is_relative_to(tmp_path / "site") and int(count) >= 13
+
+
+def test_a_third_party_method_registers_through_the_entry_point_group(tmp_path, run_cli):
+    plugin = tmp_path / "plugin"
+    (plugin / "wsx_halve").mkdir(parents=True)
+    (plugin / "wsx_halve" / "__init__.py").write_text(textwrap.dedent('''
+        from weightspace.methods import MergeMethod, Param, register
+
+        @register
+        class Halve(MergeMethod):
+            name = "halve"
+            model_params = (Param("weight", default=1.0),)
+            max_models = 1
+
+            def merge(self, name, base, tensors, params, companions):
+                return tensors[0] * 0.5
+        '''))
+    dist = plugin / "wsx_halve-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wsx-halve\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[weightspace.methods]\nhalve = wsx_halve\n")
+    r = _python("""
+        from weightspace.cli.main import main
+        raise SystemExit(main(["methods", "halve"]))
+        """, cwd=tmp_path, pythonpath=[plugin])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("halve  -  halve (no base model; 1 model(s))")
