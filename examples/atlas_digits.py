@@ -1,6 +1,6 @@
 """aTLAS's claims in miniature, on digits: learned anisotropic scaling of task vectors.
 
-    python examples/atlas_digits.py                      # seeds 0-2, writes work files to atlas-digits-work/
+    python examples/atlas_digits.py                      # seeds 0-2, writes work files to runs/atlas-digits-work/
     python examples/atlas_digits.py --seeds 0 --plot atlas-fewshot.png
 
 Five digit tasks (classes 0-1, 2-3, 4-5, 6-7, 8-9), one fine-tune each from a
@@ -178,7 +178,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--work", type=Path, default=Path("atlas-digits-work"))
+    ap.add_argument("--work", type=Path, default=Path("runs/atlas-digits-work"))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="few-shot curve (needs matplotlib)")

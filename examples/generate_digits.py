@@ -73,7 +73,7 @@ def main() -> None:
     import time
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("generate-digits-work"))
+    ap.add_argument("--work", type=Path, default=Path("runs/generate-digits-work"))
     ap.add_argument("-n", type=int, default=10, help="samples per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)

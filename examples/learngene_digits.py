@@ -1,6 +1,6 @@
 """Learngene in miniature, on digits: grow networks of any depth from one compact gene.
 
-    python examples/learngene_digits.py                  # seeds 0-2, work files in learngene-digits-work/
+    python examples/learngene_digits.py                  # seeds 0-2, work files in runs/learngene-digits-work/
     python examples/learngene_digits.py --seeds 0 --plot docs/learngene-epochs.png
 
 A teacher (a pre-LN residual MLP, 6 blocks) is trained on digits. Three genes
@@ -124,7 +124,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--work", type=Path, default=Path("learngene-digits-work"))
+    ap.add_argument("--work", type=Path, default=Path("runs/learngene-digits-work"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """Fisher merging's claim in miniature, on digits: data-aware merges beat simple averaging.
 
-    python examples/merge_digits.py                      # seeds 0-5, work files in merge-digits-work/
+    python examples/merge_digits.py                      # seeds 0-5, work files in runs/merge-digits-work/
     python examples/merge_digits.py --seeds 0 --work /tmp/md
 
 `digits_task_merge` follows Matena & Raffel's setup at digits scale: a base
@@ -142,7 +142,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
-    ap.add_argument("--work", type=Path, default=Path("merge-digits-work"))
+    ap.add_argument("--work", type=Path, default=Path("runs/merge-digits-work"))
     ap.add_argument("--json", type=Path, default=None, help="also write every table as JSON")
     ap.add_argument("--base-epochs", type=int, default=5)
     ap.add_argument("--base-fraction", type=float, default=0.3)

@@ -1,7 +1,8 @@
 """Robust weight signatures in miniature, on digits and the zoo's corruptions.
 
-    python examples/rws_digits.py                       # seeds 0-2; tables; work files in rws-digits-work/
+    python examples/rws_digits.py                       # seeds 0-2; tables; work files in runs/rws-digits-work/
     python examples/rws_digits.py --seeds 0 --plot docs/rws-alpha.png
+    python examples/rws_digits.py --prepare runs/rws --seeds 0   # only the models: pre, std, robust-*
 
 A pretrained MLP (theta_pre, clean part 1/2 of the digits train split), a
 clean fine-tune (theta_std) and one robust fine-tune per corruption
@@ -43,6 +44,21 @@ def _train(work: Path, name: str, dataset: str, seed: int, epochs: int, init: Pa
     return out
 
 
+def prepare_models(workdir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The miniature's checkpoints in `workdir`: pre (theta_pre), std (the clean fine-tune),
+    robust-contrast and robust-blur (the robust fine-tunes), std-other-half, std-further."""
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    models = {"pre": _train(work, "pre", "digits:part=1/2", seed, 8, None, 0.05)}
+    models["std"] = _train(work, "std", "digits:part=1/2", seed, 5, models["pre"], 0.02)
+    for c in CORRUPTIONS:
+        name = f"robust-{c.split('@')[0]}"
+        models[name] = _train(work, name, f"digits:part=1/2:corrupt={c}", seed, 5, models["pre"], 0.02)
+    models["std-other-half"] = _train(work, "std-other-half", "digits:part=2/2", seed, 5, models["pre"], 0.02)
+    models["std-further"] = _train(work, "std-further", "digits:part=1/2", seed + 100, 5, models["std"], 0.01)
+    return models
+
+
 def rws_digits(workdir: str | Path, seed: int = 0, *, alphas: tuple[float, ...] = ALPHAS,
                bits: tuple[int | None, ...] = BITS, layers: str = "auto", share: float = 0.5) -> dict[str, Any]:
     from weightspace.merges.signatures import extract_signature, patch, save_signature
@@ -51,13 +67,9 @@ def rws_digits(workdir: str | Path, seed: int = 0, *, alphas: tuple[float, ...] 
     from weightspace.sources import load_space
 
     work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    pre = _train(work, "pre", "digits:part=1/2", seed, 8, None, 0.05)
-    std = _train(work, "std", "digits:part=1/2", seed, 5, pre, 0.02)
-    robust = {c: _train(work, f"robust-{c.split('@')[0]}", f"digits:part=1/2:corrupt={c}", seed, 5, pre, 0.02)
-              for c in CORRUPTIONS}
-    std_b = _train(work, "std-other-half", "digits:part=2/2", seed, 5, pre, 0.02)
-    std_more = _train(work, "std-further", "digits:part=1/2", seed + 100, 5, std, 0.01)
+    models = prepare_models(work, seed)
+    pre, std, std_b, std_more = models["pre"], models["std"], models["std-other-half"], models["std-further"]
+    robust = {c: models[f"robust-{c.split('@')[0]}"] for c in CORRUPTIONS}
 
     adapter = open_model(pre)
     data = {"TA": open_batches("digits", adapter, split="test", batch_size=512)}
@@ -174,11 +186,17 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--work", type=Path, default=Path("rws-digits-work"))
+    ap.add_argument("--work", type=Path, default=Path("runs/rws-digits-work"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--prepare", type=Path, default=None,
+                    help="only train the checkpoints of the first seed into this folder, then stop")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.prepare is not None:
+        for name, path in prepare_models(args.prepare, args.seeds[0]).items():
+            print(f"{name:16} {path}")
+        return
     results = []
     for s in args.seeds:
         r = rws_digits(args.work / f"seed{s}", s)
