@@ -14,17 +14,10 @@ import time
 from pathlib import Path
 
 import click
+from weightspace.cli.display import human_bytes
 from weightspace.cli.options import DEBUG_ENV, Group, Interrupted, device_option
 
 from weightspace.errors import WeightspaceError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n}"
 
 
 def _debug() -> bool:
@@ -184,7 +177,7 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
         return
     click.echo(
         f"{plan.method.name}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
-        f"read {_human(stats['read_bytes'])}, wrote {_human(stats['written_bytes'])} "
+        f"read {human_bytes(stats['read_bytes'])}, wrote {human_bytes(stats['written_bytes'])} "
         f"in {stats['shards']} shard(s) to {out} in {dt:.2f} s"
     )
     if push_repo is not None:
@@ -215,9 +208,9 @@ def _print_plan(summary: dict, plan) -> None:
     if summary["num_layers"]:
         click.echo(f"layers         {summary['num_layers']}")
     click.echo(f"compute dtype  {summary['compute_dtype']}; output dtypes {summary['out_dtypes']}")
-    click.echo(f"will read      {_human(summary['read_bytes'])}")
-    click.echo(f"will write     {_human(summary['write_bytes'])} in {summary['shards']} shard(s)")
-    click.echo(f"peak memory    about {_human(summary['estimated_peak_tensor_bytes'])} of tensors "
+    click.echo(f"will read      {human_bytes(summary['read_bytes'])}")
+    click.echo(f"will write     {human_bytes(summary['write_bytes'])} in {summary['shards']} shard(s)")
+    click.echo(f"peak memory    about {human_bytes(summary['estimated_peak_tensor_bytes'])} of tensors "
                f"(plus the Python/torch runtime, ~0.3-0.5 GiB)")
     for n in summary["notes"]:
         click.echo(f"note           {n}")
@@ -269,11 +262,11 @@ def inspect(model: str, other: str | None, as_json: bool, top: int, plot: Path |
         return
     click.echo(f"{info['source']}  ({info['format']}{', ' + info['model_type'] if info['model_type'] else ''})")
     click.echo(f"  tensors     {info['tensors']}")
-    click.echo(f"  parameters  {info['parameters']:,} ({_human(info['bytes'])})")
+    click.echo(f"  parameters  {info['parameters']:,} ({human_bytes(info['bytes'])})")
     click.echo("  dtypes      " + ", ".join(f"{k}: {v:,}" for k, v in info["dtypes"].items()))
     if info["files"]:
         click.echo(f"  files       {len(info['files'])}: " + ", ".join(
-            f"{f['name']} ({_human(f['bytes'])})" for f in info["files"][:6])
+            f"{f['name']} ({human_bytes(f['bytes'])})" for f in info["files"][:6])
             + (" ..." if len(info["files"]) > 6 else ""))
     stacks = ", ".join(f"{p}.N x {n}" for p, n in info["layer_stacks"].items()) or "none"
     click.echo(f"  layers      {stacks}")

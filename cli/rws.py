@@ -240,7 +240,7 @@ def inspect_cmd(signature: Path, plot: Path | None, as_json: bool) -> None:
 
 
 def _human(n: float) -> str:
-    from weightspace.cli.main import _human as human
+    from weightspace.cli.display import human_bytes as human
 
     return human(n)
 
