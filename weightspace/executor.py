@@ -17,12 +17,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from weightspace.errors import NonFiniteError, WeightspaceError
-from weightspace.ir import TensorRef
 from weightspace.safetensors_io import nbytes_of
+
+if TYPE_CHECKING:  # the executor runs any object with .load/.numel/.leaves; the IR's refs are those
+    from weightspace.ir import TensorRef
 
 _DONE = object()
 DEFAULT_PREFETCH_BYTES = 256 * 2**20
@@ -151,22 +154,87 @@ def execute(
 
     Returns timing stats: {"steps", "read_bytes", "written_bytes", "seconds"}.
     """
-    dev = resolve_device(device)
-    in_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-    out_q: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    budget = _ByteBudget(prefetch_bytes, stop)
-    errors: list[BaseException] = []
-    on_cpu = dev.type == "cpu"
+    return _Run(steps, sink, resolve_device(device), compute_dtype, prefetch, prefetch_bytes,
+                allow_nonfinite).run(progress, desc)
 
-    def reader() -> None:
+
+class _Run:
+    """One `execute`: a reader thread (read), this thread (compute, check), a writer thread
+    (write), joined by two bounded queues and a byte budget."""
+
+    def __init__(self, steps: Sequence[Step], sink, dev: torch.device, compute_dtype: torch.dtype | None,
+                 prefetch: int, prefetch_bytes: int, allow_nonfinite: bool):
+        self.steps, self.sink, self.dev = steps, sink, dev
+        self.compute_dtype, self.allow_nonfinite = compute_dtype, allow_nonfinite
+        self.on_cpu = dev.type == "cpu"
+        self.in_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.out_q: queue.Queue = queue.Queue(maxsize=1)
+        self.stop = threading.Event()
+        self.budget = _ByteBudget(prefetch_bytes, self.stop)
+        self.errors: list[BaseException] = []
+        self.bar = None
+        self.lock = threading.Lock()
+
+    def run(self, progress: bool, desc: str) -> dict:
+        total_out = sum(s.out_bytes for s in self.steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_out, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                            leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        rt = threading.Thread(target=self._thread(self.read), name="wsmerge-reader", daemon=True)
+        wt = threading.Thread(target=self.write, name="wsmerge-writer", daemon=True)
+        rt.start()
+        wt.start()
+        failed = False
         try:
-            for s in steps:
-                if stop.is_set():
+            while (item := self.next_loaded()) is not None:
+                s, ts, nbytes = item
+                del item  # the tuple would keep the inputs alive after `del ts`
+                out = self.compute(s, ts)
+                del ts
+                self.budget.release(nbytes)
+                if out is not None:  # None: a statistics step
+                    _put(self.out_q, (s.name, self.checked(s, out)), self.stop)
+                del out
+        except BaseException:
+            failed = True
+            self.stop.set()
+            raise
+        finally:
+            self.shut_down(rt, wt)
+            if failed or self.errors:
+                self.sink.abort()
+        if self.errors:
+            raise self.errors[0]
+        return {"steps": len(self.steps), "read_bytes": sum(s.read_bytes for s in self.steps),
+                "written_bytes": total_out, "seconds": time.perf_counter() - t0}
+
+    def _thread(self, body: Callable[[], None]) -> Callable[[], None]:
+        """A thread body whose failure stops the run and reaches the main thread."""
+
+        def target() -> None:
+            try:
+                body()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.fail(e)
+
+        return target
+
+    def fail(self, e: BaseException) -> None:
+        self.errors.append(e)
+        self.stop.set()
+
+    def read(self) -> None:
+        """Load each step's inputs on the CPU (in the compute dtype there), within the budget."""
+        try:
+            for s in self.steps:
+                if self.stop.is_set():
                     return
-                dt = compute_dtype if (s.cast_inputs and on_cpu) else None
+                dt = self.compute_dtype if (s.cast_inputs and self.on_cpu) else None
                 nbytes = _loaded_bytes(s, dt)
-                if not budget.acquire(nbytes):
+                if not self.budget.acquire(nbytes):
                     return
                 try:
                     ts = [r.load("cpu", dt) for r in s.inputs]
@@ -174,127 +242,82 @@ def execute(
                     raise
                 except Exception as e:
                     raise WeightspaceError(f"reading inputs of tensor {s.name!r}: {e}") from e
-                _put(in_q, (s, ts, nbytes), stop)
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            errors.append(e)
-            stop.set()
+                _put(self.in_q, (s, ts, nbytes), self.stop)
         finally:
-            _put(in_q, _DONE, stop, force=True)
+            _put(self.in_q, _DONE, self.stop, force=True)
 
-    def writer() -> None:
+    def next_loaded(self) -> tuple[Step, list[torch.Tensor], int] | None:
+        item = self.in_q.get()
+        return None if item is _DONE or self.stop.is_set() else item
+
+    def compute(self, s: Step, ts: list[torch.Tensor]) -> torch.Tensor | None:
+        """The step's result on the device (None for a statistics step). `ts` is replaced in
+        place by the device copies, so the CPU inputs are freed as the move happens."""
+        if not self.on_cpu:
+            ts[:] = [t.to(self.dev, non_blocking=True) for t in ts]
+            if s.cast_inputs and self.compute_dtype is not None:
+                ts[:] = [t.to(self.compute_dtype) for t in ts]
         try:
-            while True:
-                item = out_q.get()
-                if item is _DONE:
-                    return
+            out = s.compute(ts)
+        except WeightspaceError:
+            raise
+        except Exception as e:
+            raise WeightspaceError(f"computing tensor {s.name!r}: {type(e).__name__}: {e}") from e
+        return None if s.shape is None else out
+
+    def checked(self, s: Step, out: torch.Tensor) -> torch.Tensor:
+        """The result in its output dtype on the CPU, after the shape and NaN/Inf checks."""
+        if tuple(out.shape) != tuple(s.shape):
+            raise WeightspaceError(f"tensor {s.name!r}: result has shape {list(out.shape)}, "
+                                   f"expected {list(s.shape)}")
+        # checked after the cast: a finite float32 result can overflow to Inf in float16
+        wide = out
+        out = out.to(dtype=s.dtype)
+        if not self.allow_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            overflow = bool(torch.isfinite(wide).all())
+            why = (f"values beyond the range of {str(s.dtype).replace('torch.', '')} became Inf; "
+                   "choose a wider output dtype") if overflow else "check the inputs and parameters"
+            raise NonFiniteError(f"tensor {s.name!r}: the merge produced {bad} NaN/Inf value(s); "
+                                 f"{why}, or pass --allow-nonfinite to keep them")
+        del wide
+        return out if self.on_cpu else out.to("cpu")
+
+    def write(self) -> None:
+        """Append each result to the sink, naming the tensor and the output on failure."""
+        try:
+            while (item := self.out_q.get()) is not _DONE:
                 name, t = item
-                if not stop.is_set():
-                    try:
-                        sink.write(name, t)
-                    except WeightspaceError:
-                        raise
-                    except Exception as e:  # disk full, I/O error: say which output
-                        dest = getattr(sink, "out", None)
-                        to = f" to {dest}" if dest is not None else ""
-                        raise WeightspaceError(
-                            f"writing tensor {name!r}{to}: {type(e).__name__}: {e}"
-                        ) from e
-                    bar_update(t.numel() * t.element_size())
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-            stop.set()
-            while out_q.get() is not _DONE:  # drain so the producer never blocks
+                if self.stop.is_set():
+                    continue
+                try:
+                    self.sink.write(name, t)
+                except WeightspaceError:
+                    raise
+                except Exception as e:  # disk full, I/O error: say which output
+                    dest = getattr(self.sink, "out", None)
+                    to = f" to {dest}" if dest is not None else ""
+                    raise WeightspaceError(f"writing tensor {name!r}{to}: {type(e).__name__}: {e}") from e
+                if self.bar is not None:
+                    with self.lock:
+                        self.bar.update(t.numel() * t.element_size())
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.fail(e)                # stop first: the main thread computes no more steps
+            while self.out_q.get() is not _DONE:  # drain so the producer never blocks
                 pass
 
-    total_out = sum(s.out_bytes for s in steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_out, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                   leave=False, dynamic_ncols=True)
-    lock = threading.Lock()
-
-    def bar_update(n: int) -> None:
-        if bar is not None:
-            with lock:
-                bar.update(n)
-
-    t0 = time.perf_counter()
-    rt = threading.Thread(target=reader, name="wsmerge-reader", daemon=True)
-    wt = threading.Thread(target=writer, name="wsmerge-writer", daemon=True)
-    rt.start()
-    wt.start()
-    failed = False
-    try:
-        while True:
-            item = in_q.get()
-            if item is _DONE or stop.is_set():
-                break
-            s, ts, nbytes = item
-            del item  # the queue tuple would keep the inputs alive after `del ts`
-            if not on_cpu:
-                ts = [t.to(dev, non_blocking=True) for t in ts]
-                if s.cast_inputs and compute_dtype is not None:
-                    ts = [t.to(compute_dtype) for t in ts]
-            try:
-                out = s.compute(ts)
-            except WeightspaceError:
-                raise
-            except Exception as e:
-                raise WeightspaceError(f"computing tensor {s.name!r}: {type(e).__name__}: {e}") from e
-            del ts
-            budget.release(nbytes)
-            if s.shape is None:
-                continue
-            if tuple(out.shape) != tuple(s.shape):
-                raise WeightspaceError(
-                    f"tensor {s.name!r}: result has shape {list(out.shape)}, expected {list(s.shape)}"
-                )
-            # checked after the cast: a finite float32 result can overflow to Inf in float16
-            wide = out
-            out = out.to(dtype=s.dtype)
-            if not allow_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
-                bad = int((~torch.isfinite(out)).sum())
-                overflow = bool(torch.isfinite(wide).all())
-                why = (f"values beyond the range of {str(s.dtype).replace('torch.', '')} "
-                       "became Inf; choose a wider output dtype") if overflow else \
-                    "check the inputs and parameters"
-                raise NonFiniteError(
-                    f"tensor {s.name!r}: the merge produced {bad} NaN/Inf value(s); "
-                    f"{why}, or pass --allow-nonfinite to keep them"
-                )
-            del wide
-            if not on_cpu:
-                out = out.to("cpu")
-            _put(out_q, (s.name, out), stop)
-            del out
-    except BaseException:
-        failed = True
-        stop.set()
-        raise
-    finally:
-        _put(out_q, _DONE, stop, force=True)
+    def shut_down(self, rt: threading.Thread, wt: threading.Thread) -> None:
+        _put(self.out_q, _DONE, self.stop, force=True)
         wt.join()
         while rt.is_alive():  # unblock a reader waiting on a full queue
-            stop.set()
+            self.stop.set()
             try:
-                in_q.get(timeout=0.05)
+                self.in_q.get(timeout=0.05)
             except queue.Empty:
                 pass
         rt.join()
-        if bar is not None:
-            bar.close()
-        if failed or errors:
-            sink.abort()
-    if errors:
-        raise errors[0]
-    return {
-        "steps": len(steps),
-        "read_bytes": sum(s.read_bytes for s in steps),
-        "written_bytes": total_out,
-        "seconds": time.perf_counter() - t0,
-    }
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _put(q: queue.Queue, item, stop: threading.Event, force: bool = False) -> None:
