@@ -93,3 +93,103 @@ def test_a_third_party_method_registers_through_the_entry_point_group(tmp_path, 
         """, cwd=tmp_path, pythonpath=[plugin])
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("halve  -  halve (no base model; 1 model(s))")
+
+
+# ---------------------------------------------------------------------------------------------
+# layers and import circles, read from the source (every import, also those inside functions,
+# except `if TYPE_CHECKING:` blocks)
+
+def _module_name(path: Path) -> str:
+    folder = path.relative_to(ROOT).parts[0]
+    parts = [*FOLDERS[folder].split("."), *path.relative_to(ROOT / folder).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, name: str) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip: set[int] = set()
+    for node in ast.walk(tree):  # imports only for type checkers are not dependencies at run time
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for b in node.body for n in ast.walk(b)}
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, *([base] if base else [])])
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] == "weightspace"}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for folder in FOLDERS for p in (ROOT / folder).rglob("*.py")}
+    return {name: {m for m in _imports(p, name) if m in files and m != name} for name, p in files.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    assert _cycles(_graph()) == []
+
+
+def test_layers_point_one_way():
+    """cli -> merges, zoo -> the IR (weightspace/); a method never imports another method."""
+    graph = _graph()
+    ir = {m for m in graph if not m.startswith(("weightspace.merges", "weightspace.zoo", "weightspace.cli"))}
+    for m in ir:
+        up = sorted(d for d in graph[m] if d not in ir)
+        assert not up, f"{m} (the IR) imports {up}"
+    for m, deps in graph.items():
+        if m.startswith(("weightspace.merges", "weightspace.zoo")):
+            assert not [d for d in deps if d.startswith("weightspace.cli")], f"{m} imports the CLI"
+        if m.startswith("weightspace.merges"):
+            assert not [d for d in deps if d.startswith("weightspace.zoo")], f"{m} imports weightspace.zoo"
+    from weightspace.methods import all_methods
+
+    methods = {type(x).__module__ for x in all_methods().values()}
+    owner = {m: next((p for p in methods if m == p or m.startswith(p + ".")), None) for m in graph}
+    for m, deps in graph.items():
+        if owner[m] is None:
+            continue
+        others = sorted({owner[d] for d in deps if owner[d] not in (None, owner[m])})
+        assert not others, f"{m} imports the method module(s) {others}"
