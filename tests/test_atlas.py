@@ -268,7 +268,7 @@ def test_partition_ids_are_seeded_balanced_and_cover_every_group(shape):
 
 
 def test_partition_ids_stream_by_range_across_chunks(monkeypatch):
-    monkeypatch.setattr(atlas, "PARTITION_CHUNK", 7)
+    monkeypatch.setattr(atlas.blocks, "PARTITION_CHUNK", 7)
     full = partition_ids("w", (5, 6), 3, seed=0).flatten()
     assert torch.bincount(full[:7], minlength=3).min() >= 2            # each chunk is balanced
     for start, stop in ((0, 30), (3, 17), (7, 14), (29, 30), (12, 12)):
