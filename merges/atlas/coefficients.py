@@ -6,12 +6,14 @@
 
 One safetensors file holds the tensor "coefficients"; its `__metadata__` names the blocks,
 the tasks, the partitions, the partition seed and how the values were learned. The checks
-a merge runs against a file (`check_fits`) live here too.
+a merge runs against a file (`check_fits`, `check_task_order`) live here too.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,43 @@ def check_fits(c: Coefficients, name: str, n_models: int, where: str) -> None:
     if not c.has_block(name):
         raise InputError(f"tensor {name!r} has no coefficients in {where}: coefficients learned for "
                          f"other block names (e.g. {c.blocks[0]!r}); were they learned for this base?")
+
+
+def check_task_order(c: Coefficients, models: Sequence[str | Path | None], where: str) -> None:
+    """Refuse models that are not, in order, the task vectors `c` was learned for, where the
+    file's task names tell for certain.
+
+        check_task_order(c, [ft.meta.get("location") for ft in fts], "the coefficients")
+
+    `models[i]` is the absolute path of model i (a WeightSpace's `meta["location"]`), or
+    None where it has none (tensors in memory). A task the file names by an absolute path
+    (learn_coefficients records a model opened from disk so) must be the model at its
+    position: it is refused when that path is listed at another position (another order),
+    or when it still exists and another model stands at its position (another model). Not
+    checked, since nothing tells for certain: task names that are labels (`task_names`,
+    "task0") or relative paths (`wsmerge atlas learn` records --task-vectors as written,
+    relative to where it ran), a recorded path that no longer exists (the model moved),
+    and models without a path. Their order is the caller's to keep.
+    """
+    given = [None if m is None else Path(m) for m in models]
+    for i, (task, model) in enumerate(zip(c.tasks, given)):
+        recorded = Path(task)
+        if model is None or not recorded.is_absolute() or _same_path(recorded, model):
+            continue
+        elsewhere = [j for j, m in enumerate(given) if m is not None and j != i and _same_path(recorded, m)]
+        if not elsewhere and not recorded.exists():
+            continue
+        problem = (f"task vector {i} ({task}) is given as model {elsewhere[0]}" if elsewhere
+                   else f"model {i} is {model}, not task vector {i} ({task})")
+        raise InputError(f"{where}: learned for the task vectors {c.tasks} in this order, but the "
+                         f"models are {[str(m) for m in models]}: {problem}; list the fine-tuned models "
+                         f"in the file's task order")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False

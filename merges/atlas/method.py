@@ -6,6 +6,12 @@
     parameters: {coefficients: coeffs.safetensors}
 
 `apply_coefficients` computes the same merge in memory, for small models.
+
+The spec must list the fine-tuned models in the file's task order (`wsmerge atlas show`
+prints it). `wsmerge run` checks their number against the file but not which models they
+are: a merge method receives each tensor, not the paths of the models it comes from.
+`apply_coefficients`, which has the models, also refuses those the file names by absolute
+path in another order or identity (`check_task_order`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from weightspace.merges.atlas.blocks import compose, partition_ids, partition_ids_range
-from weightspace.merges.atlas.coefficients import Coefficients, cached_coefficients, check_fits
+from weightspace.merges.atlas.coefficients import (
+    Coefficients,
+    cached_coefficients,
+    check_fits,
+    check_task_order,
+)
 from weightspace.merges.atlas.task_vectors import as_space
 
 from weightspace.ir import WeightSpace
@@ -30,10 +41,13 @@ def apply_coefficients(c: Coefficients, base: WeightSpace | Mapping[str, torch.T
         adapter.logits(params, batch)                 # evaluate learned coefficients directly
 
     For small models (everything is held at once); large ones stream through `wsmerge run`.
-    Non-floating tensors are the base's.
+    Non-floating tensors are the base's. Fine-tunes opened from disk are checked against the
+    task vectors the coefficients name by absolute path (`check_task_order`).
     """
     base_ws = as_space(base, "the base tensors")
     fts = [as_space(f, f"fine-tuned model {i}") for i, f in enumerate(finetuned)]
+    if len(c.tasks) == len(fts):  # another number is refused below, naming the tensor
+        check_task_order(c, [f.meta.get("location") for f in fts], "the coefficients")
     out = {}
     for n, ref in base_ws.items():
         b = ref.load(device)
