@@ -203,6 +203,29 @@ def test_atlas_method_refuses_coefficients_for_another_model(tiny_models, run_cl
         assert not (tiny_models.root / f"out-{name}").exists()
 
 
+def test_models_the_file_names_by_path_must_come_in_its_order(tmp_path):
+    """apply_coefficients refuses fine-tunes in another order, or another fine-tune, where the
+    file names them by absolute path; labels, vanished paths and in-memory tensors pass."""
+    adapter, base, fts, batches = _tiny(tasks=3)
+    paths = [WeightSpace.from_tensors(t).save(tmp_path / name) for t, name in
+             zip([base, *fts], ["base", "a", "b", "c"])]
+    base_ws, a, b, other = (load_space(p) for p in paths)
+    c = learn_coefficients(adapter, base_ws, [a, b], batches, steps=2)
+    assert c.tasks == [str(paths[1].resolve()), str(paths[2].resolve())]
+    want = apply_coefficients(c, base_ws, [a, b])
+    with pytest.raises(InputError, match=r"learned for the task vectors \[.*/a', .*/b'\] in this order, "
+                                         r"but the models are \[.*/b', .*/a'\]: task vector 0 .* is given as model 1"):
+        apply_coefficients(c, base_ws, [b, a])
+    with pytest.raises(InputError, match=r"model 1 is .*/c, not task vector 1 \(.*/b\)"):
+        apply_coefficients(c, base_ws, [a, other])
+    labelled = Coefficients(c.values, c.blocks, ["first", "second"])          # labels: not checked
+    assert all(torch.equal(apply_coefficients(labelled, base_ws, [a, b])[n], want[n]) for n in want)
+    apply_coefficients(labelled, base_ws, [b, a])
+    moved = Coefficients(c.values, c.blocks, [str(tmp_path / "gone"), c.tasks[1]])
+    apply_coefficients(moved, base_ws, [other, b])                      # the recorded path is gone
+    apply_coefficients(c, base, [fts[1], fts[0]])                       # tensors in memory: no paths
+
+
 # ---------------------------------------------------------------------------------------------
 # the coefficients file
 
@@ -268,7 +291,7 @@ def test_partition_ids_are_seeded_balanced_and_cover_every_group(shape):
 
 
 def test_partition_ids_stream_by_range_across_chunks(monkeypatch):
-    monkeypatch.setattr(atlas, "PARTITION_CHUNK", 7)
+    monkeypatch.setattr(atlas.blocks, "PARTITION_CHUNK", 7)
     full = partition_ids("w", (5, 6), 3, seed=0).flatten()
     assert torch.bincount(full[:7], minlength=3).min() >= 2            # each chunk is balanced
     for start, stop in ((0, 30), (3, 17), (7, 14), (29, 30), (12, 12)):
