@@ -59,7 +59,7 @@ from weightspace.errors import InputError, NonFiniteError, SpecError, Weightspac
 from weightspace.files import save_safetensors_atomic
 from weightspace.ir import ExprRef, MemoryRef, TensorRef, WeightSpace
 from weightspace.safetensors_io import Entry, read_header, read_tensor
-from weightspace.structure import depth_t, is_pre_weight, parse_layer, structure_of
+from weightspace.structure import depth_t, is_pre_stack, parse_layer, structure_of
 
 FORMAT = "weightspace-rws"
 FORMAT_VERSION = 1
@@ -67,9 +67,6 @@ RECORD_KEY = "weightspace.rws"  # safetensors __metadata__ key of a patched chec
 SCHEMES = ("uniform", "log")
 GRANULARITIES = ("tensor", "row")
 
-# A top-level `stem` (ResMLP, ConvNeXt, RegNet) sits before the stack like an embedding;
-# structure.is_pre_weight does not know the name yet.
-_STEM_RE = re.compile(r"^stem\.")
 # values per packing chunk: a multiple of 8, so every chunk starts on a byte boundary
 _CHUNK = 1 << 18
 
@@ -99,10 +96,6 @@ def robust_weight_signature(d_robust: torch.Tensor, d_clean: torch.Tensor) -> to
 # where a tensor sits in depth
 
 
-def _is_pre(name: str) -> bool:
-    return is_pre_weight(name) or (parse_layer(name) is None and _STEM_RE.match(name) is not None)
-
-
 def _layout(names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """name -> {layer, stack, depth, position}. `position` counts in layers of the main
     stack: -1 before the stack, i for layer i, num_layers after it (head, final norm);
@@ -113,7 +106,7 @@ def _layout(names: Sequence[str]) -> dict[str, dict[str, Any]]:
     for name in names:
         ln = parse_layer(name)
         if ln is None:
-            pre = _is_pre(name)
+            pre = is_pre_stack(name)
             out[name] = {"layer": None, "stack": None, "depth": 0.0 if pre else 1.0,
                          "position": -1.0 if pre else float(n)}
             continue
