@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import weightspace.merges.signatures as rws
+import weightspace.merges.signatures.file_format as rws_file
+import weightspace.merges.signatures.quantize as rws_quantize
 from weightspace.merges.signatures import (
     RECORD_KEY,
     Signature,
@@ -209,7 +210,7 @@ def test_pack_bits_golden():
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("n", [0, 1, 3, 7, 9, 13, 61])
 def test_pack_round_trip_odd_sizes(bits, n, monkeypatch):
-    monkeypatch.setattr(rws, "_CHUNK", 16)  # several chunks, and a partial last one
+    monkeypatch.setattr(rws_quantize, "_CHUNK", 16)  # several chunks, and a partial last one
     g = torch.Generator().manual_seed(bits * 100 + n)
     codes = torch.randint(0, 1 << bits, (n,), generator=g)
     packed = pack_bits(codes, bits)
@@ -639,7 +640,7 @@ def test_cli_inspect_plot(two_signatures, run_cli, tmp_path):
 
 def test_cli_interrupted_patch_leaves_no_output(zoo_models, two_signatures, run_cli, tmp_path, monkeypatch):
     noise, _ = two_signatures
-    real = rws._read_values
+    real = rws_file._read_values
     calls = []
 
     def interrupt(*args, **kwargs):
@@ -648,7 +649,7 @@ def test_cli_interrupted_patch_leaves_no_output(zoo_models, two_signatures, run_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rws, "_read_values", interrupt)
+    monkeypatch.setattr(rws_file, "_read_values", interrupt)
     out = tmp_path / "patched"
     code, _, err = run_cli("rws", "patch", zoo_models["clean"], noise, "-o", out)
     assert code == 130 and "nothing was written" in err
