@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +25,15 @@ from weightspace.merges.signatures.file_format import (
 from weightspace.merges.signatures.formula import robust_weight_signature
 from weightspace.merges.signatures.inputs import _dt, _space, _where
 from weightspace.merges.signatures.quantize import (
-    GRANULARITIES,
-    SCHEMES,
     _check_bits,
+    _check_scheme,
     dequantize_tensor,
     quantize_tensor,
 )
 from weightspace.merges.signatures.report import layer_report
-from weightspace.merges.signatures.selection import _parse_spec, select_layers
+from weightspace.merges.signatures.selection import _check_share, _parse_spec, select_layers
 
-from weightspace.errors import InputError, SpecError
+from weightspace.errors import InputError
 from weightspace.ir import WeightSpace
 
 
@@ -53,12 +52,8 @@ def _sample(t: torch.Tensor, k: int = 64) -> torch.Tensor:
 def _check_options(bits: Any, scheme: str, granularity: str, share: Any) -> None:
     if bits is not None:
         _check_bits(bits)
-    if scheme not in SCHEMES:
-        raise SpecError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
-    if granularity not in GRANULARITIES:
-        raise SpecError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-    if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 < share <= 1):
-        raise SpecError(f"share must be in (0, 1], got {share!r}")
+    _check_scheme(scheme, granularity)
+    _check_share(share)
 
 
 def _encode(name: str, rws: torch.Tensor, bits: int | None, scheme: str,
@@ -104,6 +99,28 @@ def extract_signature(
     report = layer_report(pre, std, rob)
     if not report:
         raise InputError(f"the pretrained model ({_where(pre)}) has no floating-point tensors")
+    _check_related(report, pre, std, rob, max_relative_change)
+    kept = select_layers(report, layers, share)
+    tensors, payload, digests, pre_fingerprint = _signature_tensors(kept, pre, std, rob, bits, scheme,
+                                                                    granularity)
+    shapes = {n: list(pre[n].shape) for n in kept}
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "kept": kept, "shapes": shapes,
+        "dtypes": {n: _dt(pre[n].dtype) for n in kept},
+        "layers": layers, "share": share, "bits": bits,
+        "scheme": scheme if bits is not None else None,
+        "granularity": granularity if bits is not None else None,
+        "provenance": {"pretrained": _where(pre), "clean": _where(std), "robust": _where(rob),
+                       "pretrained_fingerprint": pre_fingerprint, **dict(provenance or {})},
+        "model_nbytes": rob.nbytes, "model_params": rob.num_params,
+        "report": [_compact(r) for r in report], "tensor_sha256": digests, "fingerprint": _fingerprint(shapes, digests),
+    }
+    return Signature(tensors, meta, sum(t.numel() * t.element_size() for t in payload.values()), payload)
+
+
+def _check_related(report: Sequence[Mapping[str, Any]], pre: WeightSpace, std: WeightSpace,
+                   rob: WeightSpace, max_relative_change: float) -> None:
+    """Refuse a fine-tune whose whole-model ||theta - theta_pre|| / ||theta_pre|| exceeds the limit."""
     pre2 = sum(r["pre_norm"] ** 2 for r in report)
     for role, sp, key in (("clean", std, "clean_norm"), ("robust", rob, "robust_norm")):
         moved = math.sqrt(sum(r[key] ** 2 for r in report))
@@ -114,7 +131,14 @@ def extract_signature(
                 f"its weights differ by {rel:.0%} of the pretrained weights' norm (at most "
                 f"{max_relative_change:.0%} allowed); a signature needs both fine-tunes to start from "
                 f"the same pretrained model")
-    kept = select_layers(report, layers, share)
+
+
+def _signature_tensors(
+    kept: Sequence[str], pre: WeightSpace, std: WeightSpace, rob: WeightSpace,
+    bits: int | None, scheme: str, granularity: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str], str]:
+    """The second pass, one tensor at a time: (values, stored payload, value digests, the
+    pretrained model's fingerprint over the kept tensors)."""
     tensors: dict[str, torch.Tensor] = {}
     payload: dict[str, torch.Tensor] = {}
     digests: dict[str, str] = {}
@@ -134,16 +158,4 @@ def extract_signature(
         payload.update(stored)
         tensors[name] = values
         digests[name] = _digest(values)
-    shapes = {n: list(pre[n].shape) for n in kept}
-    meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "kept": kept, "shapes": shapes,
-        "dtypes": {n: _dt(pre[n].dtype) for n in kept},
-        "layers": layers, "share": share, "bits": bits,
-        "scheme": scheme if bits is not None else None,
-        "granularity": granularity if bits is not None else None,
-        "provenance": {"pretrained": _where(pre), "clean": _where(std), "robust": _where(rob),
-                       "pretrained_fingerprint": pre_hash.hexdigest(), **dict(provenance or {})},
-        "model_nbytes": rob.nbytes, "model_params": rob.num_params,
-        "report": [_compact(r) for r in report], "tensor_sha256": digests, "fingerprint": _fingerprint(shapes, digests),
-    }
-    return Signature(tensors, meta, sum(t.numel() * t.element_size() for t in payload.values()), payload)
+    return tensors, payload, digests, pre_hash.hexdigest()

@@ -38,6 +38,8 @@ from weightspace.safetensors_io import Entry, read_header, read_tensor
 
 FORMAT = "weightspace-rws"
 FORMAT_VERSION = 1
+# what every signature file's "rws" metadata must hold
+_META_KEYS = ("kept", "shapes", "bits", "scheme", "granularity", "tensor_sha256", "fingerprint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,19 +168,36 @@ def _open_signature(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, E
     if header.get("kind") != FORMAT:
         raise InputError(f"{where} is not a robust weight signature (write one with save_signature "
                          f"or `wsmerge rws extract`)")
+    meta = _read_meta(header, where)
+    _check_meta(meta, where)
+    _check_entries(entries, meta, where)
+    return path, meta, entries
+
+
+def _read_meta(header: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The "rws" metadata with every key a reader needs, its report as rows, of this version."""
     try:
         meta = json.loads(header["rws"])
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-        kept, shapes, bits = meta["kept"], meta["shapes"], meta["bits"]
-        scheme, granularity, digests = meta["scheme"], meta["granularity"], meta["tensor_sha256"]
-        fp = meta["fingerprint"]
+        missing = [k for k in _META_KEYS if k not in meta]
+        if missing:
+            raise KeyError(missing[0])
     except (KeyError, ValueError, TypeError) as e:
         raise InputError(f"{where}: corrupt metadata ({type(e).__name__}: {e})") from None
     meta["report"] = _report_rows(meta.get("report", {"columns": [], "rows": []}), where)
     if meta.get("version") != FORMAT_VERSION:
         raise InputError(f"{where}: format version {meta.get('version')!r}; this weightspace reads "
                          f"version {FORMAT_VERSION}")
+    return meta
+
+
+def _check_meta(meta: Mapping[str, Any], where: str) -> None:
+    """Kept names, shapes and digests describe each other; bits and scheme are known; the
+    fingerprint is the one those digests give."""
+    kept, shapes, bits = meta["kept"], meta["shapes"], meta["bits"]
+    scheme, granularity, digests = meta["scheme"], meta["granularity"], meta["tensor_sha256"]
+    fp = meta["fingerprint"]
     ok = (isinstance(kept, list) and kept and all(isinstance(n, str) for n in kept)
           and isinstance(shapes, dict) and isinstance(digests, dict) and isinstance(fp, str)
           and all(isinstance(shapes.get(n), list) and all(type(s) is int and s >= 0 for s in shapes[n])
@@ -193,9 +212,13 @@ def _open_signature(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, E
             raise InputError(f"{where}: unknown scheme {scheme!r} or granularity {granularity!r}")
     if _fingerprint(shapes, {n: digests[n] for n in kept}) != fp:
         raise InputError(f"{where}: the fingerprint does not match the tensor digests (edited metadata)")
+
+
+def _check_entries(entries: Mapping[str, Entry], meta: Mapping[str, Any], where: str) -> None:
+    """The file holds exactly the parts of the kept tensors, each with its dtype and shape."""
     expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for name in kept:
-        expected.update(_expected_parts(name, shapes[name], meta))
+    for name in meta["kept"]:
+        expected.update(_expected_parts(name, meta["shapes"][name], meta))
     for key, (dtype, shape) in expected.items():
         e = entries.get(key)
         if e is None:
@@ -206,7 +229,6 @@ def _open_signature(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, E
     extra = sorted(set(entries) - set(expected))
     if extra:
         raise InputError(f"{where}: unexpected tensor {extra[0]!r} (not a kept tensor's part)")
-    return path, meta, entries
 
 
 def _read_values(path: Path, meta: Mapping[str, Any], entries: Mapping[str, Entry], name: str,

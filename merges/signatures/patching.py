@@ -160,27 +160,27 @@ def _combine(sigs: Sequence[_Resolved], model: WeightSpace, sign: float) -> Weig
     for s in sigs:
         for name, ref in s.refs.items():
             terms.setdefault(name, []).append((ref, sign * s.alpha))
-    refs: dict[str, TensorRef] = {}
-    for name, ref in model.items():
-        if name not in terms:
-            refs[name] = ref
-            continue
-        alphas = [a for _, a in terms[name]]
-
-        def op(theta: torch.Tensor, *rws: torch.Tensor, _alphas: list[float] = alphas,
-               _name: str = name, _dtype: torch.dtype = ref.dtype) -> torch.Tensor:
-            out = theta.clone()
-            for a, r in zip(_alphas, rws):
-                out.add_(r, alpha=a)
-            if not bool(torch.isfinite(out.to(_dtype)).all()):  # e.g. past float16's range
-                raise NonFiniteError(f"tensor {_name!r}: patching produced NaN/Inf values in "
-                                     f"{_dt(_dtype)}; use smaller alphas or a wider dtype")
-            return out
-
-        refs[name] = ExprRef(name, op, [ref, *(r for r, _ in terms[name])], ref.shape, ref.dtype)
+    refs = {name: _patched_ref(ref, terms[name]) if name in terms else ref for name, ref in model.items()}
     verb = "+" if sign > 0 else "-"
     src = model.source + "".join(f" {verb} {s.alpha:g}*{s.label}" for s in sigs)
     return WeightSpace(refs, {**model.meta, "source": src})
+
+
+def _patched_ref(ref: TensorRef, terms: Sequence[tuple[TensorRef, float]]) -> ExprRef:
+    """theta + sum alpha * RWS for one tensor, refused where the sum leaves the model's dtype."""
+    alphas = [a for _, a in terms]
+    name, dtype = ref.name, ref.dtype
+
+    def op(theta: torch.Tensor, *rws: torch.Tensor) -> torch.Tensor:
+        out = theta.clone()
+        for a, r in zip(alphas, rws):
+            out.add_(r, alpha=a)
+        if not bool(torch.isfinite(out.to(dtype)).all()):  # e.g. past float16's range
+            raise NonFiniteError(f"tensor {name!r}: patching produced NaN/Inf values in "
+                                 f"{_dt(dtype)}; use smaller alphas or a wider dtype")
+        return out
+
+    return ExprRef(name, op, [ref, *(r for r, _ in terms)], ref.shape, ref.dtype)
 
 
 def patch(model: WeightSpace | str | Path,
@@ -220,7 +220,16 @@ def unpatch(model: WeightSpace | str | Path,
     m = _space(model)
     sigs = _resolve(signatures)
     _check_fits(m, sigs)
-    record = read_patch_record(m)
+    record = _take_off_record(read_patch_record(m), sigs, m, force)
+    out = _combine(sigs, m, -1.0)
+    out.meta[RECORD_KEY] = record
+    return out
+
+
+def _take_off_record(record: list[dict[str, Any]], sigs: Sequence[_Resolved], model: WeightSpace,
+                     force: bool) -> list[dict[str, Any]]:
+    """`record` less one matching entry (fingerprint and alpha) per signature; one that is not
+    there is refused, or with `force` warned about (the warning points at unpatch's caller)."""
     for s in sigs:
         hit = next((i for i, e in enumerate(record)
                     if e["fingerprint"] == s.fingerprint and e["alpha"] == s.alpha), None)
@@ -232,11 +241,9 @@ def unpatch(model: WeightSpace | str | Path,
                else "the model's patch record does not list it")
         if not force:
             raise InputError(f"signature {s.label} (alpha {s.alpha:g}) was never added to the model "
-                             f"({_where(m)}): {why}; pass force=True (--force) to subtract it anyway")
-        warnings.warn(f"subtracting signature {s.label} (alpha {s.alpha:g}) although {why}", stacklevel=2)
-    out = _combine(sigs, m, -1.0)
-    out.meta[RECORD_KEY] = record
-    return out
+                             f"({_where(model)}): {why}; pass force=True (--force) to subtract it anyway")
+        warnings.warn(f"subtracting signature {s.label} (alpha {s.alpha:g}) although {why}", stacklevel=3)
+    return record
 
 
 def save_patched(space: WeightSpace, out: str | Path, *, overwrite: bool = False,

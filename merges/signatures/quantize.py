@@ -118,25 +118,39 @@ def quantize_tensor(x: torch.Tensor, bits: int, scheme: str = "uniform",
     tensors with two or more dims).
     """
     _check_bits(bits)
-    if scheme not in SCHEMES:
-        raise SpecError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
-    if granularity not in GRANULARITIES:
-        raise SpecError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+    _check_scheme(scheme, granularity)
     g = _groups(tuple(x.shape), granularity)
     v = x.detach().to("cpu", torch.float64).reshape(g, -1)
     if v.numel() == 0:
         v = v.new_zeros(g, 0)
-    if scheme == "uniform":
-        top = (1 << bits) - 1
-        lo = (v.amin(1) if v.shape[1] else v.new_zeros(g)).clamp(max=0.0)
-        hi = (v.amax(1) if v.shape[1] else v.new_zeros(g)).clamp(min=0.0)
-        scale = ((hi - lo) / top).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
-        s = scale.to(torch.float64).unsqueeze(1)
-        zero = torch.round(-lo / scale.to(torch.float64)).clamp(0, top)
-        q = (torch.round(v / s) + zero.unsqueeze(1)).clamp(0, top)
-        return {"q": pack_bits(q.to(torch.int32), bits), "scale": scale,
-                "zero": zero.to(torch.uint8)}
+    return _quantize_uniform(v, bits) if scheme == "uniform" else _quantize_log(v, bits)
+
+
+def _check_scheme(scheme: Any, granularity: Any) -> None:
+    if scheme not in SCHEMES:
+        raise SpecError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    if granularity not in GRANULARITIES:
+        raise SpecError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
+
+
+def _quantize_uniform(v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Affine codes for `v` (float64, one group per row): q, scale and zero per group."""
+    g = v.shape[0]
+    top = (1 << bits) - 1
+    lo = (v.amin(1) if v.shape[1] else v.new_zeros(g)).clamp(max=0.0)
+    hi = (v.amax(1) if v.shape[1] else v.new_zeros(g)).clamp(min=0.0)
+    scale = ((hi - lo) / top).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
+    s = scale.to(torch.float64).unsqueeze(1)
+    zero = torch.round(-lo / scale.to(torch.float64)).clamp(0, top)
+    q = (torch.round(v / s) + zero.unsqueeze(1)).clamp(0, top)
+    return {"q": pack_bits(q.to(torch.int32), bits), "scale": scale,
+            "zero": zero.to(torch.uint8)}
+
+
+def _quantize_log(v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Sign + log2|x| codes for `v` (float64, one group per row): q, log2_min and log2_step."""
+    g = v.shape[0]
     n = (1 << (bits - 1)) - 1
     mag = v.abs()
     nz = mag > 0
@@ -172,12 +186,20 @@ def dequantize_tensor(parts: Mapping[str, torch.Tensor], shape: Sequence[int], b
         raise InputError(f"quantization parameters: {g} groups do not divide a tensor of shape {list(shape)}")
     codes = unpack_bits(parts["q"], bits, numel).reshape(g, -1)
     if scheme == "uniform":
-        x = (codes - pb.to(torch.int64).unsqueeze(1)).to(torch.float32) * pa.to(torch.float32).unsqueeze(1)
-        return x.reshape(shape)
+        return _dequantize_uniform(codes, pa, pb).reshape(shape)
+    return _dequantize_log(codes, pa, pb, bits).reshape(shape)
+
+
+def _dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes - zero.to(torch.int64).unsqueeze(1)).to(torch.float32) * scale.to(torch.float32).unsqueeze(1)
+
+
+def _dequantize_log(codes: torch.Tensor, log2_min: torch.Tensor, log2_step: torch.Tensor,
+                    bits: int) -> torch.Tensor:
     half = 1 << (bits - 1)
     k = (codes % half).to(torch.float64)
     neg = codes >= half
-    lo = pa.to(torch.float64).unsqueeze(1)
-    step = pb.to(torch.float64).unsqueeze(1)
+    lo = log2_min.to(torch.float64).unsqueeze(1)
+    step = log2_step.to(torch.float64).unsqueeze(1)
     mag = torch.where(k > 0, torch.exp2(lo + (k - 0.5) * step), torch.zeros_like(k))
-    return torch.where(neg, -mag, mag).to(torch.float32).reshape(shape)
+    return torch.where(neg, -mag, mag).to(torch.float32)

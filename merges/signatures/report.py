@@ -87,23 +87,26 @@ def layer_report(pretrained: WeightSpace | str | Path, clean: WeightSpace | str 
     _check_compatible({"pretrained": pre, "clean": std, "robust": rob})
     names = [n for n, r in pre.items() if r.dtype.is_floating_point]
     layout = _layout(list(pre))
-    rows = []
-    for name in names:
-        p = pre[name].load("cpu", torch.float64)
-        dc = rob[name].load("cpu", torch.float64) - p
-        ds = std[name].load("cpu", torch.float64) - p
-        rws = robust_weight_signature(dc, ds).to(torch.float64)
-        pn, cn, sn, rn = (float(torch.linalg.vector_norm(t)) for t in (p, dc, ds, rws))
-        dot = float(torch.dot(dc.reshape(-1), ds.reshape(-1)))
-        del p, dc, ds, rws
-        rows.append({
-            "name": name, **layout[name], "numel": pre[name].numel,
-            "pre_norm": pn, "robust_norm": cn, "clean_norm": sn, "rws_norm": rn,
-            "rel_change_robust": _ratio(cn, pn), "rel_change_clean": _ratio(sn, pn),
-            "cos_robust_clean": _num(dot / (cn * sn)) if cn > 0 and sn > 0 else None,
-            "rws_share": _ratio(rn, cn),
-        })
-    return rows
+    return [_tensor_row(name, pre, std, rob, layout[name]) for name in names]
+
+
+def _tensor_row(name: str, pre: WeightSpace, std: WeightSpace, rob: WeightSpace,
+                layout: Mapping[str, Any]) -> dict[str, Any]:
+    """One `layer_report` row, computed in float64."""
+    p = pre[name].load("cpu", torch.float64)
+    dc = rob[name].load("cpu", torch.float64) - p
+    ds = std[name].load("cpu", torch.float64) - p
+    rws = robust_weight_signature(dc, ds).to(torch.float64)
+    pn, cn, sn, rn = (float(torch.linalg.vector_norm(t)) for t in (p, dc, ds, rws))
+    dot = float(torch.dot(dc.reshape(-1), ds.reshape(-1)))
+    del p, dc, ds, rws
+    return {
+        "name": name, **layout, "numel": pre[name].numel,
+        "pre_norm": pn, "robust_norm": cn, "clean_norm": sn, "rws_norm": rn,
+        "rel_change_robust": _ratio(cn, pn), "rel_change_clean": _ratio(sn, pn),
+        "cos_robust_clean": _num(dot / (cn * sn)) if cn > 0 and sn > 0 else None,
+        "rws_share": _ratio(rn, cn),
+    }
 
 
 def layer_summary(report: Sequence[Mapping[str, Any]], kept: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -120,23 +123,25 @@ def layer_summary(report: Sequence[Mapping[str, Any]], kept: Sequence[str] = ())
     for r in report:
         units.setdefault(float(r["position"]), []).append(r)
     total = sum(r["rws_norm"] ** 2 for r in report)
-    out = []
-    for pos in sorted(units):
-        rows = units[pos]
-        pre2 = sum(r["pre_norm"] ** 2 for r in rows)
-        rob2 = sum(r["robust_norm"] ** 2 for r in rows)
-        cln2 = sum(r["clean_norm"] ** 2 for r in rows)
-        rws2 = sum(r["rws_norm"] ** 2 for r in rows)
-        dot = sum((r["cos_robust_clean"] or 0.0) * r["robust_norm"] * r["clean_norm"] for r in rows)
-        n_kept = sum(r["name"] in keep for r in rows)
-        out.append({
-            "label": _unit_label(pos, num_layers), "position": pos, "tensors": len(rows),
-            "numel": sum(r["numel"] for r in rows),
-            "rel_change_robust": _ratio(math.sqrt(rob2), math.sqrt(pre2)),
-            "rel_change_clean": _ratio(math.sqrt(cln2), math.sqrt(pre2)),
-            "cos_robust_clean": _num(dot / math.sqrt(rob2 * cln2)) if rob2 > 0 and cln2 > 0 else None,
-            "rws_norm": math.sqrt(rws2), "rws_share": _ratio(math.sqrt(rws2), math.sqrt(rob2)),
-            "rws_fraction": _ratio(rws2, total),
-            "kept": "all" if n_kept == len(rows) else ("some" if n_kept else "none"),
-        })
-    return out
+    return [_layer_row(pos, units[pos], num_layers, total, keep) for pos in sorted(units)]
+
+
+def _layer_row(pos: float, rows: Sequence[Mapping[str, Any]], num_layers: int, total: float,
+               keep: set[str]) -> dict[str, Any]:
+    """One `layer_summary` row from the report rows at depth position `pos`."""
+    pre2 = sum(r["pre_norm"] ** 2 for r in rows)
+    rob2 = sum(r["robust_norm"] ** 2 for r in rows)
+    cln2 = sum(r["clean_norm"] ** 2 for r in rows)
+    rws2 = sum(r["rws_norm"] ** 2 for r in rows)
+    dot = sum((r["cos_robust_clean"] or 0.0) * r["robust_norm"] * r["clean_norm"] for r in rows)
+    n_kept = sum(r["name"] in keep for r in rows)
+    return {
+        "label": _unit_label(pos, num_layers), "position": pos, "tensors": len(rows),
+        "numel": sum(r["numel"] for r in rows),
+        "rel_change_robust": _ratio(math.sqrt(rob2), math.sqrt(pre2)),
+        "rel_change_clean": _ratio(math.sqrt(cln2), math.sqrt(pre2)),
+        "cos_robust_clean": _num(dot / math.sqrt(rob2 * cln2)) if rob2 > 0 and cln2 > 0 else None,
+        "rws_norm": math.sqrt(rws2), "rws_share": _ratio(math.sqrt(rws2), math.sqrt(rob2)),
+        "rws_fraction": _ratio(rws2, total),
+        "kept": "all" if n_kept == len(rows) else ("some" if n_kept else "none"),
+    }

@@ -58,8 +58,7 @@ def select_layers(report: Sequence[Mapping[str, Any]], spec: str, share: float =
     stack have only two depth groups (pre-stack, everything else): use a pattern there.
     """
     kind, arg = _parse_spec(spec)
-    if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 < share <= 1):
-        raise SpecError(f"share must be in (0, 1], got {share!r}")
+    _check_share(share)
     rows = list(report)
     if kind == "all":
         names = [r["name"] for r in rows]
@@ -68,33 +67,48 @@ def select_layers(report: Sequence[Mapping[str, Any]], spec: str, share: float =
     elif kind == "regex":
         names = [r["name"] for r in rows if arg.search(r["name"])]
     elif kind == "first":
-        layers = {float(r["position"]) for r in rows if r.get("layer") is not None}
-        if not layers:
-            raise SpecError(f"layers {spec!r}: the model has no layer stack this project recognises "
-                            f"(model.layers.N, blocks.N, h.N, ...); select tensors with a pattern")
-        num_layers = int(max(layers)) + 1
-        if arg > num_layers:
-            raise SpecError(f"layers {spec!r}: the model has only {num_layers} layers")
-        names = [r["name"] for r in rows if float(r["position"]) < arg]
+        names = _first_layers(rows, spec, arg)
     else:
-        total = sum(r["rws_norm"] ** 2 for r in rows)
-        if total <= 0:
-            raise SpecError(f"layers {spec!r}: the robust weight signature is zero everywhere (the robust "
-                            f"change is parallel to the clean change); there is nothing to keep")
-        by_pos: dict[float, list[str]] = {}
-        mass: dict[float, float] = {}
-        for r in rows:
-            p = float(r["position"])
-            by_pos.setdefault(p, []).append(r["name"])
-            mass[p] = mass.get(p, 0.0) + r["rws_norm"] ** 2
-        chosen: set[str] = set()
-        acc = 0.0
-        for p in sorted(by_pos):
-            chosen.update(by_pos[p])
-            acc += mass[p]
-            if acc >= share * total * (1 - 1e-12):
-                break
-        names = [r["name"] for r in rows if r["name"] in chosen]
+        names = _shallowest_share(rows, spec, share)
     if not names:
         raise SpecError(f"layers {spec!r} selects no tensor; {_layers_hint()}")
     return names
+
+
+def _check_share(share: Any) -> None:
+    if isinstance(share, bool) or not (isinstance(share, (int, float)) and 0 < share <= 1):
+        raise SpecError(f"share must be in (0, 1], got {share!r}")
+
+
+def _first_layers(rows: Sequence[Mapping[str, Any]], spec: str, k: int) -> list[str]:
+    """"first:K": the names whose depth position is before layer K of the main stack."""
+    layers = {float(r["position"]) for r in rows if r.get("layer") is not None}
+    if not layers:
+        raise SpecError(f"layers {spec!r}: the model has no layer stack this project recognises "
+                        f"(model.layers.N, blocks.N, h.N, ...); select tensors with a pattern")
+    num_layers = int(max(layers)) + 1
+    if k > num_layers:
+        raise SpecError(f"layers {spec!r}: the model has only {num_layers} layers")
+    return [r["name"] for r in rows if float(r["position"]) < k]
+
+
+def _shallowest_share(rows: Sequence[Mapping[str, Any]], spec: str, share: float) -> list[str]:
+    """"auto": whole layers, shallow first, until they hold `share` of the total ||RWS||^2."""
+    total = sum(r["rws_norm"] ** 2 for r in rows)
+    if total <= 0:
+        raise SpecError(f"layers {spec!r}: the robust weight signature is zero everywhere (the robust "
+                        f"change is parallel to the clean change); there is nothing to keep")
+    by_pos: dict[float, list[str]] = {}
+    mass: dict[float, float] = {}
+    for r in rows:
+        p = float(r["position"])
+        by_pos.setdefault(p, []).append(r["name"])
+        mass[p] = mass.get(p, 0.0) + r["rws_norm"] ** 2
+    chosen: set[str] = set()
+    acc = 0.0
+    for p in sorted(by_pos):
+        chosen.update(by_pos[p])
+        acc += mass[p]
+        if acc >= share * total * (1 - 1e-12):
+            break
+    return [r["name"] for r in rows if r["name"] in chosen]
