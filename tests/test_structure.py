@@ -1,6 +1,6 @@
 import pytest
 
-from weightspace.structure import depth_t, is_pre_weight, parse_layer, structure_of
+from weightspace.structure import depth_t, is_pre_stack, is_pre_weight, parse_layer, structure_of
 
 CASES = [
     # Llama / Mistral / Qwen
@@ -46,6 +46,19 @@ def test_parse_layer(name, expected):
 )
 def test_pre_weights(name, pre):
     assert is_pre_weight(name) is pre
+
+
+@pytest.mark.parametrize(
+    "name,pre_stack,pre_weight",
+    [("stem.weight", True, False), ("stem.0.bias", True, False),    # a top-level stem: before the stack
+     ("model.embed_tokens.weight", True, True), ("patch_embed.proj.weight", True, True),
+     ("backbone.stem.weight", False, False),                          # only a top-level stem counts
+     ("stemmed.weight", False, False), ("blocks.0.stem.weight", False, False),
+     ("head.weight", False, False), ("norm.weight", False, False)],
+)
+def test_pre_stack_adds_a_top_level_stem_to_the_pre_weights(name, pre_stack, pre_weight):
+    assert is_pre_stack(name) is pre_stack
+    assert is_pre_weight(name) is pre_weight  # gradient parameters still place a stem at t = 1
 
 
 def test_structure_and_depth():

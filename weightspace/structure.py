@@ -32,6 +32,9 @@ _PRE_RE = re.compile(
     r"patch_embed|pos_embed|cls_token|embeddings\.|shared\.weight)"
 )
 
+# A top-level `stem` (ResMLP, ConvNeXt, RegNet) also sits before the stack.
+_STEM_RE = re.compile(r"^stem\.")
+
 
 @dataclass(frozen=True)
 class LayerName:
@@ -57,6 +60,18 @@ def parse_layer(name: str) -> LayerName | None:
 def is_pre_weight(name: str) -> bool:
     """True for non-layer tensors that come before the stack (embeddings)."""
     return parse_layer(name) is None and _PRE_RE.search(name) is not None
+
+
+def is_pre_stack(name: str) -> bool:
+    """True for non-layer tensors that come before the stack: embeddings and a top-level stem.
+
+        is_pre_stack("stem.weight")    # True; is_pre_weight("stem.weight") is False
+
+    Where a tensor sits in the network (signature layer selection, per-layer reports) asks
+    this. `is_pre_weight` stays the narrower rule that gradient parameters and slices use
+    (mergekit's pre weights), so counting a stem here moves no gradient value.
+    """
+    return is_pre_weight(name) or (parse_layer(name) is None and _STEM_RE.match(name) is not None)
 
 
 @dataclass(frozen=True)
