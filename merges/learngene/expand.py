@@ -36,7 +36,7 @@ from weightspace.merges.learngene.stack import _read_stack, _space, _where
 
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import ExprRef, TensorRef, WeightSpace
-from weightspace.structure import LayerName, is_pre_weight
+from weightspace.structure import LayerName, is_pre_stack
 
 
 def _line(a: torch.Tensor, b: torch.Tensor, *, x: float) -> torch.Tensor:
@@ -85,7 +85,7 @@ def expand(gene: Gene, depth: int, *, stages: int | Sequence[int] | None = None)
     sizes = expansion_stages(gene, depth, stages)
     m = gene.meta
     refs: dict[str, TensorRef] = {}
-    pre = [n for n in m["non_layer"] if is_pre_weight(n) or n.startswith("stem.")]
+    pre = [n for n in m["non_layer"] if is_pre_stack(n)]
     post = [n for n in m["non_layer"] if n not in pre]
     for n in pre:
         refs[n] = gene.space[n]

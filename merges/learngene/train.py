@@ -333,7 +333,7 @@ def _optimize(aux: _Auxiliary, distill: _Distillation, recipe: _Recipe, total: i
                 order.extend(torch.randperm(len(distill.data), generator=gen).tolist())
             loss, _, _ = distill.losses(*distill.forward(aux.adapter, aux.compose(), distill.data[order.pop(0)]))
             if not bool(torch.isfinite(loss)):
-                raise NonFiniteError(f"train_gene: the loss is {float(loss)} at step {step + 1} of "
+                raise NonFiniteError(f"train_gene: the loss is {float(loss.detach())} at step {step + 1} of "
                                      f"{total}; lower lr (now {lr:g}) or the temperature")
             opt.zero_grad(set_to_none=True)
             loss.backward()
