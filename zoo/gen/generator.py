@@ -5,7 +5,7 @@
     open_model(paths[0])            # a zoo checkpoint like any other (inspect, merge, fine-tune)
 
 Both methods share the first stage: the zoo's checkpoints (one architecture)
-are tokenized (`weightspace.zoo.gen.tokenize`: per-tensor normalization, chunks) and a
+are cut into chunks (`weightspace.zoo.gen.chunking`: per-tensor normalization, chunks) and a
 chunk VAE (`weightspace.zoo.gen.vae`) maps every model to a latent vector.
 
 - d2nwg (Soro et al., "Diffusion-Based Neural Network Weights Generation",
@@ -23,7 +23,7 @@ chunk VAE (`weightspace.zoo.gen.vae`) maps every model to a latent vector.
 
 A generator directory:
 
-    gen/generator.json          method, architecture, tasks seen (classes), tokenizer state, settings
+    gen/generator.json          method, architecture, tasks seen (classes), chunker state (key "tokenizer"), settings
     gen/vae.safetensors         the chunk VAE
     gen/diffusion.safetensors   d2nwg: the latent DDPM (with its latent standardization)
     gen/encoder.safetensors     d2nwg: the dataset encoder
@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from weightspace.zoo.gen.chunking import WeightChunker
 from weightspace.zoo.gen.kde import KDESampler
-from weightspace.zoo.gen.tokenize import Tokenizer
 from weightspace.zoo.gen.vae import ChunkVAE, tensor_weights
 
 from weightspace.errors import InputError, SpecError
@@ -73,7 +73,7 @@ class Generator:
 
     path: Path
     meta: dict[str, Any]
-    tokenizer: Tokenizer
+    chunker: WeightChunker
     vae: ChunkVAE
     ddpm: Any = None                       # LatentDDPM (d2nwg)
     encoder: Any = None                    # DatasetEncoder (d2nwg)
@@ -233,7 +233,7 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     spaces = [zoo.load(r) for r in rows]
     cfg = _check_one_architecture(spaces, rows)
     labels = [f"model {r['model_id']} epoch {r['epoch']}" for r in rows]
-    tok = Tokenizer.fit(spaces, chunk=chunk, include=subset, labels=labels)
+    tok = WeightChunker.fit(spaces, chunk=chunk, include=subset, labels=labels)
     tokens = tok.encode_many(spaces)
     kept_names = [n for n in spaces[0] if n not in tok.names]
 
@@ -432,7 +432,7 @@ def load_generator(path: str | Path) -> Generator:
         raise InputError(f"{gf}: version {meta.get('version')} / method {meta.get('method')!r} "
                          f"is not one this weightspace reads")
     try:
-        tok = Tokenizer.from_state(meta["tokenizer"])
+        tok = WeightChunker.from_state(meta["tokenizer"])
         vae = ChunkVAE(**meta["vae"])
     except (KeyError, TypeError) as e:
         raise InputError(f"{gf}: incomplete ({e!r})") from None
@@ -552,7 +552,7 @@ def generate_weights(gen: Generator, data: str, n: int, *, seed: int = 0, steps:
         (note or (lambda m: warnings.warn(m, stacklevel=3)))(msg)
     z, _ = sample_latents(gen, data, n, seed=seed, steps=steps, eta=eta, task=task, match=match)
     tokens = gen.vae.decode_models(z)
-    models = [gen.tokenizer.decode(t) for t in tokens]
+    models = [gen.chunker.decode(t) for t in tokens]
     if gen.kept:
         key = match["key"] if match is not None else "pooled"
         prefix = f"{key}/"
