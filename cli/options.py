@@ -51,7 +51,10 @@ class _Verbose:
 
 
 class Command(_Verbose, click.Command):
-    """A wsmerge command."""
+    """A wsmerge command; its `GreedyOption`s also take a list after one flag."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, spread_greedy_values(self.get_params(ctx), args))
 
 
 class Group(_Verbose, click.Group):
@@ -86,19 +89,61 @@ def check_plot(plot: object) -> None:
 
 
 class GreedyOption(click.Option):
-    """An option that takes every value up to the next option: `--task-vectors A B C`."""
+    """A repeatable option that also takes every value up to the next option.
 
-    def add_to_parser(self, parser, ctx):
+        @tool.command()                                   # a wsmerge Command (any Group's command)
+        @click.option("--task-vectors", cls=GreedyOption)
+        def learn(task_vectors: tuple[str, ...]): ...
+
+    `--task-vectors A B C` and `--task-vectors A --task-vectors B --task-vectors C`
+    give the same tuple. Click has no such option (`nargs=-1` is for arguments
+    only), so `Command.parse_args` spreads the list into repeated flags before
+    click parses the command line (`spread_greedy_values`); the option itself
+    is an ordinary `multiple=True` option.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("multiple", True)
+        super().__init__(*args, **kwargs)
+        if not self.multiple or self.nargs != 1 or self.is_flag:
+            raise TypeError(f"GreedyOption {self.opts[0]}: must be a multiple=True option of one value each")
+
+    def add_to_parser(self, parser, ctx: click.Context) -> None:
+        if not isinstance(ctx.command, Command):
+            raise TypeError(f"GreedyOption {self.opts[0]} needs a wsmerge Command "
+                            f"(@click.command(cls=weightspace.cli.options.Command)) to take a list")
         super().add_to_parser(parser, ctx)
-        name = self.opts[0]
-        opt = parser._long_opt.get(name) or parser._short_opt.get(name)
-        previous = opt.process
 
-        def process(value, state):
-            values = [value]
-            while state.rargs and not state.rargs[0].startswith("-"):
-                values.append(state.rargs.pop(0))
-            for v in values:
-                previous(v, state)
 
-        opt.process = process
+def spread_greedy_values(params: list[click.Parameter], args: list[str]) -> list[str]:
+    """`--tasks A B --data D` -> `--tasks A --tasks B --data D` for every GreedyOption in `params`.
+
+    A greedy flag takes the next token as its value (as click does), then every
+    following token that does not start with "-". Values of the command's other
+    options are passed over, so a value that reads like a greedy flag stays a
+    value; after "--" nothing is touched.
+    """
+    greedy = {name for p in params if isinstance(p, GreedyOption) for name in p.opts}
+    if not greedy:
+        return args
+    takes = {name: p.nargs for p in params if isinstance(p, click.Option) and not p.is_flag
+             and not p.count for name in p.opts}
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            return out + args[i:]
+        name = token.split("=", 1)[0] if token.startswith("--") else token
+        if name in greedy:
+            n = 1 if "=" in token else 2                    # the flag, and its value unless attached
+            out += args[i:i + n]
+            i += n
+            while i < len(args) and not args[i].startswith("-"):
+                out += [name, args[i]]
+                i += 1
+            continue
+        n = 1 + takes.get(token, 0)                         # another option's values, verbatim
+        out += args[i:i + n]
+        i += n
+    return out

@@ -159,9 +159,9 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, run_cli):
 def test_greedy_option_takes_a_list_or_repeats():
     import click
     from click.testing import CliRunner
-    from weightspace.cli.options import GreedyOption
+    from weightspace.cli.options import Command, GreedyOption
 
-    @click.command()
+    @click.command(cls=Command)
     @click.option("--tasks", cls=GreedyOption, multiple=True)
     @click.option("--data")
     def cmd(tasks, data):

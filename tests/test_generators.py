@@ -1,4 +1,4 @@
-"""Weight generators on a tiny zoo: tokenizer, chunk VAE, KDE sampler, D2NWG and KDE pipelines, CLI."""
+"""Weight generators on a tiny zoo: weight chunker, chunk VAE, KDE sampler, D2NWG and KDE pipelines, CLI."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from torch.func import functional_call
 from weightspace.zoo.arch import model_from_config
 from weightspace.zoo.build import build_zoo
 from weightspace.zoo.data import load_task
+from weightspace.zoo.gen.chunking import WeightChunker
 from weightspace.zoo.gen.evaluate import evaluate_samples
 from weightspace.zoo.gen.generator import check_data, load_generator, sample, train_generator
 from weightspace.zoo.gen.kde import KDESampler, bandwidths
-from weightspace.zoo.gen.tokenize import Tokenizer
 from weightspace.zoo.spec import parse_zoo_spec
 from weightspace.zoo.store import Zoo, write_catalog
 
@@ -64,7 +64,7 @@ def _accuracy(tensors: dict[str, torch.Tensor], config: dict, ref: str) -> float
     return float((logits.argmax(-1) == task.test.y).float().mean())
 
 
-# ---------------------------------------------------------------- tokenizer
+# ---------------------------------------------------------------- weight chunker
 
 SHAPES = {"a.weight": (5, 7), "a.bias": (3,), "b.weight": (64,), "c.weight": (2, 3, 4)}
 
@@ -82,7 +82,7 @@ def _models(n: int, shapes=SHAPES, seed: int = 0) -> list[dict[str, torch.Tensor
 ])
 def test_tokenizer_round_trip_is_exact_with_padding(chunk, padding, n_chunks):
     models = _models(4)
-    tok = Tokenizer.fit(models, chunk=chunk)
+    tok = WeightChunker.fit(models, chunk=chunk)
     assert tok.padding == padding and tok.n_chunks == n_chunks and tok.num_params == 126
     tokens = tok.encode_many(models)
     assert tokens.shape == (4, n_chunks, chunk) and tokens.dtype == torch.float32
@@ -94,14 +94,14 @@ def test_tokenizer_round_trip_is_exact_with_padding(chunk, padding, n_chunks):
         for k in SHAPES:
             assert back[k].shape == m[k].shape
             torch.testing.assert_close(back[k], m[k], rtol=1e-6, atol=1e-6)
-    again = Tokenizer.from_state(json.loads(json.dumps(tok.state_dict())))
+    again = WeightChunker.from_state(json.loads(json.dumps(tok.state_dict())))
     assert torch.equal(again.encode(models[1]), tokens[1])
 
 
 def test_tokenizer_normalizes_per_tensor_with_zoo_statistics():
     models = _models(3)
     models = [{**m, "c.weight": torch.full((2, 3, 4), 0.5)} for m in models]     # constant over the zoo
-    tok = Tokenizer.fit(models, chunk=8)
+    tok = WeightChunker.fit(models, chunk=8)
     for i, name in enumerate(tok.names):
         values = torch.stack([m[name] for m in models]).double()
         assert tok.mean[i] == pytest.approx(float(values.mean()), rel=1e-9)
@@ -116,15 +116,15 @@ def test_tokenizer_refuses_mixed_architectures_and_empty_subsets():
     b = {**a, "a.weight": torch.zeros(5, 8)}
     with pytest.raises(InputError, match=r"mixed architectures.*'a.weight' has shape \[5, 7\] in m0 but "
                                          r"\[5, 8\] in m1"):
-        Tokenizer.fit([a, b], labels=["m0", "m1"])
+        WeightChunker.fit([a, b], labels=["m0", "m1"])
     c = {k: v for k, v in a.items() if k != "a.bias"}
     with pytest.raises(InputError, match="mixed architectures.*'a.bias' is in model 0 but not in model 1"):
-        Tokenizer.fit([a, c])
+        WeightChunker.fit([a, c])
     with pytest.raises(InputError, match="--subset 'head.*' matches no tensor"):
-        Tokenizer.fit([a], include="head.*")
+        WeightChunker.fit([a], include="head.*")
     with pytest.raises(InputError, match="empty zoo"):
-        Tokenizer.fit([])
-    tok = Tokenizer.fit([a], include="a.*")
+        WeightChunker.fit([])
+    tok = WeightChunker.fit([a], include="a.*")
     assert tok.names == ["a.weight", "a.bias"]
     with pytest.raises(InputError, match=r"tokens have shape \[3, 4\]"):
         tok.decode(torch.zeros(3, 4))
@@ -175,16 +175,16 @@ def test_vae_reconstruction_keeps_accuracy(tiny_zoo, d2nwg):
     zoo = Zoo(tiny_zoo)
     rows = zoo.final_rows()
     spaces = [zoo.load(r) for r in rows]
-    tokens = gen.tokenizer.encode_many(spaces)
+    tokens = gen.chunker.encode_many(spaces)
     latents = gen.vae.encode_models(tokens)
-    assert latents.shape == (12, gen.tokenizer.n_chunks * 16) == (12, 192)
+    assert latents.shape == (12, gen.chunker.n_chunks * 16) == (12, 192)
     recon = gen.vae.decode_models(latents)
     assert recon.shape == tokens.shape
     before, after = [], []
     for r, s, t in zip(rows, spaces, recon):
         cfg = s.meta["config"]
         before.append(_accuracy(s.materialize(), cfg, r["dataset"]))
-        after.append(_accuracy(gen.tokenizer.decode(t), cfg, r["dataset"]))
+        after.append(_accuracy(gen.chunker.decode(t), cfg, r["dataset"]))
     diffs = [a - b for a, b in zip(after, before)]
     # measured: mean accuracy 0.723 -> 0.731; 10 of 12 models within 0.05 (9 within 0.02); the two
     # 3-epoch models of one seed and task that differ only in lr come out blurred together

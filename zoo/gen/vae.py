@@ -1,6 +1,6 @@
 """A VAE over weight chunks: the first stage of D2NWG and of hyper-representation sampling.
 
-    vae = ChunkVAE(n_chunks=tok.n_chunks, chunk=tok.chunk, latent_dim=16)
+    vae = ChunkVAE(n_chunks=chunker.n_chunks, chunk=chunker.chunk, latent_dim=16)
     history = vae.fit(tokens, epochs=300, lr=1e-3, seed=0)      # tokens (N_models, n_chunks, chunk)
     z = vae.encode_models(tokens)        # (N_models, n_chunks * latent_dim), the posterior means
     tokens_hat = vae.decode_models(z)    # (N_models, n_chunks, chunk)
@@ -29,18 +29,23 @@ latent, not a point, to working weights, which is what sampling needs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from einops import rearrange
 from torch import nn
 
 from weightspace.errors import InputError
 
+if TYPE_CHECKING:
+    from weightspace.zoo.gen.chunking import WeightChunker
+
 DEFAULT_KL_WEIGHT = 1e-4
 DEFAULT_INPUT_NOISE = 1e-3
 DEFAULT_LATENT_NOISE = 0.1
 
 
-def tensor_weights(tokenizer) -> torch.Tensor:
+def tensor_weights(chunker: WeightChunker) -> torch.Tensor:
     """(n_chunks, chunk) loss weights: 0 on padding, and 1 / sqrt(numel) per value of a tensor,
     scaled to mean 1 over the real values.
 
@@ -48,9 +53,9 @@ def tensor_weights(tokenizer) -> torch.Tensor:
     the VAE reconstructs biases worst (8 % relative error vs 2 % on a 12-model zoo);
     with these weights every tensor counts as the square root of its size and the
     relative errors even out (2.5-3.6 %), at the same cost."""
-    mask = tokenizer.mask().float()
-    size = dict(zip(tokenizer.names, tokenizer.numels))
-    w = torch.stack([mask[i] / size[n] ** 0.5 for i, n in enumerate(tokenizer.chunk_owner())])
+    mask = chunker.mask().float()
+    size = dict(zip(chunker.names, chunker.numels))
+    w = torch.stack([mask[i] / size[n] ** 0.5 for i, n in enumerate(chunker.chunk_owner())])
     return w * (mask.sum() / w.sum())
 
 

@@ -1,9 +1,9 @@
-"""Turn the weights of one architecture into fixed-size chunks ("tokens") and back.
+"""Cut the weights of one architecture into fixed-size, normalized chunks and back.
 
-    tok = Tokenizer.fit([zoo.load(r) for r in rows], chunk=64)       # statistics from the zoo
-    tokens = tok.encode(space)            # (n_chunks, chunk) float32
-    weights = tok.decode(tokens)          # {name: tensor}, the exact inverse (float rounding)
-    Tokenizer.from_state(tok.state_dict())   # JSON-able: stored in generator.json
+    chunker = WeightChunker.fit([zoo.load(r) for r in rows], chunk=64)   # statistics from the zoo
+    tokens = chunker.encode(space)         # (n_chunks, chunk) float32, the VAE's input
+    weights = chunker.decode(tokens)       # {name: tensor}, the exact inverse (float rounding)
+    WeightChunker.from_state(chunker.state_dict())   # JSON-able: generator.json keeps it as "tokenizer"
 
 Every tensor is flattened in a fixed order (the first model's order) and
 normalized with the zoo's per-tensor statistics, (w - mean_t) / std_t, so a
@@ -56,7 +56,7 @@ def _describe(weights: Weights, label: str) -> str:
 def check_same_architecture(models: Sequence[Weights], labels: Sequence[str] | None = None) -> None:
     """Refuse models whose tensor names or shapes differ; the error names both models and the tensor."""
     if not models:
-        raise InputError("no models to tokenize (an empty zoo?)")
+        raise InputError("no models to chunk (an empty zoo?)")
     labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
     ref = _shapes(models[0])
     for m, label in zip(models[1:], labels[1:]):
@@ -76,7 +76,7 @@ def check_same_architecture(models: Sequence[Weights], labels: Sequence[str] | N
                                  f"generator per architecture (--tasks or a zoo of one arch)")
 
 
-class Tokenizer:
+class WeightChunker:
     """Per-tensor normalization + per-tensor chunking of one architecture's weights."""
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], mean: Sequence[float],
@@ -84,7 +84,7 @@ class Tokenizer:
         if chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk}")
         if not names:
-            raise InputError("a tokenizer needs at least one tensor (does --subset match any name?)")
+            raise InputError("a weight chunker needs at least one tensor (does --subset match any name?)")
         self.names = list(names)
         self.shapes = [tuple(int(x) for x in s) for s in shapes]
         self.mean = [float(m) for m in mean]
@@ -97,7 +97,7 @@ class Tokenizer:
     # fitting
     @classmethod
     def fit(cls, models: Sequence[Weights], *, chunk: int = 64, include: str | None = None,
-            labels: Sequence[str] | None = None) -> Tokenizer:
+            labels: Sequence[str] | None = None) -> WeightChunker:
         """Statistics from a zoo of one architecture; `include` (fnmatch) keeps only matching tensors."""
         check_same_architecture(models, labels)
         shapes = _shapes(models[0])
@@ -149,13 +149,13 @@ class Tokenizer:
         """(n_chunks, chunk) float32 tokens of one model (extra tensors, if any, are ignored)."""
         missing = [n for n in self.names if n not in weights]
         if missing:
-            raise InputError(f"the weights have no tensor {missing[0]!r} that this tokenizer was fitted on")
+            raise InputError(f"the weights have no tensor {missing[0]!r} that this weight chunker was fitted on")
         tensors = _tensors(weights, self.names)
         parts = []
         for n, shape, mu, sd, pad in zip(self.names, self.shapes, self.mean, self.std, self.padding):
             t = tensors[n]
             if tuple(t.shape) != shape:
-                raise InputError(f"tensor {n!r} has shape {list(t.shape)}, but the tokenizer was fitted "
+                raise InputError(f"tensor {n!r} has shape {list(t.shape)}, but the weight chunker was fitted "
                                  f"on {list(shape)} (another architecture)")
             flat = (t.reshape(-1).double() - mu) / sd
             flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -170,7 +170,7 @@ class Tokenizer:
         """{name: float32 tensor} from (n_chunks, chunk) tokens; padding is dropped."""
         want = (self.n_chunks, self.chunk)
         if tuple(tokens.shape) != want:
-            raise InputError(f"tokens have shape {list(tokens.shape)}; this tokenizer makes {list(want)}")
+            raise InputError(f"tokens have shape {list(tokens.shape)}; this weight chunker makes {list(want)}")
         out, start = {}, 0
         for n, shape, mu, sd, c, numel in zip(self.names, self.shapes, self.mean, self.std,
                                               self.chunks_per_tensor, self.numels):
@@ -189,15 +189,15 @@ class Tokenizer:
                 "mean": self.mean, "std": self.std, "padding": self.padding}
 
     @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> Tokenizer:
+    def from_state(cls, state: Mapping[str, Any]) -> WeightChunker:
         try:
-            tok = cls(state["names"], state["shapes"], state["mean"], state["std"], int(state["chunk"]))
+            chunker = cls(state["names"], state["shapes"], state["mean"], state["std"], int(state["chunk"]))
         except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"malformed tokenizer state: {e!r}") from None
-        if "padding" in state and list(state["padding"]) != tok.padding:
-            raise InputError("malformed tokenizer state: padding does not match shapes and chunk")
-        return tok
+            raise InputError(f"malformed weight chunker state (\"tokenizer\" in generator.json): {e!r}") from None
+        if "padding" in state and list(state["padding"]) != chunker.padding:
+            raise InputError("malformed weight chunker state (\"tokenizer\" in generator.json): padding does not match shapes and chunk")
+        return chunker
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({len(self.names)} tensors, {self.num_params:,} values -> "
+        return (f"WeightChunker({len(self.names)} tensors, {self.num_params:,} values -> "
                 f"{self.n_chunks} chunks of {self.chunk})")

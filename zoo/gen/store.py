@@ -1,0 +1,183 @@
+"""The generator directory: its files, and the `Generator` that `load_generator` fills from them.
+
+    gen = load_generator("gen/")      # gen.method, gen.tasks, gen.chunker, gen.vae, gen.ddpm, ...
+    write_generator("gen/", files, meta, overwrite=False)   # what train_generator writes
+
+    gen/generator.json          method, architecture, tasks seen (classes), chunker state (key
+                                "tokenizer"), settings, training history
+    gen/vae.safetensors         the chunk VAE
+    gen/diffusion.safetensors   d2nwg: the latent DDPM (with its latent standardization)
+    gen/encoder.safetensors     d2nwg: the dataset encoder
+    gen/latent_pca.safetensors  d2nwg: latent mean, principal directions, clip range of the coordinates
+    gen/kde.safetensors         kde: the anchor latents of every sampler ("pooled", "task.<i>")
+    gen/kept.safetensors        with --subset: the tensors not generated, from each task's best model
+
+No pickle: modules are rebuilt from generator.json and filled from safetensors.
+A directory is written atomically; a missing or malformed file raises InputError
+naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from weightspace.zoo.gen.chunking import WeightChunker
+from weightspace.zoo.gen.kde import KDESampler
+from weightspace.zoo.gen.vae import ChunkVAE
+
+from weightspace.errors import InputError
+from weightspace.files import atomic_dir
+
+FORMAT = "weightspace-generator"
+FORMAT_VERSION = 1
+GENERATOR_FILE = "generator.json"
+METHODS = ("d2nwg", "kde")
+ZOO_MODEL_TYPE = "weightspace-zoo"
+
+
+@dataclass
+class Generator:
+    """A loaded generator: its description (generator.json) and its modules."""
+
+    path: Path
+    meta: dict[str, Any]
+    chunker: WeightChunker
+    vae: ChunkVAE
+    ddpm: Any = None                       # LatentDDPM (d2nwg)
+    encoder: Any = None                    # DatasetEncoder (d2nwg)
+    samplers: dict[str, KDESampler] = field(default_factory=dict)   # kde: "pooled", "task.<i>"
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)     # "<key>/<tensor name>"
+    pca: dict[str, torch.Tensor] = field(default_factory=dict)     # d2nwg: latent principal coordinates
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    @property
+    def tasks(self) -> list[dict[str, Any]]:
+        return self.meta["tasks"]
+
+
+def task_classes(task) -> list[int]:
+    """The sorted class labels of a task's training split (what generator.json records per task)."""
+    return sorted(int(c) for c in torch.unique(task.train.y).tolist())
+
+
+# ---------------------------------------------------------------- safetensors files
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "pt", "weightspace.generator": "1"})
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the generator directory is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _load_module(module: torch.nn.Module, path: Path) -> None:
+    state = _load_safetensors(path)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise InputError(f"{path}: does not fit the module described in {GENERATOR_FILE}: {first}") from None
+
+
+# ---------------------------------------------------------------- writing
+
+def write_generator(out: Path, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
+                    overwrite: bool) -> Path:
+    """Write `files` ({file name: tensors}) and generator.json (`meta`) as the directory `out`, atomically."""
+
+    def write(tmp: Path) -> None:
+        for name, tensors in files.items():
+            _save_safetensors(tensors, tmp / name)
+        (tmp / GENERATOR_FILE).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+    return atomic_dir(out, overwrite, write)
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_meta(d: Path) -> dict[str, Any]:
+    """generator.json of `d`, checked for format, version and method."""
+    gf = d / GENERATOR_FILE
+    if not gf.is_file():
+        what = "does not exist" if not d.exists() else f"has no {GENERATOR_FILE}"
+        raise InputError(f"{d}: not a weight generator ({what}); train one with "
+                         f"`wsmerge generate train ZOO -o {d}`")
+    try:
+        meta = json.loads(gf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{gf}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{gf}: not a generator file (format {FORMAT!r} expected)")
+    if meta.get("version") != FORMAT_VERSION or meta.get("method") not in METHODS:
+        raise InputError(f"{gf}: version {meta.get('version')} / method {meta.get('method')!r} "
+                         f"is not one this weightspace reads")
+    return meta
+
+
+def _load_d2nwg(gen: Generator) -> None:
+    """The dataset encoder, the latent DDPM and the latent principal coordinates."""
+    from weightspace.zoo.gen.diffusion import LatentDDPM
+    from weightspace.zoo.gen.setenc import DatasetEncoder
+
+    d, meta = gen.path, gen.meta
+    try:
+        e, dd = meta["encoder"], meta["diffusion"]
+        gen.encoder = DatasetEncoder(e["input_dim"], hidden=e["hidden"], out_dim=e["out_dim"], seed=None)
+        gen.ddpm = LatentDDPM(dd["latent_dim"], cond_dim=dd["cond_dim"], hidden=dd["hidden"],
+                              depth=dd["depth"], timesteps=dd["timesteps"])
+    except (KeyError, TypeError) as err:
+        raise InputError(f"{d / GENERATOR_FILE}: incomplete ({err!r})") from None
+    _load_module(gen.encoder, d / "encoder.safetensors")
+    _load_module(gen.ddpm, d / "diffusion.safetensors")
+    gen.pca = _load_safetensors(d / "latent_pca.safetensors")
+    if set(gen.pca) != {"mean", "components", "low", "high"}:
+        raise InputError(f"{d / 'latent_pca.safetensors'}: expected mean, components, low, high")
+    gen.encoder.eval()
+    gen.ddpm.eval()
+
+
+def _load_kde(gen: Generator) -> None:
+    """One KDE sampler per set of anchor latents."""
+    kde_meta = gen.meta.get("kde") or {}
+    for key, anchors in _load_safetensors(gen.path / "kde.safetensors").items():
+        gen.samplers[key] = KDESampler(kde_meta.get("fraction", 0.3),
+                                       kde_meta.get("bandwidth", "scott")).fit_anchors(anchors.double().numpy())
+
+
+def load_generator(path: str | Path) -> Generator:
+    """Open a generator directory written by `train_generator`; malformed files raise InputError."""
+    d = Path(path)
+    meta = _read_meta(d)
+    try:
+        chunker = WeightChunker.from_state(meta["tokenizer"])
+        vae = ChunkVAE(**meta["vae"])
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{d / GENERATOR_FILE}: incomplete ({e!r})") from None
+    _load_module(vae, d / "vae.safetensors")
+    vae.eval()
+    gen = Generator(d, meta, chunker, vae)
+    if meta["method"] == "d2nwg":
+        _load_d2nwg(gen)
+    else:
+        _load_kde(gen)
+    if meta.get("kept_tensors"):
+        gen.kept = _load_safetensors(d / "kept.safetensors")
+    return gen
