@@ -21,7 +21,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. -v/--verbose after any command; 5. --device: one option, default auto, everywhere
+# -v/--verbose after any command; --device: one option, default auto, everywhere
 
 
 def test_every_command_takes_verbose_and_device_options_are_one_definition():
@@ -53,7 +53,7 @@ def test_verbose_shows_tracebacks_wherever_it_is(tmp_path, run_cli, where):
 
 
 def test_device_auto_is_resolved_once_for_every_command(tmp_path, run_cli):
-    # learngene train and atlas learn used to default to cpu and refuse `auto`
+    # the training commands take `auto` like run does
     code, out, err = run_cli("learngene", "train", "--teacher", _digits("base"), "--data", "digits",
                              "--aux-depth", "2", "--steps", "1", "--n-examples", "64", "--device", "auto",
                              "-o", tmp_path / "g", "--no-progress")
@@ -72,7 +72,7 @@ def test_device_auto_is_resolved_once_for_every_command(tmp_path, run_cli):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. one error style, click's usage errors included
+# one error style, click's usage errors included
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -106,7 +106,7 @@ def test_help_and_version_exit_0_and_a_bare_group_shows_its_help(run_cli):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. run takes OUT as an argument or as -o, like every other command
+# run takes OUT as an argument or as -o, like every other command
 
 
 def test_run_takes_out_as_argument_or_option(tmp_path, run_cli):
@@ -128,7 +128,7 @@ def test_run_takes_out_as_argument_or_option(tmp_path, run_cli):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. demo refuses what it did not write; 8. its printed commands work
+# demo refuses what it did not write, and its printed commands work
 
 
 def test_demo_refuses_a_directory_it_did_not_write(tmp_path, run_cli):
@@ -188,7 +188,7 @@ def test_demo_printed_commands_run_from_another_directory(tmp_path, run_cli, mon
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. zoo build reports progress while batches train, not only when they finish
+# zoo build reports progress while batches train, not only when they finish
 
 
 def test_zoo_build_reports_progress_as_models_finish(tmp_path):
@@ -224,7 +224,7 @@ def test_zoo_build_progress_comes_from_worker_processes_while_they_train(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. the dry run's peak memory is the plan's own, capped by the prefetch budget
+# the dry run's peak memory is the plan's own, capped by the prefetch budget
 
 
 def test_dry_run_peak_memory_is_the_plans_own(tmp_path, run_cli, monkeypatch):

@@ -17,7 +17,7 @@ PACKAGES = {"cli", "merges", "tests", "weightspace", "zoo", "benchmarks", "docs"
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. every example in every --help text parses, and those with inputs in the repo run
+# every example in every --help text parses, and those with inputs in the repo run
 
 def _help_lines(path: tuple[str, ...], cmd: click.Command) -> list[str]:
     """Lines of the command's --help that start with `wsmerge`, continuation backslashes joined,

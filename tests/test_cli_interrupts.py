@@ -13,7 +13,7 @@ import pytest
 from _cli_helpers import EXAMPLES, REPO, ZOO_SPEC, _digits
 
 # ---------------------------------------------------------------------------------------------
-# 1. interrupted work exits 130, says what was kept, and leaves nothing half-written
+# interrupted work exits 130, says what was kept, and leaves nothing half-written
 
 def _interrupt_on_call(monkeypatch, module, name: str, at: int = 1):
     """Make `module.name` raise KeyboardInterrupt (Ctrl-C, or SIGTERM through main's handler) on
