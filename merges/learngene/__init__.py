@@ -42,15 +42,9 @@ Where a gene comes from:
   the stage tensor) is trained by soft distillation from a teacher; only the
   gene and the non-layer tensors are parameters.
 
-The gene on disk (`save_gene`, `load_gene`) is a checkpoint directory:
-
-    model.safetensors     gene.A.<suffix>, gene.B.<suffix>         (TLEG)
-                          gene.stage<s>.<suffix>, s = 0 .. S-1      (SWS)
-                          every non-layer tensor under its own name
-    gene.json             mode, prefix, suffixes, source_depth, denominator, stages,
-                          non_layer, dtypes, depth_key, provenance, report, history
-    source_config.json    the source's config.json (rewritten on expansion), if it had one
-    tokenizer files       carried from the source, copied into every expansion
+The gene on disk (`save_gene`, `load_gene`) is a checkpoint directory with
+model.safetensors, gene.json, the source's config and its tokenizer files
+(the layout is in gene.py).
 
 Expansions rewrite the depth in the config: `num_hidden_layers` (BERT, Llama),
 `n_layer` (GPT-2), `num_layers`/`n_layers`, or `arch.depth` for zoo models;
