@@ -193,3 +193,16 @@ def test_layers_point_one_way():
             continue
         others = sorted({owner[d] for d in deps if owner[d] not in (None, owner[m])})
         assert not others, f"{m} imports the method module(s) {others}"
+
+
+def test_tests_examples_and_benchmarks_import_the_installed_names():
+    """From the repository root `merges`, `zoo` and `cli` would also import as folders; nothing
+    here may rely on that, or a wheel install would break it."""
+    bad = []
+    for folder in ("tests", "examples", "benchmarks", *FOLDERS):
+        for f in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                bad += [f"{f.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("merges", "zoo", "cli")]
+    assert bad == []
