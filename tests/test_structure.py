@@ -68,10 +68,12 @@ def test_structure_and_depth():
     assert st.stacks == {"model.layers": 5}
     assert st.num_layers == 5 and st.main_prefix == "model.layers"
     assert set(st.non_layer) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    # layer i of n -> i / (n - 1); embeddings 0, final norm / head 1 (mergekit's pre/post weights)
+    # layer i of n -> i / (n - 1); every tensor outside the stack at 0, as mergekit 0.1.5's
+    # planner (its ConfigReader for pre and post weights keeps t = 0)
     assert [depth_t(f"model.layers.{i}.mlp.up_proj.weight", st) for i in range(5)] == [0, 0.25, 0.5, 0.75, 1]
     assert depth_t("model.embed_tokens.weight", st) == 0.0
-    assert depth_t("lm_head.weight", st) == 1.0
+    assert depth_t("model.norm.weight", st) == 0.0
+    assert depth_t("lm_head.weight", st) == 0.0
 
 
 def test_two_stacks():

@@ -264,8 +264,8 @@ class _Planner:
                     in_names = [f"{prefix}.{s.layer_range[0] + idx}{tail}" for s in srcs]
                     self.add_step(f"{prefix}.{out_layer}{tail}", k, srcs, in_names, t, out_layer)
                 out_layer += 1
-        for n in (n for n in outside if not is_pre_weight(n)):
-            self.add_step(n, len(slices) - 1, slices[-1], [n] * len(slices[-1]), 1.0, None)
+        for n in (n for n in outside if not is_pre_weight(n)):  # t = 0 like the pre weights, as mergekit
+            self.add_step(n, len(slices) - 1, slices[-1], [n] * len(slices[-1]), 0.0, None)
         self.num_layers = out_layer
         if out_layer != struct.num_layers:
             self.notes.append(f"output has {out_layer} layers (input {self.reference!r} has "

@@ -106,10 +106,11 @@ def structure_of(names: Iterable[str]) -> Structure:
 
 
 def depth_t(name: str, structure: Structure) -> float:
-    """Position in depth used by gradient parameters: layer i of n -> i/(n-1);
-    embeddings -> 0, other non-layer tensors (final norm, head) -> 1."""
+    """Position in depth used by gradient parameters, as mergekit 0.1.5's planner sets it:
+    layer i of n -> i/(n-1) (a single layer -> 1); every tensor outside the layer stack
+    (embeddings, final norm, head) -> 0, the first value of the gradient."""
     ln = parse_layer(name)
     if ln is None:
-        return 0.0 if is_pre_weight(name) else 1.0
+        return 0.0
     n = structure.stacks.get(ln.prefix, ln.index + 1)
     return ln.index / (n - 1) if n > 1 else 1.0
