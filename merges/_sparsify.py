@@ -122,18 +122,26 @@ def topk_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
     return _rank_window(tensor.abs().neg_(), 0, k)
 
 
+def keep_count(density: float, numel: int) -> int:
+    """How many entries magnitude trimming keeps: int(density * numel), but at least one for
+    any positive density in a nonempty tensor (mergekit 0.1.5's `magnitude`)."""
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
 def magnitude(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the `int(density * numel)` entries of largest magnitude (TIES "trim").
 
     Args:
         tensor: a task vector.
-        density: fraction to keep; >= 1 returns `tensor` untouched, and a density
-            that keeps no entry returns zeros.
+        density: fraction to keep; >= 1 returns `tensor` untouched, <= 0 returns zeros, and
+            any positive density keeps at least one entry (as mergekit 0.1.5).
         rescale: match the L1 norm of the input afterwards.
     """
     if density >= 1:
         return tensor
-    mask = topk_mask(tensor, int(density * tensor.numel()))
+    mask = topk_mask(tensor, keep_count(density, tensor.numel()))
     masked = tensor * mask
     return rescale_l1(tensor, masked) if rescale else masked
 

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from weightspace.merges._sparsify import Consensus, Sparsification, kth_and_count_above, sparsify
+from weightspace.merges._sparsify import (
+    Consensus,
+    Sparsification,
+    keep_count,
+    kth_and_count_above,
+    sparsify,
+)
 
 from weightspace.errors import SpecError
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
@@ -147,7 +153,7 @@ def _keep_counts(numel: int, densities: list[float] | None, n: int) -> tuple[Tri
         density = densities[i] if densities is not None else 1.0
         if density >= 1:
             continue
-        k = int(density * numel)
+        k = keep_count(density, numel)
         if k <= 0:
             st.keep_none[i] = True
         else:
@@ -290,7 +296,9 @@ def _merge_block(
             mixed = torch.where(elect_up, pos, neg)
             if normalize:
                 divisor = torch.where(elect_up, pos_w, neg_w)
-                divisor[divisor.abs() < 1e-8] = 1
+                # exactly zero, as mergekit: a 1e-8 threshold is 0 in float16, so a zero divisor
+                # would survive it and give 0/0 = NaN
+                divisor[divisor == 0] = 1
                 mixed /= divisor
         if lambda_ != 1:
             mixed *= lambda_

@@ -41,12 +41,15 @@ def nuslerp(
         a, b = v0, v1
     a_unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp(min=NORM_EPS)
     b_unit = b / torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp(min=NORM_EPS)
-    cos_theta = (a_unit * b_unit).sum(dim=-1, keepdim=True)
-    theta = torch.acos(cos_theta.clamp(-1, 1))
+    cos_theta = (a_unit * b_unit).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    # mergekit's test and order of operations: 1 - cos^2 <= eps^2 stays true for identical
+    # vectors in float16/bfloat16 (where eps^2 rounds to 0), and the curved branch is computed
+    # at theta = 0 for them, so no 0/0 is ever formed
+    colinear = (1 - cos_theta.square()) <= COLINEAR_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
     sin_theta = torch.sin(theta)
     curved = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin_theta
-    straight = (1 - t) * a + t * b
-    out = torch.where(sin_theta.abs() < COLINEAR_EPS, straight, curved)
+    out = torch.where(colinear, (1 - t) * a + t * b, curved)
     if dim != -1 and not flatten and v0.dim() > 0:
         out = out.transpose(dim, -1)
     return out.reshape(shape)

@@ -103,7 +103,9 @@ def test_density_one_is_a_no_op():
 def test_magnitude_ties_at_threshold_keep_lower_indices():
     close(_sparsify.magnitude(t(1, -1, 1, 1, 0.5), 0.4), [1, -1, 0, 0, 0])
     close(_sparsify.magnitude(t(0.5, 2, 1, 1, 1), 0.6), [0, 2, 1, 1, 0])
-    close(_sparsify.magnitude(t(3, 1), 0.4), [0, 0])  # keeps int(0.8) = 0 entries
+    # int(0.8) = 0, but a positive density keeps at least one entry, as in mergekit 0.1.5
+    close(_sparsify.magnitude(t(3, 1), 0.4), [3, 0])
+    close(_sparsify.magnitude(t(3, 1), 0.0), [0, 0])
 
 
 @pytest.mark.parametrize("shape, density", [((257,), 0.3), ((64, 48), 0.5), ((8, 3, 5), 0.11)])

@@ -1,0 +1,191 @@
+"""mergekit 0.1.5 configs and habits give mergekit's tensors (the formulas written out here;
+`benchmarks/compare_mergekit.py` checks the same configs against mergekit itself)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from weightspace import load_space
+from weightspace.merge import plan_merge, run_plan
+from weightspace.spec import parse_spec
+from weightspace.zoo.tiny import write_tiny_llama
+
+
+@pytest.fixture
+def four(tmp_path):
+    """A 4-layer tiny Llama base and two fine-tunes."""
+    d = tmp_path / "m"
+    return (write_tiny_llama(d / "base", seed=0, layers=4),
+            write_tiny_llama(d / "a", seed=0, delta_seed=1, layers=4),
+            write_tiny_llama(d / "b", seed=0, delta_seed=2, layers=4))
+
+
+def _merge(text: str, out) -> dict[str, torch.Tensor]:
+    run_plan(plan_merge(parse_spec(text)), out, progress=False)
+    return {n: r.load() for n, r in load_space(out).items()}
+
+
+def _lerp(values: list[float], t: float) -> float:
+    """mergekit's gradient: the list spread evenly over t in [0, 1], linear in between."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    return (1 - (scaled - i0)) * values[i0] + (scaled - i0) * values[i1]
+
+
+def test_gradients_give_every_tensor_outside_the_layers_the_first_value(four, tmp_path):
+    """mergekit 0.1.5 plans the embeddings, the final norm and lm_head with t = 0 (its
+    ConfigReader for pre and post weights is made with t=0); layer i of n sits at i/(n-1)."""
+    base, a, b = four
+    got = _merge(f"""
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{weight: [0.2, 0.8]}}
+  - model: {b}
+    parameters: {{weight: 0.5}}
+dtype: float32
+""", tmp_path / "out")
+    B, A, Bm = (load_space(p) for p in (base, a, b))
+    for n in got:
+        ln = n.split(".")
+        t = int(ln[2]) / 3 if n.startswith("model.layers.") else 0.0
+        w = _lerp([0.2, 0.8], t)
+        want = B[n].load() + w * (A[n].load() - B[n].load()) + 0.5 * (Bm[n].load() - B[n].load())
+        torch.testing.assert_close(got[n], want, rtol=0, atol=1e-6, msg=n)
+    assert _lerp([0.2, 0.8], 0.0) == 0.2  # so lm_head and model.norm took 0.2, not 0.8
+
+
+def test_slices_restart_the_gradient_per_slice_and_post_weights_sit_at_zero(four, tmp_path):
+    base, a, _ = four
+    got = _merge(f"""
+merge_method: linear
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 2]
+        parameters: {{weight: [1.0, 0.0]}}
+      - model: {base}
+        layer_range: [0, 2]
+        parameters: {{weight: [0.0, 1.0]}}
+  - sources:
+      - model: {a}
+        layer_range: [2, 4]
+        parameters: {{weight: [0.0, 1.0]}}
+      - model: {base}
+        layer_range: [2, 4]
+        parameters: {{weight: [1.0, 0.0]}}
+dtype: float32
+""", tmp_path / "out")
+    B, A = load_space(base), load_space(a)
+    # slice 0, layer 0 at t=0 -> all a; layer 1 at t=1 -> all base. slice 1 the other way round.
+    for out_layer, (src_layer, from_a) in enumerate([(0, True), (1, False), (2, False), (3, True)]):
+        n = f"model.layers.{out_layer}.mlp.up_proj.weight"
+        src = f"model.layers.{src_layer}.mlp.up_proj.weight"
+        torch.testing.assert_close(got[n], (A if from_a else B)[src].load(), rtol=0, atol=0)
+    # embeddings from the first slice's parameters, final norm and lm_head from the last's, both
+    # at t = 0: slice 0 gives a weight 1 there, slice 1 gives the base weight 1 (at t = 1 it would
+    # have been a)
+    torch.testing.assert_close(got["model.embed_tokens.weight"], A["model.embed_tokens.weight"].load())
+    torch.testing.assert_close(got["lm_head.weight"], B["lm_head.weight"].load())
+
+
+# ---------------------------------------------------------------------------------------------
+# every method in float32, float16 and bfloat16 (mergekit's own examples/ties.yml is fp16)
+
+# method -> (spec lines after merge_method, with @BASE @A @B placeholders); every registered
+# method must be here, so a new one is added to this table with its usual parameters
+DTYPE_TABLE: dict[str, str] = {
+    "linear": "models:\n  - {model: @A, parameters: {weight: 0.6}}\n  - {model: @B, parameters: {weight: 0.4}}\n",
+    "task_arithmetic": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0}}\n"
+                       "  - {model: @B, parameters: {weight: 0.5}}\nparameters: {lambda: 0.8}\n",
+    "ties": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0, density: 0.5}}\n"
+            "  - {model: @B, parameters: {weight: 0.5, density: 0.5}}\nparameters: {normalize: true}\n",
+    "dare_ties": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0, density: 0.5}}\n"
+                 "  - {model: @B, parameters: {weight: 0.5, density: 0.5}}\nparameters: {seed: 3}\n",
+    "dare_linear": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0, density: 0.5}}\n"
+                   "  - {model: @B, parameters: {weight: 0.5, density: 0.5}}\nparameters: {seed: 3}\n",
+    "breadcrumbs": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0, density: 0.6, gamma: 0.05}}\n"
+                   "  - {model: @B, parameters: {weight: 0.5, density: 0.6, gamma: 0.05}}\n",
+    "breadcrumbs_ties": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0, density: 0.6, gamma: 0.05}}\n"
+                        "  - {model: @B, parameters: {weight: 0.5, density: 0.6, gamma: 0.05}}\n",
+    "della": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}}\n"
+             "  - {model: @B, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}\nparameters: {seed: 3}\n",
+    "della_linear": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 1.0, density: 0.5, epsilon: 0.1}}\n"
+                    "  - {model: @B, parameters: {weight: 0.5, density: 0.5, epsilon: 0.1}}\nparameters: {seed: 3}\n",
+    "slerp": "base_model: @A\nmodels:\n  - {model: @A}\n  - {model: @B}\nparameters: {t: [0.2, 0.8]}\n",
+    "nuslerp": "models:\n  - {model: @A, parameters: {weight: 0.6}}\n  - {model: @B, parameters: {weight: 0.4}}\n",
+    "model_stock": "base_model: @BASE\nmodels:\n  - {model: @A}\n  - {model: @B}\n",
+    "passthrough": "models:\n  - {model: @A, parameters: {scale: 0.5}}\n",
+    "fisher": "models:\n  - {model: @A, parameters: {weight: 0.6, fisher: @A.fisher.safetensors}}\n"
+              "  - {model: @B, parameters: {weight: 0.4, fisher: @B.fisher.safetensors}}\n",
+    "regmean": "models:\n  - {model: @A, parameters: {gram: @A.gram.safetensors}}\n"
+               "  - {model: @B, parameters: {gram: @B.gram.safetensors}}\n",
+    "atlas": "base_model: @BASE\nmodels:\n  - {model: @A}\n  - {model: @B}\n"
+             "parameters: {coefficients: @coeffs.safetensors}\n",
+}
+
+
+@pytest.fixture(scope="module")
+def dtype_models(tmp_path_factory):
+    """Tiny Llamas with big enough fine-tune deltas that float16 rounding matters, plus the
+    companion files the data-aware methods read (seeded, positive, symmetric)."""
+    from safetensors.torch import save_file
+
+    from weightspace.merges.atlas import Coefficients, save_coefficients
+
+    d = tmp_path_factory.mktemp("dtypes")
+    paths = {"BASE": write_tiny_llama(d / "base", seed=0),
+             "A": write_tiny_llama(d / "a", seed=0, delta_seed=1, delta_scale=0.02),
+             "B": write_tiny_llama(d / "b", seed=0, delta_seed=2, delta_scale=0.02)}
+    g = torch.Generator().manual_seed(0)
+    for key in ("A", "B"):
+        space = load_space(paths[key])
+        save_file({n: torch.rand(space[n].shape, generator=g) + 0.05 for n in space},
+                  str(d / f"{key}.fisher.safetensors"))
+        grams = {}
+        for n in space:
+            if space[n].shape and len(space[n].shape) == 2 and n.endswith("proj.weight"):
+                x = torch.randn(64, space[n].shape[1], generator=g)
+                grams[n] = x.T @ x / 64
+        save_file(grams, str(d / f"{key}.gram.safetensors"))
+    blocks = list(load_space(paths["BASE"]))
+    save_coefficients(Coefficients(torch.full((2, len(blocks)), 0.7), blocks, ["a", "b"]),
+                      d / "coeffs.safetensors")
+    return d, paths
+
+
+def _spec(method: str, d, paths, dtype: str) -> str:
+    import re
+
+    body = DTYPE_TABLE[method]
+    body = re.sub(r"@(BASE|A|B)\.", lambda m: f"{d}/{m[1]}.", body)        # companion files
+    body = re.sub(r"@(BASE|A|B)\b", lambda m: str(paths[m[1]]), body)
+    body = body.replace("@coeffs", f"{d}/coeffs")
+    return f"merge_method: {method}\n{body}dtype: {dtype}\n"
+
+
+def test_the_dtype_table_lists_every_method():
+    from weightspace.methods import all_methods
+
+    assert sorted(DTYPE_TABLE) == sorted(all_methods())
+
+
+@pytest.mark.parametrize("method", sorted(DTYPE_TABLE))
+def test_every_method_is_finite_and_close_in_float16_and_bfloat16(method, dtype_models, tmp_path):
+    d, paths = dtype_models
+    results = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        results[dtype] = _merge(_spec(method, d, paths, dtype), tmp_path / dtype)
+    ref = results["float32"]
+    for dtype, tol in (("float16", 2e-2), ("bfloat16", 5e-2)):
+        got = results[dtype]
+        for n, x in got.items():
+            assert x.dtype == getattr(torch, dtype), (method, dtype, n)
+            assert bool(torch.isfinite(x.float()).all()), f"{method} {dtype}: NaN/Inf in {n}"
+            # the same merge to the precision of the format (trim ties may flip single entries)
+            scale = float(ref[n].abs().max()) or 1.0
+            err = float((x.double() - ref[n].double()).abs().mean()) / scale
+            assert err < tol, f"{method} {dtype} {n}: mean |diff| / max|x| = {err:.3g}"
