@@ -84,6 +84,9 @@ def test_parse_size(text, n):
 def test_parse_size_rejects():
     with pytest.raises(Exception, match="cannot read size"):
         parse_size("five gigs")
+    for text in ("1B", "5b", " 2 B"):  # mergekit's "billion" or bytes? refused, naming both readings
+        with pytest.raises(Exception, match="is ambiguous: mergekit reads B as a billion"):
+            parse_size(text)
 
 
 def test_plan_shards_greedy_and_oversized():

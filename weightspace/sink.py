@@ -34,12 +34,20 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECAS
 
 
 def parse_size(text: str | int) -> int:
-    """'5G' -> 5_000_000_000, '512M', '1GiB' -> 2**30, '123' -> 123 bytes."""
+    """'5G' -> 5_000_000_000, '512M', '1GiB' -> 2**30, '2KB' -> 2000, '123' -> 123 bytes.
+
+    A bare `B` ('1B') is refused: mergekit's --out-shard-size reads it as a billion, and
+    elsewhere it means bytes, so either reading would surprise someone.
+    """
     if isinstance(text, int):
         return text
     m = _SIZE_RE.match(str(text))
     if not m:
         raise SpecError(f"cannot read size {text!r}: use bytes or a K/M/G/T suffix, e.g. 5G or 500M")
+    if not m[2] and not m[3] and str(text).strip()[-1:] in "bB":
+        raise SpecError(f"size {text!r} is ambiguous: mergekit reads B as a billion, others as bytes; "
+                        f"write {m[1]}G for {m[1]} x 10^9 bytes or {m[1]} for bytes "
+                        f"(--out-shard-size takes mergekit's meaning)")
     num, unit, binary = float(m[1]), m[2].upper(), bool(m[3])
     base = 1024 if binary else 1000
     power = " KMGT".index(unit) if unit else 0
