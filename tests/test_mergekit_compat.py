@@ -189,3 +189,35 @@ def test_every_method_is_finite_and_close_in_float16_and_bfloat16(method, dtype_
             scale = float(ref[n].abs().max()) or 1.0
             err = float((x.double() - ref[n].double()).abs().mean()) / scale
             assert err < tol, f"{method} {dtype} {n}: mean |diff| / max|x| = {err:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# layer stacking rewrites every per-layer config list
+
+
+@pytest.mark.requires("hf")
+def test_stacking_a_qwen2_rewrites_layer_types_and_transformers_loads_it(tmp_path):
+    import transformers
+
+    kinds = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, layer_types=kinds,
+                                   use_sliding_window=True, sliding_window=16, max_window_layers=2)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "q")
+    spec = parse_spec(f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {tmp_path / 'q'}, layer_range: [0, 3]}}]
+  - sources: [{{model: {tmp_path / 'q'}, layer_range: [1, 4]}}]
+dtype: float32
+""")
+    run_plan(plan_merge(spec), tmp_path / "out", progress=False)
+    out_cfg = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert out_cfg.num_hidden_layers == 6
+    # output layers 0-2 are source layers 0-2, output layers 3-5 source layers 1-3
+    assert out_cfg.layer_types == [kinds[i] for i in (0, 1, 2, 1, 2, 3)]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 6
+    src = load_space(tmp_path / "q")["model.layers.1.mlp.up_proj.weight"].load()
+    torch.testing.assert_close(model.model.layers[3].mlp.up_proj.weight.detach(), src)

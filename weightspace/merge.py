@@ -252,6 +252,7 @@ class _Planner:
         for n in (n for n in outside if is_pre_weight(n)):
             self.add_step(n, 0, slices[0], [n] * len(slices[0]), 0.0, None)
         out_layer = 0
+        self.layer_sources = []  # per output layer: (its source model's config, source layer index)
         for k, srcs in enumerate(slices):
             first = srcs[0]
             count = first.layer_range[1] - first.layer_range[0]
@@ -263,6 +264,8 @@ class _Planner:
                     tail = f".{suf}" if suf else ""
                     in_names = [f"{prefix}.{s.layer_range[0] + idx}{tail}" for s in srcs]
                     self.add_step(f"{prefix}.{out_layer}{tail}", k, srcs, in_names, t, out_layer)
+                self.layer_sources.append((self.spaces[first.ref].meta.get("config"),
+                                           first.layer_range[0] + idx))
                 out_layer += 1
         for n in (n for n in outside if not is_pre_weight(n)):  # t = 0 like the pre weights, as mergekit
             self.add_step(n, len(slices) - 1, slices[-1], [n] * len(slices[-1]), 0.0, None)
@@ -298,7 +301,8 @@ class _Planner:
     def result(self) -> MergePlan:
         ref_space, tok = self.spaces[self.reference], self.spec.tokenizer_source
         config = output_config(ref_space.meta.get("config"), self.spec_out,
-                                self.num_layers if self.layered else None)
+                                self.num_layers if self.layered else None,
+                                self.layer_sources if self.layered else None)
         tok_space = ref_space if tok in (None, "base") else self.spaces[tok]
         return MergePlan(spec=self.spec, method=self.method, steps=self.steps, spaces=self.spaces,
                          reference=self.reference, config=config,

@@ -10,7 +10,7 @@ list; `output_config` is the config.json of the result.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -90,7 +90,12 @@ def merge_fn(method: MergeMethod, name: str, has_base: bool, n_others: int, para
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def output_config(config: dict | None, out_dtype: torch.dtype | None, layers: int | None) -> dict | None:
+def output_config(config: dict | None, out_dtype: torch.dtype | None, layers: int | None,
+                  layer_sources: Sequence[tuple[dict | None, int]] | None = None) -> dict | None:
+    """The output's config.json: dtype, and for stacked slices the layer count and every
+    per-layer list (Qwen2's `layer_types`, or any top-level list as long as the layer count)
+    rewritten so output layer j takes the entry of the layer it was copied from:
+    `layer_sources[j]` = (that source model's config, its layer index)."""
     if config is None:
         return None
     cfg = json.loads(json.dumps(config))
@@ -99,14 +104,28 @@ def output_config(config: dict | None, out_dtype: torch.dtype | None, layers: in
         cfg["torch_dtype"] = name
         if "dtype" in cfg:
             cfg["dtype"] = name
-    if layers is not None:
-        for k in _LAYER_KEYS:
-            if k in cfg:
-                cfg[k] = layers
-                break
-        else:
-            cfg["num_hidden_layers"] = layers
+    if layers is None:
+        return cfg
+    key = next((k for k in _LAYER_KEYS if k in cfg), "num_hidden_layers")
+    depth_in = cfg.get(key)
+    cfg[key] = layers
+    if layer_sources is not None and isinstance(depth_in, int) and depth_in > 1:
+        for name, value in config.items():
+            if name in _NOT_PER_LAYER or not isinstance(value, list) or len(value) != depth_in:
+                continue
+            cfg[name] = [_per_layer(src or config, name, idx, value) for src, idx in layer_sources]
     return cfg
+
+
+# top-level lists that are never per-layer, whatever their length
+_NOT_PER_LAYER = {"architectures"}
+
+
+def _per_layer(src: dict, name: str, idx: int, fallback: list) -> Any:
+    """Entry `idx` of the source model's per-layer list `name` (the reference's if it has none)."""
+    own = src.get(name)
+    values = own if isinstance(own, list) and idx < len(own) else fallback
+    return json.loads(json.dumps(values[min(idx, len(values) - 1)]))
 
 
 __all__ = ["block_rows", "blocked_steps", "merge_fn", "output_config"]
