@@ -36,8 +36,15 @@ from weightspace.errors import SpecError
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
 
 
-def task_vector_params(*, normalize: bool, rescale: bool) -> tuple[Param, ...]:
-    """The global parameters every task-vector method takes, with its defaults."""
+def task_vector_params(*, normalize: bool, rescale: bool | None) -> tuple[Param, ...]:
+    """The global parameters every task-vector method takes, with its defaults
+    (`rescale=None`: a method that sparsifies nothing, so it has no `rescale`)."""
+    rescaling = () if rescale is None else (Param(
+        "rescale",
+        default=rescale,
+        kind=bool,
+        doc="after sparsifying, rescale each task vector to its original L1 norm",
+    ),)
     return (
         Param("lambda", default=1.0, doc="scale of the merged task vector added to the base"),
         Param(
@@ -46,12 +53,7 @@ def task_vector_params(*, normalize: bool, rescale: bool) -> tuple[Param, ...]:
             kind=bool,
             doc="divide the summed task vectors by the sum of the weights that contributed",
         ),
-        Param(
-            "rescale",
-            default=rescale,
-            kind=bool,
-            doc="after sparsifying, rescale each task vector to its original L1 norm",
-        ),
+        *rescaling,
         Param(
             "int8_mask",
             default=False,
@@ -343,7 +345,7 @@ class TaskVectorMerge(MergeMethod):
 
     def blocked(self, name: str, params: TensorParams, n_models: int) -> Blocked | None:
         """Magnitude trimming (TIES) streams in blocks: thresholds first, then blocks."""
-        if self.sparsification != "magnitude" or params["rescale"]:
+        if self.sparsification != "magnitude" or params.get("rescale", False):
             return None
         weights = params.model_values("weight")
         densities = [p.get("density", 1.0) for p in params.per_model]
@@ -380,7 +382,7 @@ class TaskVectorMerge(MergeMethod):
             sparsification=self.sparsification,
             consensus=self.consensus,
             normalize=params["normalize"],
-            rescale=params["rescale"],
+            rescale=params.get("rescale", False),
             lambda_=params["lambda"],
             gammas=[p.get("gamma", 0.01) for p in per_model],
             epsilons=[p.get("epsilon", 0.15) for p in per_model],

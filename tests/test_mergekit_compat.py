@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from weightspace.zoo.tiny import write_tiny_llama
 
 from weightspace import load_space
 from weightspace.merge import plan_merge, run_plan
 from weightspace.spec import parse_spec
-from weightspace.zoo.tiny import write_tiny_llama
 
 
 @pytest.fixture
@@ -133,7 +135,6 @@ def dtype_models(tmp_path_factory):
     """Tiny Llamas with big enough fine-tune deltas that float16 rounding matters, plus the
     companion files the data-aware methods read (seeded, positive, symmetric)."""
     from safetensors.torch import save_file
-
     from weightspace.merges.atlas import Coefficients, save_coefficients
 
     d = tmp_path_factory.mktemp("dtypes")
@@ -221,3 +222,16 @@ dtype: float32
     assert len(model.model.layers) == 6
     src = load_space(tmp_path / "q")["model.layers.1.mlp.up_proj.weight"].load()
     torch.testing.assert_close(model.model.layers[3].mlp.up_proj.weight.detach(), src)
+
+
+def test_a_parameter_the_method_ignores_is_refused_with_the_reason(four, run_cli, tmp_path):
+    from weightspace.errors import SpecError
+
+    base, a, _ = four
+    for extra, name in (("    parameters: {weight: 1.0, density: 0.5}\n", "models[0].parameters.density"),
+                        ("    parameters: {weight: 1.0}\nparameters: {rescale: true}\n", "parameters.rescale")):
+        spec = parse_spec(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n{extra}")
+        with pytest.raises(SpecError, match=rf"{re.escape(name)} \(line \d\): task_arithmetic sparsifies nothing"):
+            plan_merge(spec)
+    code, out, _ = run_cli("methods", "task_arithmetic")
+    assert code == 0 and "density" not in out and "rescale" not in out

@@ -49,7 +49,7 @@ def test_registry_lists_every_classic_method():
 @pytest.mark.parametrize(
     "name, normalize, rescale",
     [
-        ("task_arithmetic", False, False),
+        ("task_arithmetic", False, None),  # sparsifies nothing: no rescale, no density
         ("ties", True, False),
         ("dare_ties", False, True),
         ("dare_linear", False, True),
@@ -62,10 +62,15 @@ def test_registry_lists_every_classic_method():
 def test_task_vector_defaults_match_mergekit(name, normalize, rescale):
     m = get_method(name)
     defaults = {p.name: p.default for p in m.all_global_params()}
-    assert defaults["normalize"] is normalize and defaults["rescale"] is rescale
+    assert defaults["normalize"] is normalize and defaults.get("rescale") is rescale
     assert defaults["lambda"] == 1.0 and defaults["int8_mask"] is False
     per_model = {p.name: p for p in m.model_params}
-    assert per_model["weight"].required and per_model["density"].default == 1.0
+    assert per_model["weight"].required
+    if rescale is None:
+        assert "rescale" not in defaults and "density" not in per_model
+        assert set(m.ignored_params) == {"density", "rescale"}
+    else:
+        assert per_model["density"].default == 1.0
     assert ("gamma" in per_model) == name.startswith("breadcrumbs")
     assert ("epsilon" in per_model) == name.startswith("della")
     assert m.uses_base == "required"

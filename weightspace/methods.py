@@ -171,6 +171,9 @@ class MergeMethod:
     min_models: ClassVar[int] = 1  # counted without the base
     max_models: ClassVar[int | None] = None
     randomized: ClassVar[bool] = False  # adds a global `seed` parameter
+    # names mergekit accepts for this method that would change nothing here, each with the
+    # sentence a spec setting one is refused with
+    ignored_params: ClassVar[dict[str, str]] = {}
     layer_stacking: ClassVar[bool] = False  # passthrough: slices may stack layers
     # True when each output entry depends only on the same entry of the inputs:
     # the executor may then stream a large tensor in row blocks.

@@ -119,6 +119,8 @@ def check_spec_params(spec: MergeSpec, resolver: ParamResolver, spec_dir: Path |
     for params, loc, per_model in _param_settings(spec):
         for name, setting in (params or {}).items():
             p = resolver.param(name, per_model)
+            if p is None and name in resolver.method.ignored_params:
+                raise SpecError(f"{spec.where(*loc, name)}: {resolver.method.ignored_params[name]}")
             if p is None:
                 known = resolver.known(per_model)
                 raise SpecError(
