@@ -52,13 +52,6 @@ import torch
 
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import ExprRef, TensorRef, WeightSpace
-from weightspace.sources import (
-    LoraParts,
-    _from_safetensors_files,
-    _missing,
-    _torch_space,
-    open_located,
-)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -130,7 +123,8 @@ def _pattern_key(patterns: dict, module: str) -> str:
 
 @dataclass
 class Adapter:
-    """A peft LoRA adapter, headers only: its folder, weights file, config and tensors."""
+    """A peft LoRA adapter, headers only: its folder, weights file, config and tensors
+    (weightspace.sources.read_adapter opens one)."""
 
     path: Path
     weights: Path
@@ -138,8 +132,9 @@ class Adapter:
     tensors: WeightSpace  # peft's names, e.g. base_model.model.<module>.lora_A.weight
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    """Open a peft adapter directory: check adapter_config.json, read the weights' headers."""
+def read_adapter_config(path: str | Path) -> tuple[LoraConfig, Path]:
+    """A peft adapter directory's checked adapter_config.json, and its weights file (not read;
+    weightspace.sources.read_adapter opens it)."""
     d = Path(path)
     if not d.is_dir():
         raise InputError(f"{d}: expected a peft adapter directory ({CONFIG_NAME} and "
@@ -161,12 +156,7 @@ def read_adapter(path: str | Path) -> Adapter:
     if weights is None:
         has = ", ".join(sorted(p.name for p in d.iterdir())[:8])
         raise InputError(f"{d}: the adapter has no {' or '.join(WEIGHTS_NAMES)} (the folder has: {has})")
-    meta = {"source": str(weights), "path": d, "config": None, "files": {}, "format": "adapter"}
-    if weights.suffix == ".safetensors":
-        tensors = _from_safetensors_files([weights], meta)
-    else:
-        tensors = _torch_space(weights, meta)
-    return Adapter(d, weights, config, tensors)
+    return config, weights
 
 
 def _check_config(raw: dict, where: Path) -> LoraConfig:
@@ -528,26 +518,7 @@ def _tied_embedding(mod: str, base: WeightSpace, shape: tuple[int, int]) -> str 
     return found[0] if len(found) == 1 else None
 
 
-# ---------------------------------------------------------------- opening `base+adapter`
-
-
-def open_lora(ref: str, parts: LoraParts) -> WeightSpace:
-    """Open `base+adapter` as `locate` found it; errors say which part is wrong."""
-    try:
-        base = open_located(parts.base, parts.base_at)
-    except InputError as e:
-        raise InputError(f"{ref}: the base model {e}") from None
-    try:
-        if parts.adapter_at.path is not None:
-            folder = Path(parts.adapter_at.path)
-        elif parts.adapter_at.hub_id is not None:
-            folder = resolve_adapter_on_hub(parts.adapter_at.hub_id)
-        else:
-            raise InputError(_missing(parts.adapter, parts.adapter_at.looked))
-        adapter = read_adapter(folder)
-        return apply_adapter(base, adapter, source=ref)
-    except InputError as e:
-        raise InputError(f"{ref}: the LoRA adapter {e}") from None
+# ---------------------------------------------------------------- adapters on the Hub
 
 
 def resolve_adapter_on_hub(ref: str) -> Path:
@@ -591,4 +562,5 @@ def resolve_adapter_on_hub(ref: str) -> Path:
     return p
 
 
-__all__ = ["Adapter", "LoraConfig", "LoraRef", "apply_adapter", "open_lora", "read_adapter"]
+__all__ = ["Adapter", "LoraConfig", "LoraRef", "apply_adapter", "read_adapter_config",
+           "resolve_adapter_on_hub"]

@@ -15,13 +15,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import MemoryRef, SafetensorsRef, TensorRef, WeightSpace
 from weightspace.safetensors_io import read_header
+
+if TYPE_CHECKING:
+    from weightspace.lora import Adapter
 
 # Files carried from a model directory into a merge output when it is the tokenizer source.
 TOKENIZER_FILES = (
@@ -306,9 +309,7 @@ def open_located(ref: str, loc: Located) -> WeightSpace:
     """Open what `locate` found: the local path, the Hub id (cached or downloaded), or a base
     model with a LoRA adapter applied (lazily, see weightspace.lora)."""
     if loc.lora is not None:
-        from weightspace.lora import open_lora
-
-        return open_lora(ref, loc.lora)
+        return _open_lora(ref, loc.lora)
     if loc.path is not None:
         return load_local(loc.path)
     if loc.hub_id is None:
@@ -324,3 +325,32 @@ def open_located(ref: str, loc: Located) -> WeightSpace:
     space.meta["source"] = loc.hub_id
     space.meta["hub_id"] = loc.hub_id.split("@")[0]
     return space
+
+
+def _open_lora(ref: str, parts: LoraParts) -> WeightSpace:
+    """`base+adapter` as `locate` found it, the adapter applied lazily; errors say which part."""
+    from weightspace.lora import apply_adapter, resolve_adapter_on_hub
+
+    try:
+        base = open_located(parts.base, parts.base_at)
+    except InputError as e:
+        raise InputError(f"{ref}: the base model {e}") from None
+    try:
+        if parts.adapter_at.path is not None:
+            folder = Path(parts.adapter_at.path)
+        elif parts.adapter_at.hub_id is not None:
+            folder = resolve_adapter_on_hub(parts.adapter_at.hub_id)
+        else:
+            raise InputError(_missing(parts.adapter, parts.adapter_at.looked))
+        return apply_adapter(base, read_adapter(folder), source=ref)
+    except InputError as e:
+        raise InputError(f"{ref}: the LoRA adapter {e}") from None
+
+
+def read_adapter(folder: str | Path) -> Adapter:
+    """A peft LoRA adapter directory (weightspace.lora.Adapter): its checked config and its
+    weights' headers (adapter_model.safetensors, or .bin loaded with weights_only)."""
+    from weightspace.lora import Adapter, read_adapter_config
+
+    config, weights = read_adapter_config(folder)
+    return Adapter(Path(folder), weights, config, load_local(weights))
