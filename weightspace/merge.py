@@ -180,8 +180,6 @@ class _Planner:
         for r, loc in _model_refs(self.spec).items():
             with at_field(self.spec, loc):
                 found = locate(r, self.spec_dir)
-                if "+" in r and found.path is None:
-                    raise SpecError(f"model {r!r}: LoRA references (model+lora) are not supported yet")
                 if found.note:
                     self.notes.append(f"{self.spec.where(*loc)}: {found.note}")
                 self.spaces[r] = open_located(r, found)

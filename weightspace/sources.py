@@ -3,8 +3,9 @@
 Accepted: a `.safetensors` file; a directory with `model.safetensors`; a
 sharded directory with `model.safetensors.index.json`; `pytorch_model.bin` /
 `.pt` / `.pth` (loaded with `torch.load(weights_only=True, mmap=True)`);
-a Hub id `org/name[@revision]`. A name that exists on disk is always a local
-path and never touches the network.
+a Hub id `org/name[@revision]`; `base+adapter`, a base model with a peft LoRA
+adapter applied tensor by tensor (see weightspace.lora). A name that exists on
+disk is always a local path and never touches the network.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import MemoryRef, SafetensorsRef, TensorRef, WeightSpace
 from weightspace.safetensors_io import read_header
+
+if TYPE_CHECKING:
+    from weightspace.lora import Adapter
 
 # Files carried from a model directory into a merge output when it is the tokenizer source.
 TOKENIZER_FILES = (
@@ -176,14 +180,27 @@ def _load_local(p: Path) -> WeightSpace:
 
 
 @dataclass(frozen=True)
+class LoraParts:
+    """`base+adapter`: the two references as written, and where each points."""
+
+    base: str
+    base_at: Located
+    adapter: str
+    adapter_at: Located
+
+
+@dataclass(frozen=True)
 class Located:
-    """Where a model reference points: a local path, or a Hub id to resolve."""
+    """Where a model reference points: a local path, a Hub id to resolve, or (`lora`) a base
+    model and a LoRA adapter. Callers that want a file check `path`, which a LoRA reference
+    leaves None, so for them it is a missing path."""
 
     path: Path | None = None
     hub_id: str | None = None
     # set when a spec-relative reference was found only relative to the working directory
     note: str | None = None
     looked: tuple[Path, ...] = ()  # the local places tried, for error messages
+    lora: LoraParts | None = None
 
 
 def _looks_local(ref: str, anchors: list[Path]) -> bool:
@@ -205,8 +222,18 @@ def locate(ref: str | Path, base_dir: str | Path | None = None) -> Located:
     different files, that is an error naming both. A reference found nowhere on
     disk that looks like a Hub id `org/name[@revision]` is a Hub id; anything
     else is a missing path.
+
+    `base+adapter` that is not itself a path on disk is a base model with a LoRA
+    adapter (mergekit's `model+lora`): each part is located by the same rules,
+    and `lora` holds both (see `locate_lora`).
     """
-    s = str(ref)
+    found = _locate_one(str(ref), base_dir)
+    if found.path is None and "+" in str(ref):
+        return locate_lora(str(ref), base_dir, found.looked)
+    return found
+
+
+def _locate_one(s: str, base_dir: str | Path | None) -> Located:
     p = Path(s).expanduser()
     cwd = Path.cwd()
     if p.is_absolute() or base_dir is None:
@@ -236,6 +263,32 @@ def locate(ref: str | Path, base_dir: str | Path | None = None) -> Located:
     return Located(looked=tuple(places))
 
 
+def locate_lora(ref: str, base_dir: str | Path | None, looked: tuple[Path, ...] = ()) -> Located:
+    """`base+adapter`, each part located as `locate` does (spec folder, then working
+    directory with a note, then the Hub). mergekit splits at the one `+`; a name with more
+    than one (a folder called `clean+noise`) is split where both parts exist on disk."""
+    cuts = [i for i, c in enumerate(ref) if c == "+"]
+    options = []
+    for i in cuts:
+        base, adapter = ref[:i].strip(), ref[i + 1:].strip()
+        if not base or not adapter:
+            raise SpecError(f"{ref!r}: a LoRA reference is base+adapter, with a model before the "
+                            f"'+' and a peft adapter after it")
+        options.append(LoraParts(base, _locate_one(base, base_dir), adapter,
+                                 _locate_one(adapter, base_dir)))
+    if len(options) > 1:
+        on_disk = [o for o in options if o.base_at.path is not None and o.adapter_at.path is not None]
+        if len(on_disk) != 1:
+            splits = ", ".join(f"{o.base!r} + {o.adapter!r}" for o in (on_disk or options))
+            raise SpecError(f"{ref!r}: cannot tell the base model from the LoRA adapter ({splits}); "
+                            f"write it as base+adapter with a single '+'")
+        options = on_disk
+    parts = options[0]
+    notes = [f"the {what} {n}" for what, n in (("base model", parts.base_at.note),
+                                               ("LoRA adapter", parts.adapter_at.note)) if n]
+    return Located(note="; ".join(notes) or None, looked=looked, lora=parts)
+
+
 def _missing(ref: str, looked: tuple[Path, ...]) -> str:
     where = " or ".join(str(q) for q in looked)
     return f"{ref}: no such file or directory" + (f" (looked for {where})" if looked and
@@ -253,7 +306,10 @@ def load_space(ref: str | Path, *, base_dir: str | Path | None = None) -> Weight
 
 
 def open_located(ref: str, loc: Located) -> WeightSpace:
-    """Open what `locate` found: the local path, or the Hub id (cached or downloaded)."""
+    """Open what `locate` found: the local path, the Hub id (cached or downloaded), or a base
+    model with a LoRA adapter applied (lazily, see weightspace.lora)."""
+    if loc.lora is not None:
+        return _open_lora(ref, loc.lora)
     if loc.path is not None:
         return load_local(loc.path)
     if loc.hub_id is None:
@@ -269,3 +325,32 @@ def open_located(ref: str, loc: Located) -> WeightSpace:
     space.meta["source"] = loc.hub_id
     space.meta["hub_id"] = loc.hub_id.split("@")[0]
     return space
+
+
+def _open_lora(ref: str, parts: LoraParts) -> WeightSpace:
+    """`base+adapter` as `locate` found it, the adapter applied lazily; errors say which part."""
+    from weightspace.lora import apply_adapter, resolve_adapter_on_hub
+
+    try:
+        base = open_located(parts.base, parts.base_at)
+    except InputError as e:
+        raise InputError(f"{ref}: the base model {e}") from None
+    try:
+        if parts.adapter_at.path is not None:
+            folder = Path(parts.adapter_at.path)
+        elif parts.adapter_at.hub_id is not None:
+            folder = resolve_adapter_on_hub(parts.adapter_at.hub_id)
+        else:
+            raise InputError(_missing(parts.adapter, parts.adapter_at.looked))
+        return apply_adapter(base, read_adapter(folder), source=ref)
+    except InputError as e:
+        raise InputError(f"{ref}: the LoRA adapter {e}") from None
+
+
+def read_adapter(folder: str | Path) -> Adapter:
+    """A peft LoRA adapter directory (weightspace.lora.Adapter): its checked config and its
+    weights' headers (adapter_model.safetensors, or .bin loaded with weights_only)."""
+    from weightspace.lora import Adapter, read_adapter_config
+
+    config, weights = read_adapter_config(folder)
+    return Adapter(Path(folder), weights, config, load_local(weights))
