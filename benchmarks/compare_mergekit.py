@@ -29,9 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from weightspace.zoo.tiny import write_tiny_llama  # noqa: E402
-
 from weightspace import load_space  # noqa: E402
+from weightspace.zoo.tiny import write_tiny_llama  # noqa: E402
 
 RANDOM = ("dare_ties", "dare_linear", "della", "della_linear")
 # cases whose trim keeps the top `density` (and cuts the top `gamma`) of each task vector,

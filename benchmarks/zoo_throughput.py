@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from weightspace.zoo.data import load_task
 from weightspace.zoo.train import ModelRun, TrainConfig, group_runs, train_batch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from weightspace.cli.options import Command
 
 
@@ -33,7 +34,6 @@ def align(a: str, b: str, out: Path, arch: str | None, max_iter: int, seed: int,
       wsmerge align examples/digits/ft0 examples/digits/ft1 -o runs/ft1-aligned
     """
     from weightspace.merges.rebasin import align as align_spaces
-
     from weightspace.sink import check_output, save_space
     from weightspace.sources import load_space
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+
 from weightspace.cli.options import GreedyOption, Group, check_plot, device_option
 
 
@@ -74,11 +75,10 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
       wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
           examples/digits/ft1 --data digits --shots 4 --steps 50 -o runs/atlas-4shot.coeffs.safetensors
     """
-    from weightspace.merges.atlas import learn_coefficients, save_coefficients
-    from weightspace.zoo.bind import open_batches, open_model
-
     from weightspace.errors import InputError
+    from weightspace.merges.atlas import learn_coefficients, save_coefficients
     from weightspace.sources import load_space
+    from weightspace.zoo.bind import open_batches, open_model
 
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; pass --overwrite to replace it")
@@ -107,10 +107,9 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
 
 
 def _few_shot_batches(data: str, adapter, split: str, k: int, seed: int, batch_size: int):
+    from weightspace.errors import SpecError
     from weightspace.merges.atlas import few_shot
     from weightspace.zoo.data import load_task
-
-    from weightspace.errors import SpecError
 
     if Path(data).suffix in (".jsonl", ".txt"):
         raise SpecError("--shots takes a zoo dataset reference (few-shot text data: pass a JSONL file "

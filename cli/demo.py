@@ -123,12 +123,11 @@ def run_demo(out: Path, device: str = "auto", overwrite: bool = False,
 
 def _write_demo(root: Path, out: Path, device: str, echo: Callable[[str], None]) -> None:
     """Fill `root` (a temporary directory that becomes `out`) with the demo; messages name `out`."""
-    from weightspace.zoo.tiny import write_tiny_llama
-
     from weightspace.inspect import compare
     from weightspace.merge import plan_merge, run_plan
     from weightspace.sources import load_space
     from weightspace.spec import parse_spec
+    from weightspace.zoo.tiny import write_tiny_llama
 
     models = root / "models"
     echo(f"writing tiny Llama-shaped checkpoints to {out / 'models'}/ (base + 3 fine-tunes)")

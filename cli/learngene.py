@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import click
+
 from weightspace.cli.options import Group, check_plot, device_option
 
 
@@ -78,7 +79,6 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
       wsmerge learngene fit examples/models/base -o runs/base-sws.gene --mode sws --stages 1,2,1
     """
     from weightspace.merges.learngene import fit_gene, save_gene
-
     from weightspace.sources import load_space
 
     _check_out(out, overwrite)
@@ -144,12 +144,11 @@ def train(teacher: str, data: str, out: Path, mode: str, aux_depth: int, stages:
           --mode sws --aux-depth 3 --epochs 1 -o runs/digits-sws.gene
       wsmerge learngene expand runs/digits-sws.gene --depth 6 -o runs/digits-x6
     """
+    from weightspace.errors import SpecError
     from weightspace.merges.learngene import save_gene, train_gene
+    from weightspace.sources import load_space
     from weightspace.zoo.arch import build_model
     from weightspace.zoo.bind import open_batches, open_model
-
-    from weightspace.errors import SpecError
-    from weightspace.sources import load_space
 
     _check_out(out, overwrite)
     cfg = load_space(teacher).meta.get("config") or {}
@@ -216,6 +215,7 @@ def expand(gene: Path, depth: int, out: Path, stages: str | None, like: str | No
       wsmerge learngene expand runs/base-sws.gene --depth 7 --stages 2,3,2 -o runs/base-sws-x7
     """
     import torch
+
     from weightspace.merges.learngene import (
         check_compatible,
         expansion_stages,

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import click
+
 from weightspace.cli.display import human_bytes
 from weightspace.cli.options import DEBUG_ENV, Group, Interrupted, device_option
-
 from weightspace.errors import WeightspaceError
 
 

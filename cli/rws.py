@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import click
+
 from weightspace.cli.options import Group, check_plot
 
 
@@ -66,14 +67,13 @@ def extract(pretrained: str, clean: str, robust: str, out: Path, layers: str, sh
           --robust examples/digits/ft1 -o runs/ft1-first2.rws.safetensors \\
           --layers first:2 --bits 4 --scheme log --per-row
     """
+    from weightspace.errors import InputError, SpecError
     from weightspace.merges.signatures import (
         extract_signature,
         layer_summary,
         save_signature,
         signature_size_report,
     )
-
-    from weightspace.errors import InputError, SpecError
     from weightspace.sources import load_space
 
     if out.exists() and not overwrite:
@@ -121,7 +121,6 @@ def _parse_sig_args(args: tuple[str, ...]) -> list[tuple[str, float]]:
 def _write(model: str, sigs: tuple[str, ...], out: Path, overwrite: bool, *, undo: bool,
            force: bool = False) -> None:
     from weightspace.merges.signatures import RECORD_KEY, patch, save_patched, unpatch
-
     from weightspace.sink import check_output
     from weightspace.sources import load_space
 

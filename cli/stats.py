@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+
 from weightspace.cli.options import Command
 
 _COMMON = [

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from weightspace.cli.options import Group, Interrupted, check_plot
 
 # catalog columns that are never "config that varies"
@@ -63,12 +64,11 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
     Example:
       wsmerge zoo build examples/zoo/digits-tasks.yaml -o runs/zoo-tasks --workers 2
     """
+    from weightspace.errors import SpecError
+    from weightspace.spec import read_yaml_file
     from weightspace.zoo.build import build_zoo
     from weightspace.zoo.spec import LARGE_ZOO, parse_zoo_spec
     from weightspace.zoo.store import CATALOG, Zoo
-
-    from weightspace.errors import SpecError
-    from weightspace.spec import read_yaml_file
 
     if address and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
@@ -155,10 +155,9 @@ def metrics(zoo_dir: Path, checkpoints: str | None, executor: str, workers: int 
 
 def _with_metrics(zoo_dir: Path) -> int:
     """Checkpoints whose landscape metrics are in the catalog (0 if it cannot be read)."""
+    from weightspace.errors import WeightspaceError
     from weightspace.zoo.store import Zoo
     from weightspace.zoo.survey import DONE_COLUMN
-
-    from weightspace.errors import WeightspaceError
 
     try:
         return sum(r.get(DONE_COLUMN) is not None for r in Zoo(zoo_dir).rows)
@@ -221,10 +220,9 @@ def show(zoo_dir: Path, all_checkpoints: bool, plot: Path | None, x_axis: str, y
       wsmerge zoo show runs/zoo --all --json
     """
     check_plot(plot)
+    from weightspace.errors import InputError
     from weightspace.zoo.phases import PhaseRules, phase_grid, plot_phases
     from weightspace.zoo.store import Zoo
-
-    from weightspace.errors import InputError
 
     z = Zoo(zoo_dir)
     z.check_weights()
@@ -277,9 +275,9 @@ def find(zoo_dir: Path, where: tuple[str, ...], epoch: int | None, one: bool, as
       wsmerge zoo find runs/zoo width=64 batch_size=8 seed=0 --one
     """
     import yaml
-    from weightspace.zoo.store import Zoo
 
     from weightspace.errors import InputError
+    from weightspace.zoo.store import Zoo
 
     pairs = {}
     for item in where:

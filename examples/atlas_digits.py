@@ -60,14 +60,13 @@ def atlas_digits(workdir: str | Path, seed: int = 0, *, steps: int = 300,
                  ties_lambdas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0), atlas_lr: float = 0.05,
                  tta_lr: float = 1e-3, threshold: float = 0.6,
                  shots: tuple[int, ...] = SHOTS) -> dict[str, Any]:
+    from weightspace.merge import plan_merge, run_plan
     from weightspace.merges.atlas import few_shot, learn_coefficients, save_coefficients
+    from weightspace.sources import load_space
+    from weightspace.spec import parse_spec
     from weightspace.zoo.bind import open_batches, open_model
     from weightspace.zoo.data import load_task
     from weightspace.zoo.search import accuracy, search_merge, with_value
-
-    from weightspace.merge import plan_merge, run_plan
-    from weightspace.sources import load_space
-    from weightspace.spec import parse_spec
 
     work = Path(workdir)
     base, fts = prepare(work, seed)

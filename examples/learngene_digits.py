@@ -32,13 +32,12 @@ def _arch(depth: int) -> dict:
 def learngene_digits(workdir: str | Path, seed: int = 0, *, teacher_epochs: int = 15, gene_epochs: int = 5,
                      epochs: int = 3, depths: tuple[int, ...] = DEPTHS) -> dict[str, Any]:
     from weightspace.merges.learngene import fit_gene, save_expanded, save_gene, train_gene
+    from weightspace.sources import load_space
     from weightspace.zoo.arch import build_model
     from weightspace.zoo.bind import open_batches, open_model
     from weightspace.zoo.build import checkpoint_config
     from weightspace.zoo.data import load_task
     from weightspace.zoo.train import ModelRun, TrainConfig, train
-
-    from weightspace.sources import load_space
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -82,10 +82,9 @@ def digits_task_merge(workdir: str | Path, seed: int = 0, *, base_epochs: int = 
                       base_fraction: float = 0.3, ft_epochs: int = 5, n_examples: int = 512,
                       lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)) -> dict[str, Any]:
     """Train, merge, evaluate; returns {"rows": [{method, per-task acc, joint acc}], ...}."""
-    from weightspace.zoo.search import accuracy, search_merge, with_value
-
     from weightspace.merge import plan_merge, run_plan
     from weightspace.spec import parse_spec
+    from weightspace.zoo.search import accuracy, search_merge, with_value
 
     work = Path(workdir)
     base, fts = prepare_models(work, seed, base_epochs=base_epochs, base_fraction=base_fraction,

@@ -62,9 +62,8 @@ def prepare_models(workdir: str | Path, seed: int = 0) -> dict[str, Path]:
 def rws_digits(workdir: str | Path, seed: int = 0, *, alphas: tuple[float, ...] = ALPHAS,
                bits: tuple[int | None, ...] = BITS, layers: str = "auto", share: float = 0.5) -> dict[str, Any]:
     from weightspace.merges.signatures import extract_signature, patch, save_signature
-    from weightspace.zoo.bind import open_batches, open_model
-
     from weightspace.sources import load_space
+    from weightspace.zoo.bind import open_batches, open_model
 
     work = Path(workdir)
     models = prepare_models(work, seed)

@@ -20,7 +20,6 @@ from weightspace.merges.generalized_ta import (
     TaskVectorMerge,
     task_vector_params,
 )
-
 from weightspace.methods import register
 
 _PAPER = (

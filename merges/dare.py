@@ -15,7 +15,6 @@ Homologous Models as a Free Lunch" (arXiv:2311.03099).
 from __future__ import annotations
 
 from weightspace.merges.generalized_ta import DENSITY, WEIGHT, TaskVectorMerge, task_vector_params
-
 from weightspace.methods import register
 
 _PAPER = (

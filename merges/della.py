@@ -22,7 +22,6 @@ from weightspace.merges.generalized_ta import (
     TaskVectorMerge,
     task_vector_params,
 )
-
 from weightspace.methods import register
 
 _PAPER = (

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from weightspace.errors import SpecError
 from weightspace.merges._sparsify import (
     Consensus,
     Sparsification,
@@ -31,8 +33,6 @@ from weightspace.merges._sparsify import (
     kth_and_count_above,
     sparsify,
 )
-
-from weightspace.errors import SpecError
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
 
 

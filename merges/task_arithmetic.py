@@ -13,7 +13,6 @@ Ilharco et al. 2023, "Editing Models with Task Arithmetic" (arXiv:2212.04089).
 from __future__ import annotations
 
 from weightspace.merges.generalized_ta import WEIGHT, TaskVectorMerge, task_vector_params
-
 from weightspace.methods import register
 
 

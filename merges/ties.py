@@ -14,7 +14,6 @@ Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models"
 from __future__ import annotations
 
 from weightspace.merges.generalized_ta import DENSITY, WEIGHT, TaskVectorMerge, task_vector_params
-
 from weightspace.methods import register
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from weightspace.cli.main import wsmerge
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import torch
-from weightspace.merges.learngene import Gene, fit_gene, layer_position
 
 from weightspace.ir import WeightSpace
+from weightspace.merges.learngene import Gene, fit_gene, layer_position
 
 SUFFIXES = {"fc1.weight": (6, 4), "fc1.bias": (6,), "norm.weight": (4,)}
 

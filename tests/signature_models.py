@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from weightspace.merges.signatures import extract_signature, save_signature
-from weightspace.zoo.arch import build_model
 
 from weightspace.ir import WeightSpace
+from weightspace.merges.signatures import extract_signature, save_signature
 from weightspace.sources import load_space
+from weightspace.zoo.arch import build_model
 
 ARCH = {"arch": "resmlp", "width": 16, "depth": 3, "mlp_ratio": 2}
 CONFIG = {"model_type": "weightspace-zoo", "arch": ARCH, "input_shape": [1, 8, 8], "num_classes": 10}

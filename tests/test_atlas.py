@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import weightspace.merges.atlas as atlas
 from torch import nn
+
+import weightspace.merges.atlas as atlas
+from weightspace.binding import ClassifierAdapter
+from weightspace.errors import InputError, SpecError
+from weightspace.ir import WeightSpace
 from weightspace.merges.atlas import (
     Coefficients,
     apply_coefficients,
@@ -24,10 +28,6 @@ from weightspace.merges.atlas import (
     save_coefficients,
     supervised_loss,
 )
-
-from weightspace.binding import ClassifierAdapter
-from weightspace.errors import InputError, SpecError
-from weightspace.ir import WeightSpace
 from weightspace.sources import load_space
 
 

@@ -159,6 +159,7 @@ def test_cuda_device_without_cuda_is_a_clear_error(tmp_path, run_cli):
 def test_greedy_option_takes_a_list_or_repeats():
     import click
     from click.testing import CliRunner
+
     from weightspace.cli.options import Command, GreedyOption
 
     @click.command(cls=Command)

@@ -12,6 +12,7 @@ import click
 import pytest
 from _cli_helpers import COMMANDS, EXAMPLES, REPO
 from conftest import missing_extra
+
 from weightspace.cli.main import wsmerge
 
 PACKAGES = {"cli", "merges", "tests", "weightspace", "zoo", "benchmarks", "docs"}

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from weightspace.zoo.bind import open_batches, open_model
-from weightspace.zoo.build import checkpoint_config
-from weightspace.zoo.data import load_task
-from weightspace.zoo.search import accuracy, parse_search, search_merge, with_value
-from weightspace.zoo.train import ModelRun, TrainConfig, train
 
 from weightspace.binding import ClassifierAdapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.sources import load_space
 from weightspace.spec import parse_spec
+from weightspace.zoo.bind import open_batches, open_model
+from weightspace.zoo.build import checkpoint_config
+from weightspace.zoo.data import load_task
+from weightspace.zoo.search import accuracy, parse_search, search_merge, with_value
+from weightspace.zoo.train import ModelRun, TrainConfig, train
 
 ARCH = {"arch": "mlp", "width": 32, "depth": 1}
 

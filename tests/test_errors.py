@@ -30,6 +30,7 @@ from _error_helpers import (
     snapshot,
 )
 from safetensors.torch import load_file
+
 from weightspace.zoo.tiny import write_tiny_llama
 
 # ---------------------------------------------------------------- spec errors (exit 2)

@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import weightspace.merges.fisher  # noqa: F401  (registers `fisher`)
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+import weightspace.merges.fisher  # noqa: F401  (registers `fisher`)
+from weightspace.binding import ClassifierAdapter
+from weightspace.errors import InputError, SpecError
+from weightspace.ir import WeightSpace
 from weightspace.merges.fisher import (
     check_fisher,
     fisher_diagonal,
@@ -22,12 +26,8 @@ from weightspace.merges.fisher import (
     fisher_weighted_average,
     save_fisher,
 )
-from weightspace.zoo.arch import build_model
-
-from weightspace.binding import ClassifierAdapter
-from weightspace.errors import InputError, SpecError
-from weightspace.ir import WeightSpace
 from weightspace.methods import TensorParams, get_method
+from weightspace.zoo.arch import build_model
 
 C = 10
 MAX_CLASSES = weightspace.merges.fisher.MAX_EXACT_CLASSES
@@ -258,9 +258,9 @@ def test_minilm_empirical_fisher_falls_back_to_loop():
 @pytest.mark.requires("hf")
 def test_causal_lm_sampled_and_empirical_exact_refused():
     import transformers
-    from weightspace.zoo.tiny import tiny_llama_config
 
     from weightspace.binding import HFCausalLMAdapter
+    from weightspace.zoo.tiny import tiny_llama_config
 
     cfg = tiny_llama_config(hidden=16, layers=1, vocab=32, intermediate=32, heads=2, kv_heads=1)
     torch.manual_seed(0)

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+from weightspace.errors import InputError, SpecError
 from weightspace.zoo.data import Split, load_task
 from weightspace.zoo.gen.diffusion import LatentDDPM, linear_beta_schedule
 from weightspace.zoo.gen.setenc import DatasetEncoder, class_samples, contrastive_loss, embed_task
-
-from weightspace.errors import InputError, SpecError
 
 CENTERS = torch.tensor([[2.0, 2.0], [-2.0, -2.0]])
 

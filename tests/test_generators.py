@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
+
+from weightspace.errors import InputError, SpecError
+from weightspace.sources import load_space
 from weightspace.zoo.arch import model_from_config
 from weightspace.zoo.build import build_zoo
 from weightspace.zoo.data import load_task
@@ -19,9 +22,6 @@ from weightspace.zoo.gen.generator import check_data, load_generator, sample, tr
 from weightspace.zoo.gen.kde import KDESampler, bandwidths
 from weightspace.zoo.spec import parse_zoo_spec
 from weightspace.zoo.store import Zoo, write_catalog
-
-from weightspace.errors import InputError, SpecError
-from weightspace.sources import load_space
 
 TASK_A, TASK_B = "digits:classes=0-4", "digits:classes=5-9"
 

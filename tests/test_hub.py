@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from weightspace.zoo.tiny import write_tiny_llama
 
 from tests.fake_hub import FakeHub
 from weightspace.errors import InputError, SpecError
 from weightspace.hub import push_to_hub, resolve_hub, scrub
+from weightspace.zoo.tiny import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = "hf_good_token"

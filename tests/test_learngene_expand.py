@@ -6,6 +6,9 @@ import json
 
 import pytest
 import torch
+
+from tests.learngene_models import SUFFIXES, _model, _random_stack, _tleg_gene, _zoo_config
+from weightspace.errors import InputError, SpecError
 from weightspace.merges.learngene import (
     check_compatible,
     config_with_depth,
@@ -17,9 +20,6 @@ from weightspace.merges.learngene import (
     save_expanded,
     save_gene,
 )
-
-from tests.learngene_models import SUFFIXES, _model, _random_stack, _tleg_gene, _zoo_config
-from weightspace.errors import InputError, SpecError
 from weightspace.sources import load_space
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +145,7 @@ def test_check_compatible_refuses_a_gene_for_another_width():
 @pytest.mark.requires("hf")
 def test_expansions_load_in_transformers_llama_and_gpt2(tmp_path):
     import transformers
+
     from weightspace.zoo.tiny import write_tiny_llama
 
     src = write_tiny_llama(tmp_path / "llama", layers=3)

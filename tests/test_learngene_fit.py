@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from weightspace.merges.learngene import expand, fit_gene, layer_position, parse_stages, stage_sizes
 
 from tests.learngene_models import SUFFIXES, _model, _random_stack, _zoo_config
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
+from weightspace.merges.learngene import expand, fit_gene, layer_position, parse_stages, stage_sizes
 
 # ---------------------------------------------------------------------------------------------
 # fitting

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from weightspace.merges.learngene import fit_gene, gene_summary, load_gene, save_expanded, save_gene
 
 from tests.learngene_models import _model, _random_stack, _tleg_gene, _zoo_config
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
+from weightspace.merges.learngene import fit_gene, gene_summary, load_gene, save_expanded, save_gene
 from weightspace.sources import load_space
 
 # ---------------------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
-from weightspace.merges.learngene import distillation_loss, expand, load_gene, train_gene
 
 from weightspace.binding import ClassifierAdapter, load_into
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
+from weightspace.merges.learngene import distillation_loss, expand, load_gene, train_gene
 from weightspace.sources import load_space
 
 # ---------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ import re
 
 import pytest
 import torch
-from weightspace.zoo.tiny import write_tiny_llama
 
 from weightspace import load_space
 from weightspace.merge import plan_merge, run_plan
 from weightspace.spec import parse_spec
+from weightspace.zoo.tiny import write_tiny_llama
 
 
 @pytest.fixture
@@ -135,6 +135,7 @@ def dtype_models(tmp_path_factory):
     """Tiny Llamas with big enough fine-tune deltas that float16 rounding matters, plus the
     companion files the data-aware methods read (seeded, positive, symmetric)."""
     from safetensors.torch import save_file
+
     from weightspace.merges.atlas import Coefficients, save_coefficients
 
     d = tmp_path_factory.mktemp("dtypes")

@@ -10,9 +10,9 @@ import torch
 from _method_helpers import close, params_for, ref_elect_mean, ref_trim, run, t
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from weightspace.merges import _sparsify
 
 from weightspace.errors import SpecError
+from weightspace.merges import _sparsify
 from weightspace.methods import get_method
 
 # ----------------------------------------------------------- task arithmetic

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from weightspace.cli.main import main
-from weightspace.zoo.tiny import write_tiny_llama
 
 from weightspace import SpecError, load_space
+from weightspace.cli.main import main
 from weightspace.merge import evaluate, plan_merge, run_plan
 from weightspace.spec import Condition, parse_spec
+from weightspace.zoo.tiny import write_tiny_llama
 
 
 @pytest.mark.parametrize(

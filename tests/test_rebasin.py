@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from weightspace.merges.rebasin import align, apply_permutation, permutation_spec, weight_matching
-from weightspace.zoo.arch import build_model
-from weightspace.zoo.data import load_task
 
 from weightspace.errors import InputError
 from weightspace.ir import WeightSpace
+from weightspace.merges.rebasin import align, apply_permutation, permutation_spec, weight_matching
 from weightspace.sources import load_space
+from weightspace.zoo.arch import build_model
+from weightspace.zoo.data import load_task
 
 ARCHS = [
     {"arch": "mlp", "width": 32, "depth": 3},

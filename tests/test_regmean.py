@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import weightspace.merges.regmean  # noqa: F401  (registers `regmean` until merges/__init__ lists it)
 from torch import nn
-from weightspace.merges.regmean import gram_matrices, regmean_solve, save_gram, shrink_off_diagonal
-from weightspace.zoo.arch import build_model
 
+import weightspace.merges.regmean  # noqa: F401  (registers `regmean` until merges/__init__ lists it)
 from weightspace.binding import Adapter, ClassifierAdapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
+from weightspace.merges.regmean import gram_matrices, regmean_solve, save_gram, shrink_off_diagonal
 from weightspace.methods import TensorParams, get_method
 from weightspace.safetensors_io import read_header
 from weightspace.sources import load_space
+from weightspace.zoo.arch import build_model
 
 
 def gram_of(x: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-import weightspace.merges.signatures.file_format as rws_file
-from weightspace.merges.signatures import read_patch_record
-from weightspace.zoo.arch import build_model
 
+import weightspace.merges.signatures.file_format as rws_file
 from tests.signature_models import two_signatures_fixture, zoo_models_fixture  # noqa: F401  (fixtures)
 from weightspace.ir import WeightSpace
+from weightspace.merges.signatures import read_patch_record
 from weightspace.sources import load_space
+from weightspace.zoo.arch import build_model
 
 
 def test_parse_signature_arguments(tmp_path):

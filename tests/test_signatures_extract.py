@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from weightspace.merges.signatures import Signature, extract_signature, robust_weight_signature
 
 from tests.signature_models import (
     _spaces,
@@ -12,6 +11,7 @@ from tests.signature_models import (
 )
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
+from weightspace.merges.signatures import Signature, extract_signature, robust_weight_signature
 
 # ---------------------------------------------------------------------------------------------
 # the formula

@@ -6,6 +6,12 @@ import json
 
 import pytest
 import torch
+
+from tests.signature_models import (
+    _spaces,
+    zoo_models_fixture,  # noqa: F401  (fixtures)
+)
+from weightspace.errors import InputError, SpecError
 from weightspace.merges.signatures import (
     extract_signature,
     load_signature,
@@ -13,12 +19,6 @@ from weightspace.merges.signatures import (
     save_signature,
     signature_size_report,
 )
-
-from tests.signature_models import (
-    _spaces,
-    zoo_models_fixture,  # noqa: F401  (fixtures)
-)
-from weightspace.errors import InputError, SpecError
 from weightspace.safetensors_io import read_header
 
 

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.signature_models import ARCH, CONFIG, two_signatures_fixture, zoo_models_fixture  # noqa: F401  (fixtures)
+from weightspace.errors import InputError, SpecError
+from weightspace.ir import WeightSpace
 from weightspace.merges.signatures import (
     RECORD_KEY,
     extract_signature,
@@ -18,13 +22,9 @@ from weightspace.merges.signatures import (
     save_patched,
     unpatch,
 )
-from weightspace.zoo.arch import build_model
-
-from tests.signature_models import ARCH, CONFIG, two_signatures_fixture, zoo_models_fixture  # noqa: F401  (fixtures)
-from weightspace.errors import InputError, SpecError
-from weightspace.ir import WeightSpace
 from weightspace.safetensors_io import read_header
 from weightspace.sources import load_space
+from weightspace.zoo.arch import build_model
 
 
 def test_patch_writes_theta_plus_alpha_rws(zoo_models, two_signatures, tmp_path):

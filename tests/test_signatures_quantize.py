@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+
 import weightspace.merges.signatures.quantize as rws_quantize
+from weightspace.errors import InputError
 from weightspace.merges.signatures import (
     dequantize_tensor,
     pack_bits,
@@ -14,8 +16,6 @@ from weightspace.merges.signatures import (
     quantize_tensor,
     unpack_bits,
 )
-
-from weightspace.errors import InputError
 
 # ---------------------------------------------------------------------------------------------
 # packing

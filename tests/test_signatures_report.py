@@ -4,13 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from weightspace.merges.signatures import (
-    extract_signature,
-    layer_report,
-    layer_summary,
-    robust_weight_signature,
-    select_layers,
-)
 
 from tests.signature_models import (
     _spaces,
@@ -18,6 +11,13 @@ from tests.signature_models import (
 )
 from weightspace.errors import SpecError
 from weightspace.ir import WeightSpace
+from weightspace.merges.signatures import (
+    extract_signature,
+    layer_report,
+    layer_summary,
+    robust_weight_signature,
+    select_layers,
+)
 from weightspace.sources import load_space
 
 # ---------------------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from weightspace.zoo.tiny import write_tiny_llama
 
 from weightspace import load_space
 from weightspace.errors import InputError, SpecError
 from weightspace.merge import plan_merge, run_plan
 from weightspace.methods import all_methods
 from weightspace.spec import load_spec, parse_spec
+from weightspace.zoo.tiny import write_tiny_llama
 
 FISHER_SPEC = """\
 merge_method: fisher

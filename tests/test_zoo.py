@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
+from weightspace.binding import call, load_into, space_of
+from weightspace.errors import InputError, SpecError
+from weightspace.sources import load_space
 from weightspace.zoo.arch import build_model, model_from_config
 from weightspace.zoo.build import build_zoo
 from weightspace.zoo.data import load_task
@@ -22,10 +26,6 @@ from weightspace.zoo.phases import PhaseRules, classify, phase_grid
 from weightspace.zoo.spec import parse_zoo_spec
 from weightspace.zoo.store import Zoo, read_catalog
 from weightspace.zoo.train import ModelRun, TrainConfig, group_runs, lr_factor, train, train_batch
-
-from weightspace.binding import call, load_into, space_of
-from weightspace.errors import InputError, SpecError
-from weightspace.sources import load_space
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
+
+from weightspace.errors import SpecError
 from weightspace.zoo.data import (
     BASES,
     CORRUPTIONS,
@@ -23,8 +25,6 @@ from weightspace.zoo.data import (
     load_task,
     teacher,
 )
-
-from weightspace.errors import SpecError
 
 SPLITS = ("train", "val", "test")
 

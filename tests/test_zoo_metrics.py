@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from weightspace.errors import InputError, SpecError
 from weightspace.zoo.arch import build_model
 from weightspace.zoo.data import load_task
 from weightspace.zoo.metrics import (
@@ -27,8 +29,6 @@ from weightspace.zoo.metrics import (
     mode_connectivity,
     pair_metrics,
 )
-
-from weightspace.errors import InputError, SpecError
 
 # ---------------------------------------------------------------------------------------------
 # helpers

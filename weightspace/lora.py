@@ -429,7 +429,7 @@ def _module_terms(mod: str, m: _Module, adapter: Adapter, base: WeightSpace,
         raise InputError(f"{where}: module {mod!r} has LoRA weights, but adapter_config.json's "
                          f"target_modules {cfg.target_modules!r} does not name it (peft would not "
                          f"apply them)")
-    (a_key, a), (b_key, b) = p[a_role], p[b_role]
+    (_, a), (_, b) = p[a_role], p[b_role]
     wname = f"{mod}.weight"
     if wname not in refs and len(a.shape) == len(b.shape) == 2:
         # an output layer tied to the input embeddings is not stored: peft's merge changes the

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weightspace.errors import SpecError
 from weightspace.zoo.executors import check_executor, default_workers, map_units
 from weightspace.zoo.spec import LARGE_ZOO, ZooSpec
 from weightspace.zoo.store import Zoo
 from weightspace.zoo.train import ModelRun, TrainResult, group_runs, train_batch
-
-from weightspace.errors import SpecError
 
 ZOO_MODEL_TYPE = "weightspace-zoo"
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from weightspace.zoo.data import TaskData
 
 from weightspace.errors import InputError, SpecError
+from weightspace.zoo.data import TaskData
 
 Params = dict[str, torch.Tensor]
 

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
-from weightspace.zoo.arch import ARCHITECTURES
-from weightspace.zoo.data import load_task
-from weightspace.zoo.train import ModelRun, TrainConfig
 
 from weightspace.errors import SpecError
 from weightspace.methods import suggest
 from weightspace.sources import locate
 from weightspace.spec import parse_yaml_model, read_yaml_file
+from weightspace.zoo.arch import ARCHITECTURES
+from weightspace.zoo.data import load_task
+from weightspace.zoo.train import ModelRun, TrainConfig
 
 # above this many models a build asks for --yes
 LARGE_ZOO = 1000

@@ -18,11 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from weightspace.errors import WeightspaceError
 from weightspace.zoo.executors import map_units
 from weightspace.zoo.spec import MetricsConfig, parse_zoo_spec
 from weightspace.zoo.store import SPEC, Zoo
-
-from weightspace.errors import WeightspaceError
 
 DONE_COLUMN = "hessian_top_eig"
 PAIR_COLUMNS = ("mc_linear", "mc_bezier", "cka")
@@ -47,6 +46,7 @@ def metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
 
 def _metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load
+
     from weightspace.zoo.arch import model_from_config
     from weightspace.zoo.data import load_task
     from weightspace.zoo.metrics import landscape_metrics, pair_metrics

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
-from weightspace.zoo.arch import arch_config, build_model
-from weightspace.zoo.data import TaskData, load_task
 
 from weightspace.errors import SpecError
+from weightspace.zoo.arch import arch_config, build_model
+from weightspace.zoo.data import TaskData, load_task
 
 
 class TrainConfig(BaseModel):

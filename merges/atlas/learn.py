@@ -17,6 +17,10 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+
+from weightspace.binding import Adapter
+from weightspace.errors import InputError, SpecError
+from weightspace.ir import WeightSpace
 from weightspace.merges.atlas.budget import BUDGET_MODES, select_budget
 from weightspace.merges.atlas.coefficients import Coefficients
 from weightspace.merges.atlas.data import batch_to, check_data
@@ -28,10 +32,6 @@ from weightspace.merges.atlas.task_vectors import (
     as_space,
     task_name,
 )
-
-from weightspace.binding import Adapter
-from weightspace.errors import InputError, SpecError
-from weightspace.ir import WeightSpace
 
 PENALTIES = (None, "l1", "l2")
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+
+from weightspace.ir import WeightSpace
 from weightspace.merges.atlas.blocks import compose, partition_ids, partition_ids_range
 from weightspace.merges.atlas.coefficients import (
     Coefficients,
@@ -27,8 +29,6 @@ from weightspace.merges.atlas.coefficients import (
     check_task_order,
 )
 from weightspace.merges.atlas.task_vectors import as_space
-
-from weightspace.ir import WeightSpace
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams, register
 
 

@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from weightspace.merges.atlas.blocks import ComposeBlock, partition_ids
 
 from weightspace.binding import Adapter
 from weightspace.errors import InputError
 from weightspace.ir import WeightSpace
+from weightspace.merges.atlas.blocks import ComposeBlock, partition_ids
 
 # ||theta_i - theta_0|| / ||theta_0|| above this: theta_i is not a fine-tune of theta_0
 MAX_RELATIVE_NORM = 1.0

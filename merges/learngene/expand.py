@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from weightspace.errors import InputError, SpecError
+from weightspace.ir import ExprRef, TensorRef, WeightSpace
 from weightspace.merges.learngene.config_depth import config_with_depth
 from weightspace.merges.learngene.gene import (
     FORMAT,
@@ -33,9 +36,6 @@ from weightspace.merges.learngene.layout import (
     stage_sizes,
 )
 from weightspace.merges.learngene.stack import _read_stack, _space, _where
-
-from weightspace.errors import InputError, SpecError
-from weightspace.ir import ExprRef, TensorRef, WeightSpace
 from weightspace.structure import LayerName, is_pre_stack
 
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from weightspace.errors import InputError, SpecError
+from weightspace.ir import MemoryRef, TensorRef, WeightSpace
 from weightspace.merges.learngene.config_depth import DEPTH_KEYS, find_depth_key
 from weightspace.merges.learngene.gene import Gene, _gene_dtype, _gene_meta, gene_name
 from weightspace.merges.learngene.layout import (
@@ -30,9 +33,6 @@ from weightspace.merges.learngene.layout import (
     layer_stages,
 )
 from weightspace.merges.learngene.stack import _read_stack, _space, _Stack, _where
-
-from weightspace.errors import InputError, SpecError
-from weightspace.ir import MemoryRef, TensorRef, WeightSpace
 from weightspace.structure import LayerName
 
 # one layer's tensor of the suffix being fitted, by layer index

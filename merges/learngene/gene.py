@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from weightspace.merges.learngene.layout import DENOMINATORS, MODES
-from weightspace.merges.learngene.stack import _Stack
 
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
+from weightspace.merges.learngene.layout import DENOMINATORS, MODES
+from weightspace.merges.learngene.stack import _Stack
 
 FORMAT = "weightspace-learngene"
 FORMAT_VERSION = 1

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from weightspace.merges.learngene.expand import expansion_stages
 from weightspace.merges.learngene.fit import _norm, _ratio
 from weightspace.merges.learngene.gene import Gene, _check_gene

@@ -23,6 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from weightspace.binding import Adapter
+from weightspace.errors import InputError, NonFiniteError, SpecError
+from weightspace.ir import MemoryRef, TensorRef, WeightSpace
 from weightspace.merges.learngene.config_depth import find_depth_key
 from weightspace.merges.learngene.distill import _bind_teacher, _Distillation
 from weightspace.merges.learngene.expand import check_compatible
@@ -37,10 +41,6 @@ from weightspace.merges.learngene.layout import (
     layer_stages,
 )
 from weightspace.merges.learngene.stack import _read_stack, _Stack
-
-from weightspace.binding import Adapter
-from weightspace.errors import InputError, NonFiniteError, SpecError
-from weightspace.ir import MemoryRef, TensorRef, WeightSpace
 from weightspace.structure import LayerName, parse_layer
 
 # `train_gene` without epochs or steps: enough passes that a small network leaves chance (one

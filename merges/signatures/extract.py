@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from weightspace.errors import InputError
+from weightspace.ir import WeightSpace
 from weightspace.merges.signatures.file_format import (
     FORMAT,
     FORMAT_VERSION,
@@ -32,9 +35,6 @@ from weightspace.merges.signatures.quantize import (
 )
 from weightspace.merges.signatures.report import layer_report
 from weightspace.merges.signatures.selection import _check_share, _parse_spec, select_layers
-
-from weightspace.errors import InputError
-from weightspace.ir import WeightSpace
 
 
 def _compact(row: Mapping[str, Any]) -> dict[str, Any]:

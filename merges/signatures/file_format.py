@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from weightspace.errors import InputError, SpecError, WeightspaceError
+from weightspace.files import save_safetensors_atomic
+from weightspace.ir import TensorRef, WeightSpace
 from weightspace.merges.signatures.inputs import _dt
 from weightspace.merges.signatures.quantize import (
     GRANULARITIES,
@@ -30,10 +34,6 @@ from weightspace.merges.signatures.quantize import (
     dequantize_tensor,
     packed_size,
 )
-
-from weightspace.errors import InputError, SpecError, WeightspaceError
-from weightspace.files import save_safetensors_atomic
-from weightspace.ir import TensorRef, WeightSpace
 from weightspace.safetensors_io import Entry, read_header, read_tensor
 
 FORMAT = "weightspace-rws"

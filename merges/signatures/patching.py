@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from weightspace.merges.signatures.file_format import Signature, SignatureRef, _open_signature
-from weightspace.merges.signatures.inputs import _dt, _space, _where
 
 from weightspace.errors import InputError, NonFiniteError, SpecError
 from weightspace.ir import ExprRef, MemoryRef, TensorRef, WeightSpace
+from weightspace.merges.signatures.file_format import Signature, SignatureRef, _open_signature
+from weightspace.merges.signatures.inputs import _dt, _space, _where
 from weightspace.safetensors_io import read_header
 
 RECORD_KEY = "weightspace.rws"  # safetensors __metadata__ key of a patched checkpoint

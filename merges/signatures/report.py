@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from weightspace.merges.signatures.formula import robust_weight_signature
-from weightspace.merges.signatures.inputs import _check_compatible, _space
 
 from weightspace.ir import WeightSpace
+from weightspace.merges.signatures.formula import robust_weight_signature
+from weightspace.merges.signatures.inputs import _check_compatible, _space
 from weightspace.structure import depth_t, is_pre_stack, parse_layer, structure_of
 
 # ---------------------------------------------------------------------------------------------

@@ -122,11 +122,10 @@ def evaluate_samples(samples: str | Path | Sequence[str | Path], data: str, *,
                      seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Accuracy of generated models (zero-shot and fine-tuned) against the zoo and random init,
     and the memorization check (module docstring). Keys of per-epoch tables are str(k)."""
+    from weightspace.sources import load_space
     from weightspace.zoo.arch import model_from_config
     from weightspace.zoo.data import load_task
     from weightspace.zoo.train import ModelRun, train, train_batch
-
-    from weightspace.sources import load_space
 
     paths = sample_paths(samples)
     epochs = sorted({int(k) for k in finetune_epochs})

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from weightspace.zoo.gen.store import ZOO_MODEL_TYPE, Generator, load_generator, task_classes
 
 from weightspace.errors import InputError, SpecError
 from weightspace.files import atomic_dir
 from weightspace.ir import WeightSpace
+from weightspace.zoo.gen.store import ZOO_MODEL_TYPE, Generator, load_generator, task_classes
 
 
 def check_data(gen: Generator, data: str) -> tuple[Any, dict[str, Any] | None, list[str]]:

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from weightspace.zoo.gen.chunking import WeightChunker
-from weightspace.zoo.gen.kde import KDESampler
-from weightspace.zoo.gen.vae import ChunkVAE
 
 from weightspace.errors import InputError
 from weightspace.files import atomic_dir
+from weightspace.zoo.gen.chunking import WeightChunker
+from weightspace.zoo.gen.kde import KDESampler
+from weightspace.zoo.gen.vae import ChunkVAE
 
 FORMAT = "weightspace-generator"
 FORMAT_VERSION = 1

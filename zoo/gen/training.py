@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from weightspace.errors import InputError, SpecError
+from weightspace.ir import WeightSpace
 from weightspace.zoo.gen.chunking import WeightChunker
 from weightspace.zoo.gen.kde import KDESampler
 from weightspace.zoo.gen.store import (
@@ -39,9 +42,6 @@ from weightspace.zoo.gen.store import (
     write_generator,
 )
 from weightspace.zoo.gen.vae import ChunkVAE, tensor_weights
-
-from weightspace.errors import InputError, SpecError
-from weightspace.ir import WeightSpace
 
 # sampled principal coordinates are clipped to the zoo's range widened by this fraction of it
 # on each side: a guard against the rare sample that runs off (an undertrained denoiser)
@@ -122,9 +122,8 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     (default: every dataset of the zoo). `checkpoints="all"` learns from every
     trained checkpoint (epoch > 0), not only each model's last.
     """
-    from weightspace.zoo.data import load_task
-
     from weightspace.sink import check_output
+    from weightspace.zoo.data import load_task
 
     if method not in METHODS:
         raise SpecError(f"--method: unknown method {method!r}; choose {' or '.join(METHODS)}")
