@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from weightspace.cli.display import human_bytes
+from weightspace.cli.mergekit_flags import MergekitFlags, mergekit_flags
 from weightspace.cli.options import DEBUG_ENV, Group, Interrupted, device_option
 from weightspace.errors import WeightspaceError
 
@@ -89,6 +90,7 @@ def wsmerge() -> None:
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo as private.")
 @click.option("--revision", default=None, help="With --push-to-hub: the branch to commit to.")
 @click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead.")
+@mergekit_flags
 def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, device: str, shard_size: int,
         out_dtype: str | None, overwrite: bool, allow_nonfinite: bool, no_progress: bool,
         as_json: bool, search: str | None, data: str | None, split: str,
@@ -111,10 +113,21 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
       wsmerge run examples/ties.yaml -o runs/ties-sharded --shard-size 60K
       wsmerge run examples/ties.yaml --dry-run
       wsmerge run examples/fisher.yaml runs/fisher-best --search target_weight=0:1:5 --data digits
+      wsmerge run examples/ties.yaml runs/ties-mk --out-shard-size 1B --no-copy-tokenizer --quiet
+
+    mergekit-yaml's flags work too, with mergekit's meaning (--cuda, --out-shard-size
+    with K/M/B = thousand/million/billion, --copy-tokenizer, --write-model-card,
+    --random-seed, --allow-crimes, --quiet, -j); its memory and I/O flags
+    (--lazy-unpickle, --low-cpu-memory, --read-to-gpu, --async-write, ...) are
+    accepted and change nothing, since wsmerge always streams; --trust-remote-code
+    is refused (no remote code ever runs).
     """
     from weightspace.merge import plan_merge, run_plan
     from weightspace.spec import load_spec
 
+    ctx = click.get_current_context()
+    mk = MergekitFlags.of(ctx)
+    device, shard_size = _mergekit_device_and_shards(ctx, mk, device, shard_size)
     out = _one_out(out, out_option)
     if out is None and not dry_run:
         raise click.UsageError("missing OUT (the output directory: SPEC OUT or -o OUT); or pass --dry-run")
@@ -148,7 +161,8 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
         s = with_value(s, param, searched.best)
     elif data is not None:
         raise click.UsageError("--data is only used with --search")
-    plan = plan_merge(s, spec_dir=spec.parent, out_dtype=out_dtype)
+    s = _with_random_seed(s, mk.random_seed)
+    plan = plan_merge(s, spec_dir=spec.parent, out_dtype=out_dtype, allow_crimes=mk.allow_crimes)
     summary = plan.summary(shard_size)
     if dry_run:
         if as_json:
@@ -164,10 +178,11 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
         return
     for n in plan.notes:  # e.g. a path found only relative to the working directory
         click.echo(f"note: {n}", err=True)
-    progress = not no_progress and sys.stderr.isatty()
+    progress = not no_progress and not mk.quiet and sys.stderr.isatty()
     t0 = time.perf_counter()
     stats = run_plan(plan, out, device=device, shard_size=shard_size, overwrite=overwrite,
-                     allow_nonfinite=allow_nonfinite, progress=progress)
+                     allow_nonfinite=allow_nonfinite, progress=progress,
+                     copy_tokenizer=mk.copy_tokenizer, write_card=mk.write_model_card)
     dt = time.perf_counter() - t0
     if as_json:
         extra = {} if searched is None else {"search": {"param": searched.param, "best": searched.best,
@@ -175,14 +190,55 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
         pushed = {} if push_repo is None else {"hub_url": _push(out, push_repo, private, revision, create_pr)}
         click.echo(json.dumps({**summary, **stats, "wall_seconds": dt, **extra, **pushed}, indent=2))
         return
-    click.echo(
-        f"{plan.method.name}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
-        f"read {human_bytes(stats['read_bytes'])}, wrote {human_bytes(stats['written_bytes'])} "
-        f"in {stats['shards']} shard(s) to {out} in {dt:.2f} s"
-    )
+    if not mk.quiet:
+        click.echo(
+            f"{plan.method.name}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+            f"read {human_bytes(stats['read_bytes'])}, wrote {human_bytes(stats['written_bytes'])} "
+            f"in {stats['shards']} shard(s) to {out} in {dt:.2f} s"
+        )
     if push_repo is not None:
         url = _push(out, push_repo, private, revision, create_pr)
         click.echo(f"{'opened pull request' if create_pr else 'pushed'} {out} to {push_repo}: {url}")
+
+
+def _mergekit_device_and_shards(ctx: click.Context, mk: MergekitFlags, device: str,
+                                shard_size: int) -> tuple[str, int]:
+    """--cuda and --out-shard-size (mergekit's spellings) in place of --device and --shard-size;
+    giving both spellings of one setting is a usage error. Also -j and --transformers-cache."""
+    given = {p: ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE
+             for p in ("device", "shard_size")}
+    if mk.cuda is not None:
+        if given["device"]:
+            raise click.UsageError("give --device or mergekit's --cuda/--no-cuda, not both")
+        from weightspace.executor import resolve_device
+
+        device = str(resolve_device("cuda" if mk.cuda else "cpu"))
+    if mk.out_shard_size is not None:
+        if given["shard_size"]:
+            raise click.UsageError("give --shard-size or mergekit's --out-shard-size, not both")
+        shard_size = mk.out_shard_size
+    if mk.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(mk.num_threads)
+    if mk.transformers_cache is not None:
+        os.environ["HF_HUB_CACHE"] = mk.transformers_cache
+    return device, shard_size
+
+
+def _with_random_seed(spec, seed: int | None):
+    """mergekit's --random-seed as the spec's `seed` parameter (DARE and DELLA read it); the
+    other methods draw nothing, so for them it changes nothing, as in mergekit."""
+    from weightspace.methods import get_method
+
+    if seed is None or not get_method(spec.merge_method).randomized:
+        return spec
+    if "seed" in (spec.parameters or {}):
+        raise click.UsageError(f"the spec sets parameters.seed ({spec.parameters['seed']}); "
+                               f"drop it or --random-seed")
+    from weightspace.zoo.search import with_value
+
+    return with_value(spec, "seed", seed)
 
 
 def _one_out(argument: Path | None, option: Path | None) -> Path | None:

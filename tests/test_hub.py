@@ -120,7 +120,7 @@ def test_run_push_to_hub_and_upload(hub, tmp_path):
     assert code == 0, err
     assert "pushed" in stdout and f"{hub.url}/me/merged/commit/" in stdout
     stored = hub.files("me/merged")
-    assert set(stored) == {"model.safetensors", "config.json", "README.md"}
+    assert set(stored) == {"model.safetensors", "config.json", "README.md", "mergekit_config.yml"}
     assert stored["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert hub.repos["me/merged"]["private"] and hub.commits[-1]["message"] == \
         "Upload linear merge made with weightspace"

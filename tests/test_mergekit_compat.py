@@ -236,3 +236,83 @@ def test_a_parameter_the_method_ignores_is_refused_with_the_reason(four, run_cli
             plan_merge(spec)
     code, out, _ = run_cli("methods", "task_arithmetic")
     assert code == 0 and "density" not in out and "rescale" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit-yaml's command line
+
+
+def _llama_spec(method: str, base, models, extra: str = "") -> str:
+    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    lines += [f"  - {{model: {m}, parameters: {{weight: 1.0, density: 0.5}}}}" for m in models]
+    return "\n".join(lines) + "\n" + extra
+
+
+def test_mergekit_flags_keep_their_meaning(four, tmp_path, run_cli, write_spec):
+    base, a, b = four
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 9}')
+    spec = write_spec(_llama_spec("ties", base, [a, b]))
+    code, _, err = run_cli("run", spec, tmp_path / "plain", "--no-progress")
+    assert code == 0, err
+    code, out, err = run_cli("run", spec, tmp_path / "mk", "--out-shard-size", "60K", "--no-copy-tokenizer",
+                             "--no-write-model-card", "--lazy-unpickle", "--low-cpu-memory", "--read-to-gpu",
+                             "--async-write", "--clone-tensors", "-j", "1", "--random-seed", "5",
+                             "--allow-crimes", "--quiet", "--safe-serialization")
+    assert code == 0 and out == "", err
+    mk = tmp_path / "mk"
+    shards = sorted(mk.glob("model-*.safetensors"))
+    assert len(shards) > 1 and all(p.stat().st_size <= 60_000 + 2_000 for p in shards)  # K = 1000 bytes
+    assert not (mk / "tokenizer_config.json").exists() and (tmp_path / "plain" / "tokenizer_config.json").exists()
+    assert not (mk / "README.md").exists() and (tmp_path / "plain" / "README.md").exists()
+    assert (mk / "mergekit_config.yml").read_text() == (tmp_path / "plain" / "mergekit_config.yml").read_text()
+    assert "merge_method: ties" in (mk / "mergekit_config.yml").read_text()
+    plain, got = load_space(tmp_path / "plain"), load_space(mk)
+    assert all(torch.equal(plain[n].load(), got[n].load()) for n in plain)  # the no-op flags change nothing
+
+
+def test_mergekit_random_seed_is_the_spec_seed(four, tmp_path, run_cli, write_spec):
+    base, a, b = four
+    spec = write_spec(_llama_spec("dare_ties", base, [a, b]))
+    seeded = write_spec(_llama_spec("dare_ties", base, [a, b], "parameters: {seed: 5}\n"), name="seeded.yaml")
+    assert run_cli("run", spec, tmp_path / "x", "--random-seed", "5")[0] == 0
+    assert run_cli("run", seeded, tmp_path / "y")[0] == 0
+    assert run_cli("run", spec, tmp_path / "z", "--random-seed", "6")[0] == 0
+    x, y, z = (load_space(tmp_path / d) for d in "xyz")
+    n = "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(x[n].load(), y[n].load()) and not torch.equal(x[n].load(), z[n].load())
+    code, _, err = run_cli("run", seeded, tmp_path / "w", "--random-seed", "6")
+    assert code == 2 and "the spec sets parameters.seed (5); drop it or --random-seed" in err
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--trust-remote-code"], 2, "--trust-remote-code: wsmerge never runs code from a model repository"),
+    (["--no-safe-serialization"], 2, "wsmerge writes only safetensors"),
+    (["--unsafe-truncate-embeddings"], 2, "give the models' vocabularies a common tokenizer"),
+    (["--shard-size", "1G", "--out-shard-size", "1B"], 2, "give --shard-size or mergekit's --out-shard-size"),
+    (["--device", "cpu", "--cuda"], 2, "give --device or mergekit's --cuda/--no-cuda, not both"),
+    (["--out-shard-size", "5G"], 2, "a whole number with K, M or B"),
+])
+def test_mergekit_flags_wsmerge_does_not_take_are_refused_with_the_reason(four, tmp_path, run_cli, write_spec,
+                                                                          argv, code, message):
+    base, a, b = four
+    spec = write_spec(_llama_spec("ties", base, [a, b]))
+    got, _, err = run_cli("run", spec, tmp_path / "out", *argv)
+    assert got == code and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_models_of_different_architectures_need_allow_crimes(four, tmp_path, run_cli, write_spec):
+    import json
+
+    base, a, b = four
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    (b / "config.json").write_text(json.dumps(cfg))
+    spec = write_spec(_llama_spec("ties", base, [a, b]))
+    code, _, err = run_cli("run", spec, tmp_path / "out")
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert re.search(r"models\[1\]\.model \(line 5\): '.*/b' is a MistralForCausalLM but '.*/base' "
+                     r"\(base_model \(line 2\)\) is a LlamaForCausalLM; mixing architectures is refused "
+                     r"unless --allow-crimes", err), err
+    code, _, err = run_cli("run", spec, tmp_path / "out", "--allow-crimes")
+    assert code == 0, err

@@ -120,15 +120,27 @@ def _model_refs(spec: MergeSpec) -> dict[str, tuple]:
     return refs
 
 
+def _architecture(config: dict | None) -> str | None:
+    """A model's architecture as its config.json names it (`architectures[0]`, else
+    `model_type`), or None without a config."""
+    if not config:
+        return None
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return config.get("model_type") if isinstance(config.get("model_type"), str) else None
+
+
 def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
-               out_dtype: str | None = None) -> MergePlan:
+               out_dtype: str | None = None, allow_crimes: bool = False) -> MergePlan:
     """Validate a spec against its inputs and build the per-tensor plan (headers only).
 
     Relative paths in the spec are read against `spec_dir` (the spec file's folder);
-    errors name the spec file, the field and its line.
+    errors name the spec file, the field and its line. Models of different architectures
+    (config.json `architectures`) are refused unless `allow_crimes`, as in mergekit.
     """
     try:
-        return _Planner(spec, spec_dir, out_dtype).plan()
+        return _Planner(spec, spec_dir, out_dtype, allow_crimes).plan()
     except (SpecError, InputError) as e:
         if not spec.source or spec.source.startswith("<"):
             raise
@@ -138,8 +150,10 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
 class _Planner:
     """The state of one `plan_merge`; each method is one of its steps."""
 
-    def __init__(self, spec: MergeSpec, spec_dir: str | Path | None, out_dtype: str | None):
+    def __init__(self, spec: MergeSpec, spec_dir: str | Path | None, out_dtype: str | None,
+                 allow_crimes: bool = False):
         self.spec = spec
+        self.allow_crimes = allow_crimes
         self.spec_dir = Path(spec_dir) if spec_dir else None
         self.out_dtype_name = out_dtype or spec.out_dtype
         self.notes: list[str] = []
@@ -151,6 +165,7 @@ class _Planner:
         self.resolve_method()
         self.check_parameters()       # names, types, ranges, files: before any model is opened
         self.open_models()
+        self.check_architectures()    # one architecture, unless allow_crimes
         self.line_up_sources()        # which models each output tensor combines, and the base
         if self.layered:
             self.plan_stacked_slices()
@@ -183,6 +198,21 @@ class _Planner:
                 if found.note:
                     self.notes.append(f"{self.spec.where(*loc)}: {found.note}")
                 self.spaces[r] = open_located(r, found)
+
+    def check_architectures(self) -> None:
+        """Every merged model (not a tokenizer-only source) has the same architecture as the
+        first, by config.json `architectures` (else `model_type`), as mergekit checks."""
+        refs = _model_refs(self.spec)
+        merged = [(r, loc) for r, loc in refs.items() if loc != ("tokenizer_source",)]
+        kinds = [(r, loc, _architecture(self.spaces[r].meta.get("config"))) for r, loc in merged]
+        known = [k for k in kinds if k[2] is not None]
+        for r, loc, arch in known[1:]:
+            r0, loc0, arch0 = known[0]
+            if arch != arch0 and not self.allow_crimes:
+                raise InputError(
+                    f"{self.spec.where(*loc)}: {r!r} is a {arch} but {r0!r} ({self.spec.where(*loc0)}) "
+                    f"is a {arch0}; mixing architectures is refused unless --allow-crimes (as in "
+                    f"mergekit), and even then their tensors must line up")
 
     def line_up_sources(self) -> None:
         """`slices`: per output slice, its sources (one slice for a `models:` spec). As in
@@ -450,8 +480,11 @@ BLOCKED_MIN_BYTES = 128 * 2**20
 
 def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
              shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
-             allow_nonfinite: bool = False, progress: bool = True) -> dict:
-    """Stream the plan into OUT atomically; returns stats."""
+             allow_nonfinite: bool = False, progress: bool = True, copy_tokenizer: bool = True,
+             write_card: bool = True) -> dict:
+    """Stream the plan into OUT atomically; returns stats. OUT also gets the spec as
+    `mergekit_config.yml` (where mergekit users and Hub tooling look for the recipe), the
+    tokenizer files unless `copy_tokenizer` is off and the model card unless `write_card` is."""
     out = Path(out)
     recipe = plan.spec.to_yaml()
     sink = CheckpointSink(out, plan.outputs(), shard_size=shard_size, overwrite=overwrite,
@@ -464,7 +497,9 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
         stats = execute(ordered, sink, device=device, compute_dtype=plan.compute_dtype,
                         progress=progress, allow_nonfinite=allow_nonfinite,
                         desc=plan.method.name)
-        sink.finish(config=plan.config, files=plan.tokenizer_files, card=model_card(card_of(plan)))
+        sink.finish(config=plan.config, files=plan.tokenizer_files if copy_tokenizer else {},
+                    card=model_card(card_of(plan)) if write_card else None,
+                    texts={"mergekit_config.yml": recipe})
     except BaseException:
         sink.abort()
         raise

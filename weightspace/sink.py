@@ -140,8 +140,10 @@ class CheckpointSink:
         files: Mapping[str, Path] | None = None,
         card: str | None = None,
         extra_json: Mapping[str, Any] | None = None,
+        texts: Mapping[str, str] | None = None,
     ) -> Path:
-        """Close the last shard, write index, config, carried files and card; rename into place."""
+        """Close the last shard, write index, config, carried files, text files and card;
+        rename into place."""
         if self.tmp is None:
             self._start()
         assert self.tmp is not None
@@ -164,6 +166,8 @@ class CheckpointSink:
             shutil.copyfile(src, self.tmp / name)
         for name, data in (extra_json or {}).items():
             _write_text(self.tmp / name, json.dumps(data, indent=2) + "\n")
+        for name, text in (texts or {}).items():
+            _write_text(self.tmp / name, text)
         if card is not None:
             _write_text(self.tmp / "README.md", card)
         self._commit()
