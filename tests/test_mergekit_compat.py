@@ -316,3 +316,37 @@ def test_models_of_different_architectures_need_allow_crimes(four, tmp_path, run
                      r"unless --allow-crimes", err), err
     code, _, err = run_cli("run", spec, tmp_path / "out", "--allow-crimes")
     assert code == 0, err
+
+
+def test_step_gradients_of_booleans_and_strings_and_mergekit_slice_keys(four, tmp_path):
+    from weightspace.params import evaluate
+
+    # mergekit 0.1.5: a list of non-numbers is read as steps, entry int(t * (n - 1))
+    assert [evaluate([True, False], "x", t) for t in (0.0, 0.49, 0.99, 1.0)] == [True, True, True, False]
+    assert [evaluate(["a", "b", "c"], "x", t) for t in (0.0, 0.5, 0.9, 1.0)] == ["a", "b", "b", "c"]
+    base, a, b = four
+    # a step gradient of a boolean parameter: int(t * 2) is 0, 0, 1, 2 at t = 0, 1/3, 2/3, 1
+    got = _merge(f"""
+merge_method: linear
+models:
+  - {{model: {a}, parameters: {{weight: 1.0}}}}
+  - {{model: {b}, parameters: {{weight: 1.0}}}}
+parameters: {{normalize: [true, true, false]}}
+""", tmp_path / "out")
+    A, B = load_space(a), load_space(b)
+    for layer, normalized in ((0, True), (1, True), (2, True), (3, False)):  # t = 0, 1/3, 2/3, 1
+        n = f"model.layers.{layer}.mlp.up_proj.weight"
+        want = A[n].load() + B[n].load()
+        torch.testing.assert_close(got[n], want / 2 if normalized else want)
+    # residual_weight is in mergekit's slice schema (and unused there): accepted, with a note
+    plan = plan_merge(parse_spec(f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 2]}}]
+    residual_weight: 0.5
+"""))
+    assert any("residual_weight" in n and "ignored" in n for n in plan.notes)
+    from weightspace.errors import SpecError
+
+    with pytest.raises(SpecError, match="modules: mergekit's per-module merges are not supported"):
+        parse_spec(f"merge_method: linear\nmodules: {{text: {{models: [{{model: {a}}}]}}}}\n")

@@ -303,6 +303,10 @@ class _Planner:
                               f"{struct.num_layers})")
 
     def check_layer_ranges(self, prefix: str) -> None:
+        for k, sl in enumerate(self.spec.slices or []):
+            if sl.residual_weight is not None:
+                self.notes.append(f"{self.spec.where('slices', k, 'residual_weight')}: ignored, as in "
+                                  f"mergekit 0.1.5, which declares it but never uses it")
         for k, srcs in enumerate(self.slices):
             for j, s in enumerate(srcs):
                 n = self.spaces[s.ref].structure().stacks.get(prefix, 0)

@@ -24,11 +24,17 @@ from weightspace.spec import Condition, MergeSpec
 
 
 def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
-    """mergekit's rule: scalar as is; numeric list interpolated at t; conditions, first match."""
+    """mergekit 0.1.5's rule: a scalar as is; a list of numbers interpolated at t; a list of
+    other scalars (booleans, strings) read as steps, entry int(t * (n - 1)); conditions, the
+    first whose filter is in the tensor name."""
     if isinstance(setting, list):
         if not setting:
             return None
-        if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        scalars = all(isinstance(e, (bool, int, float, str)) for e in setting)
+        numbers = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+        if scalars and not numbers:
+            return setting[int(t * (len(setting) - 1))]
+        if numbers:
             scaled = t * (len(setting) - 1)
             i0 = int(scaled)
             i1 = min(len(setting) - 1, i0 + 1)

@@ -46,7 +46,8 @@ from weightspace.errors import SpecError
 M = TypeVar("M", bound=BaseModel)
 
 Scalar = Union[StrictBool, StrictInt, StrictFloat, StrictStr]
-Gradient = list[StrictInt | StrictFloat]
+# numbers are interpolated over depth; booleans and strings are steps (mergekit 0.1.5)
+Gradient = list[Scalar]
 
 
 class Condition(BaseModel):
@@ -108,6 +109,8 @@ class SliceSource(_Strict):
 class OutputSlice(_Strict):
     sources: list[SliceSource]
     base_model: str | None = None
+    # in mergekit 0.1.5's slice schema but used nowhere in its merge; accepted, and ignored too
+    residual_weight: float | None = None
     parameters: Params | None = None
 
     @field_validator("sources")
@@ -148,6 +151,8 @@ class MergeSpec(_Strict):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     name: str | None = None  # shown in the model card
+    # mergekit's per-module merges (multi-tower models); refused with a sentence, not "unknown key"
+    modules: dict[str, Any] | None = None
     # the YAML node tree and file it was read from, so later errors can name a field's line
     _node: Any = PrivateAttr(default=None)
     _source: str | None = PrivateAttr(default=None)
@@ -176,6 +181,9 @@ class MergeSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_of(self) -> MergeSpec:
+        if self.modules is not None:
+            raise ValueError("modules: mergekit's per-module merges are not supported; merge each "
+                             "module's models with models or slices")
         if bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of 'models' or 'slices'")
         if self.chat_template is not None:
