@@ -350,3 +350,26 @@ slices:
 
     with pytest.raises(SpecError, match="modules: mergekit's per-module merges are not supported"):
         parse_spec(f"merge_method: linear\nmodules: {{text: {{models: [{{model: {a}}}]}}}}\n")
+
+
+@pytest.mark.requires("hf")
+def test_space_of_follows_state_dict_and_a_checkpoint_of_it_reloads_without_surprises(tmp_path):
+    import transformers
+
+    from weightspace.binding import load_into, space_of, tensors_for
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    assert any(n.endswith("inv_freq") for n in non_persistent)  # the case the issue names
+    space = space_of(model)
+    assert set(space) == set(model.state_dict()) and not (set(space) & non_persistent)
+    # tensors_for needs state_dict's names, and a tied name is satisfied by its twin
+    del_tied = {n: space[n].load() for n in space if n != "lm_head.weight"}
+    assert set(tensors_for(model, del_tied)) == set(del_tied)
+    fresh = transformers.LlamaForCausalLM(cfg)
+    load_into(fresh, del_tied)
+    x = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(fresh(x).logits, model(x).logits)

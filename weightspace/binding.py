@@ -24,10 +24,13 @@ from weightspace.ir import WeightSpace
 
 def space_of(module: nn.Module, *, meta: dict | None = None, config: dict | None = None,
              buffers: bool = True) -> WeightSpace:
-    """The module's parameters (and buffers) as an in-memory WeightSpace of detached CPU copies."""
-    tensors = {n: p.detach().to("cpu").clone() for n, p in module.named_parameters()}
-    if buffers:
-        tensors.update({n: b.detach().to("cpu").clone() for n, b in module.named_buffers()})
+    """The module's `state_dict()` as an in-memory WeightSpace of detached CPU copies: its
+    parameters and persistent buffers (`buffers=False`: parameters only). Non-persistent
+    buffers such as a rotary embedding's `inv_freq` are left out, as state_dict leaves them
+    out: a checkpoint holding one is reported as unexpected by transformers."""
+    params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    tensors = {n: t.detach().to("cpu").clone() for n, t in module.state_dict().items()
+               if buffers or n in params}
     m = {"source": type(module).__name__, "format": "memory", **(meta or {})}
     if config is not None:
         m["config"] = config
@@ -37,13 +40,18 @@ def space_of(module: nn.Module, *, meta: dict | None = None, config: dict | None
 def tensors_for(module: nn.Module, space: WeightSpace | Mapping[str, torch.Tensor], *,
                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 strict: bool = True) -> dict[str, torch.Tensor]:
-    """Load the tensors `module` needs from `space`, checked against the module's names and shapes."""
-    expected = dict(module.named_parameters())
-    expected.update(dict(module.named_buffers()))
+    """Load the tensors `module` needs from `space`, checked against the module's names and shapes.
+
+    What a module needs is its `state_dict()`: parameters and persistent buffers (the module
+    computes its non-persistent buffers itself). A name tied to another one the space has
+    (a tied lm_head) is not missing.
+    """
+    expected = dict(module.state_dict(keep_vars=True))
     names = set(space.keys())
     source = space.source if isinstance(space, WeightSpace) else "the given tensors"
     if strict:
-        missing = sorted(set(expected) - names)
+        present = {expected[n].data_ptr() for n in names if n in expected}
+        missing = sorted(n for n in set(expected) - names if expected[n].data_ptr() not in present)
         extra = sorted(names - set(expected))
         if missing:
             raise InputError(f"{source} has no tensor {missing[0]!r} that {type(module).__name__} needs"
@@ -78,8 +86,9 @@ def load_into(module: nn.Module, space: WeightSpace | Mapping[str, torch.Tensor]
     """Copy the space's tensors into `module` (names and shapes checked); returns the module."""
     params = tensors_for(module, space)
     with torch.no_grad():
-        for n, t in list(module.named_parameters()) + list(module.named_buffers()):
-            t.copy_(params[n])
+        for n, t in module.state_dict(keep_vars=True).items():
+            if n in params:  # a tied twin absent from the space shares its storage with one present
+                t.copy_(params[n])
     return module
 
 
