@@ -329,7 +329,8 @@ tokenizer:
 def test_a_new_token_in_no_model_gets_zero_rows_with_a_note(models, tmp_path, run_cli):
     code, _, err, out = run(tmp_path, run_cli, "tokenizer:\n  source: base\n  tokens:\n    '<tool>': {}\n")
     assert code == 0, err
-    assert "note: token '<tool>' is in none of the models" in err
+    assert "note: 1 token(s) of the output vocabulary are in none of the models merged into " \
+           "'model.embed_tokens.weight' ('<tool>'); their rows there are zeros" in err, err
     v = vocab_of(out)
     assert v["<tool>"] == 13
     merged = load_file(str(out / "model.safetensors"))
@@ -537,3 +538,42 @@ def test_a_reordered_tensor_reads_itself_and_only_the_donor_rows_of_the_others(m
     own = 13 * row
     donors = sum(leaf.nbytes for leaf in base_ref.leaves()[1:])
     assert donors <= 6 * row and sum(leaf.nbytes for leaf in base_ref.leaves()) == own + donors
+
+
+@pytest.mark.requires("hf")
+def test_a_tokenizer_directory_without_weights_can_be_the_source(models, tmp_path, run_cli):
+    d = models / "tok_only"
+    d.mkdir()
+    write_tokenizer(d, COMMON + ["kiwi"])
+    code, _, err, out = run(tmp_path, run_cli, "tokenizer_source: models/tok_only\n")
+    assert code == 0, err
+    assert vocab_of(out) == {t: i for i, t in enumerate(COMMON + ["kiwi"])}
+    rows = rows_of(models, EMBED)
+    want = expect({"kiwi": {"base": "ft_b", "ft_a": "ft_b"}}, rows, COMMON + ["kiwi"])
+    merged = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(merged[EMBED], linear(want), rtol=0, atol=1e-7)
+
+
+@pytest.mark.requires("hf")
+def test_slices_take_embeddings_from_the_first_slice_and_the_head_from_the_last(models, tmp_path,
+                                                                              run_cli):
+    # as in mergekit, a vocabulary tensor combines the models of its slice only: the embeddings
+    # come from the base (which lacks ft_a's new tokens: zeros), lm_head from ft_a
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("merge_method: passthrough\nslices:\n"
+                    "  - sources:\n      - {model: models/base, layer_range: [0, 1]}\n"
+                    "  - sources:\n      - {model: models/ft_a, layer_range: [1, 2]}\n"
+                    "tokenizer_source: union\n")
+    code, _, err = run_cli("run", spec, tmp_path / "out")
+    assert code == 0, err
+    order = COMMON + ["apple", "pear", "<|im_start|>"]
+    assert vocab_of(tmp_path / "out") == {t: i for i, t in enumerate(order)}
+    assert "note: 3 token(s) of the output vocabulary are in none of the models merged into " \
+           "'model.embed_tokens.weight' ('apple', 'pear', '<|im_start|>')" in err
+    assert "lm_head.weight" not in err
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    emb, head = rows_of(models, EMBED), rows_of(models, HEAD)
+    zero = torch.zeros(32)
+    want_emb = torch.stack([emb["base"][t] if t in emb["base"] else zero for t in order])
+    want_head = torch.stack([head["ft_a"][t] for t in order])
+    assert torch.equal(merged[EMBED], want_emb) and torch.equal(merged[HEAD], want_head)

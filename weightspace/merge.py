@@ -41,6 +41,8 @@ from weightspace.tokenizers import (
     is_vocab_tensor,
     set_config_vocab_size,
     template_only,
+    tokenizer_member,
+    tokenizer_only,
 )
 
 
@@ -190,6 +192,7 @@ class _Planner:
 
     def open_models(self) -> None:
         self.spaces: dict[str, WeightSpace] = {}
+        self.tokenizer_dirs: dict[str, Path] = {}
         for r, loc in _model_refs(self.spec).items():
             with at_field(self.spec, loc):
                 found = locate(r, self.spec_dir)
@@ -197,6 +200,9 @@ class _Planner:
                     raise SpecError(f"model {r!r}: LoRA references (model+lora) are not supported yet")
                 if found.note:
                     self.notes.append(f"{self.spec.where(*loc)}: {found.note}")
+                if loc[0] in ("tokenizer_source", "tokenizer") and tokenizer_only(found.path):
+                    self.tokenizer_dirs[r] = found.path  # a tokenizer without weights, as mergekit allows
+                    continue
                 self.spaces[r] = open_located(r, found)
 
     def line_up_sources(self) -> None:
@@ -256,6 +262,8 @@ class _Planner:
     def member(self, ref: str) -> Member:
         """What the tokenizer step needs to know of a model: its directory, config, tokenizer
         files and the rows of its vocabulary tensors (which must agree)."""
+        if ref in self.tokenizer_dirs:
+            return tokenizer_member(ref, self.tokenizer_dirs[ref])
         space = self.spaces[ref]
         vocab = [(n, space[n].shape[0]) for n in space if is_vocab_tensor(n) and space[n].shape]
         if len({rows for _, rows in vocab}) > 1:

@@ -40,6 +40,7 @@ from weightspace.chat_templates import resolve_chat_template
 from weightspace.errors import InputError, SpecError
 from weightspace.extras import require
 from weightspace.ir import SafetensorsRef, TensorRef, slice_rows
+from weightspace.sources import TOKENIZER_FILES
 from weightspace.spec import ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
 from weightspace.structure import parse_layer
 
@@ -100,6 +101,26 @@ class Member:
     config: dict | None
     rows: int | None              # rows of its vocabulary tensors, None when it has none
     files: dict[str, Path] = field(default_factory=dict)  # its tokenizer files (name -> path)
+
+
+def tokenizer_only(d: Path | None) -> bool:
+    """A directory with tokenizer files and no checkpoint: a tokenizer source, not a model."""
+    if d is None or not d.is_dir() or not has_vocab_files(d):
+        return False
+    weights = ("*.safetensors", "*.safetensors.index.json", "pytorch_model.bin*", "*.pt", "*.pth")
+    return not any(any(d.glob(w)) for w in weights)
+
+
+def tokenizer_member(ref: str, d: Path) -> Member:
+    """A tokenizer-only directory as a Member (no rows: it brings no tensors)."""
+    cfg = None
+    if (d / "config.json").is_file():
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (ValueError, OSError) as e:
+            raise InputError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    return Member(ref=ref, path=d, config=cfg if isinstance(cfg, dict) else None, rows=None,
+                  files={n: d / n for n in TOKENIZER_FILES if (d / n).is_file()})
 
 
 # ---------------------------------------------------------------- the vocabulary
@@ -192,13 +213,21 @@ class Vocabulary:
         default_ids = need.nonzero().flatten()
         contribs: dict[str, tuple[list[int], list[int]]] = {}
         divisor = torch.ones(len(default_ids))
+        nowhere = []
         for k, tid in enumerate(default_ids.tolist()):
             tok = id_to_token[tid]
-            for m, row, div in self._recipe(tensor, tok, tid, order, base):
+            recipe = self._recipe(tensor, tok, tid, order, base)
+            for m, row, div in recipe:
                 pos, rows = contribs.setdefault(m, ([], []))
                 pos.append(k)
                 rows.append(row)
                 divisor[k] = div
+            if not recipe and not (tok in self.overrides and self.overrides[tok].source is not None):
+                nowhere.append(tok)
+        if nowhere:
+            some = ", ".join(repr(t) for t in nowhere[:5]) + (", ..." if len(nowhere) > 5 else "")
+            self.notes.append(f"{len(nowhere)} token(s) of the output vocabulary are in none of the "
+                              f"models merged into {tensor!r} ({some}); their rows there are zeros")
         own = {}
         for j, m in enumerate(order):
             keep = (perm[j] >= 0) & ~forced
@@ -244,10 +273,7 @@ class Vocabulary:
         if len(present) == 1:
             return [(present[0], int(self.perms[present[0]][tid]), 1.0)]
         if not present:
-            note = f"token {tok!r} is in none of the models merged into {tensor!r}; its rows are zeros"
-            if note not in self.notes:
-                self.notes.append(note)
-            return []
+            return []  # zeros (_make_row_plan says so)
         if base is not None and base in present:
             return [(base, int(self.perms[base][tid]), 1.0)]
         return [(m, int(self.perms[m][tid]), float(len(present))) for m in present]
@@ -607,4 +633,5 @@ def _chat_template(value: str | None, toks: list[Any]) -> str | None:
 
 
 __all__ = ["Member", "Settings", "VocabRowsRef", "Vocabulary", "build_vocabulary",
-           "check_token_models", "config_vocab_size", "is_vocab_tensor", "set_config_vocab_size", "template_only"]
+           "check_token_models", "config_vocab_size", "is_vocab_tensor", "set_config_vocab_size",
+           "template_only", "tokenizer_member", "tokenizer_only"]
