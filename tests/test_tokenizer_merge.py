@@ -577,3 +577,30 @@ def test_slices_take_embeddings_from_the_first_slice_and_the_head_from_the_last(
     want_emb = torch.stack([emb["base"][t] if t in emb["base"] else zero for t in order])
     want_head = torch.stack([head["ft_a"][t] for t in order])
     assert torch.equal(merged[EMBED], want_emb) and torch.equal(merged[HEAD], want_head)
+
+
+@pytest.mark.requires("hf")
+@pytest.mark.parametrize("extra", [
+    "tokenizer_source: union\n",
+    "tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n    pear: {source: models/ft_b, force: true}\n",
+])
+def test_row_blocks_of_a_reordered_tensor_give_the_whole_tensor(models, tmp_path, run_cli,
+                                                                monkeypatch, extra):
+    import weightspace.merge as wm
+
+    code, _, err, whole = run(tmp_path, run_cli, extra)
+    assert code == 0, err
+    monkeypatch.setattr(wm, "BLOCK_BYTES", 1000)  # 18 (24) rows of 32 fp32 -> blocks of 7 rows
+    spec = tmp_path / "spec.yaml"
+    plan = plan_merge(load_spec(spec), spec_dir=tmp_path)
+    blocks = [s for s in plan.steps if s.name == EMBED]
+    assert len(blocks) >= 3 and all(isinstance(r, VocabRowsRef) for s in blocks for r in s.inputs)
+    # a block of token rows reads those rows and the donor rows it needs, not whole tensors (one
+    # with padding rows reads every token row: they are the mean of them)
+    token_blocks = [s for s in blocks if s.info["rows"][1] <= len(UNION_ORDER)]
+    assert token_blocks and all(s.read_bytes < 3 * 13 * 32 * 4 for s in token_blocks)
+    code, _, err = run_cli("run", spec, tmp_path / "blocked")
+    assert code == 0, err
+    a = load_file(str(whole / "model.safetensors"))
+    b = load_file(str(tmp_path / "blocked" / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)

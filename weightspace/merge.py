@@ -514,11 +514,12 @@ class _Planner:
         or a statistics pass and row blocks (methods with a `blocked` recipe, such as TIES)."""
         first = refs[0]
         out_dtype = self.spec_out or first.dtype
-        # a re-ordered vocabulary tensor is one step: its rows come from anywhere in the input
-        whole = any(isinstance(r, VocabRowsRef) for r in refs)
-        rows = block_rows(first, BLOCK_BYTES) if self.method.elementwise and not whole else None
+        # a re-ordered vocabulary tensor streams in row blocks of its own (VocabRowsRef.block);
+        # a statistics pass (TIES) would read it whole per block, so it is one step there
+        vocab = any(isinstance(r, VocabRowsRef) for r in refs)
+        rows = block_rows(first, BLOCK_BYTES) if self.method.elementwise else None
         blocked = None
-        if rows is None and not whole and has_base and not self.method.companions and first.nbytes > BLOCKED_MIN_BYTES:
+        if rows is None and not vocab and has_base and not self.method.companions and first.nbytes > BLOCKED_MIN_BYTES:
             blocked = self.method.blocked(name, params, len(refs) - 1)
         if blocked is not None:
             self.steps += blocked_steps(blocked, name, refs, out_dtype, self.spec.compute_dtype, info,
@@ -531,7 +532,8 @@ class _Planner:
         for r0 in range(0, first.shape[0], rows):
             r1 = min(first.shape[0], r0 + rows)
             self.steps.append(Step(name, (r1 - r0, *first.shape[1:]), out_dtype,
-                                   [slice_rows(r, r0, r1) for r in all_refs], fn,
+                                   [r.block(r0, r1) if isinstance(r, VocabRowsRef) else slice_rows(r, r0, r1)
+                                    for r in all_refs], fn,
                                    info={**info, "rows": (r0, r1), "full_shape": first.shape}))
 
 

@@ -303,22 +303,58 @@ class _RowPlan:
 
 
 class VocabRowsRef(TensorRef):
-    """One model's vocabulary tensor in the output's token order: its own rows gathered, the
-    default rows made from the rows of the models that have those tokens, padding rows set to
-    its mean row. Reads this tensor and only the donor rows of the others."""
+    """One model's vocabulary tensor in the output's token order, or rows [lo, hi) of it: its
+    own rows gathered, the default rows made from the rows of the models that have those tokens,
+    padding rows set to its mean row. Reads only the rows it needs (positioned reads where the
+    tensors are stored in safetensors), so it streams in row blocks like any stored tensor."""
 
-    __slots__ = ("model", "own", "plan", "refs", "rows", "work_dtype")
+    __slots__ = ("model", "own", "plan", "refs", "rows", "work_dtype", "span")
 
     def __init__(self, name: str, model: str, own: TensorRef, plan: _RowPlan,
-                 refs: dict[str, TensorRef], rows: int, work_dtype: torch.dtype):
-        super().__init__(name, (rows, *own.shape[1:]), own.dtype)
+                 refs: dict[str, TensorRef], rows: int, work_dtype: torch.dtype,
+                 span: tuple[int, int] | None = None):
+        lo, hi = span or (0, rows)
+        super().__init__(name, (hi - lo, *own.shape[1:]), own.dtype)
         self.model, self.own, self.plan, self.refs = model, own, plan, refs
-        self.rows, self.work_dtype = rows, work_dtype
+        self.rows, self.work_dtype, self.span = rows, work_dtype, (lo, hi)
+
+    def block(self, r0: int, r1: int) -> VocabRowsRef:
+        """Rows [r0, r1) of this one (what `slice_rows` is for a stored tensor)."""
+        lo = self.span[0]
+        return self._rows(lo + r0, lo + r1)
+
+    def _rows(self, lo: int, hi: int) -> VocabRowsRef:
+        """Output rows [lo, hi) of the whole tensor."""
+        return VocabRowsRef(self.name, self.model, self.own, self.plan, self.refs, self.rows,
+                            self.work_dtype, (lo, hi))
+
+    @property
+    def _whole(self) -> bool:
+        return self.span == (0, self.rows)
+
+    def _wanted(self) -> tuple[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                tuple[torch.Tensor, torch.Tensor]]:
+        """For the token rows in the span: the default positions [k0, k1), per donor model the
+        (positions, its rows) it adds to them, and this model's (output ids, its rows)."""
+        p = self.plan
+        vlo, vhi = self.span[0], min(self.span[1], p.size)
+        k0, k1 = (int(torch.searchsorted(p.default_ids, v)) for v in (vlo, vhi))
+        donors = {}
+        for m, (pos, rows) in p.contribs.items():
+            sel = (pos >= k0) & (pos < k1)
+            if bool(sel.any()):
+                donors[m] = (pos[sel] - k0, rows[sel])
+        ids, src = p.own[self.model]
+        a, b = (int(torch.searchsorted(ids, v)) for v in (vlo, vhi))
+        return (k0, k1), donors, (ids[a:b], src[a:b])
 
     def leaves(self) -> list[TensorRef]:
-        out = [self.own]
-        for m, (_, rows) in self.plan.contribs.items():
-            if m != self.model:
+        if self.span[1] > self.plan.size and not self._whole:
+            return self._rows(0, self.plan.size).leaves()  # padding rows read all token rows
+        _, donors, (_, src) = self._wanted()
+        out = [self.own] if self._whole else [r for r, _ in _runs_of(self.own, src)]
+        for m, (_, rows) in donors.items():
+            if m != self.model or not self._whole:
                 out += [r for r, _ in _runs_of(self.refs[m], rows)]
         return out
 
@@ -329,27 +365,44 @@ class VocabRowsRef(TensorRef):
         # Rows are built in the merge's compute dtype (mergekit permutes the tensors it gathered
         # in `dtype`), so means and padding round as there; the result stays in that dtype.
         work = dtype or self.work_dtype
-        p = self.plan
-        own = self.own.load(device, work)
-        rest = tuple(own.shape[1:])
-        table = torch.zeros((len(p.default_ids), *rest), dtype=work, device=own.device)
-        for m in p.order:  # summed in mergekit's order, so a mean rounds the same
-            if m not in p.contribs:
-                continue
-            pos, rows = p.contribs[m]
-            vals = own[rows.to(own.device)] if m == self.model else _gather(self.refs[m], rows, device, work)
-            table[pos.to(own.device)] += vals
-        div = p.divisor.to(device=own.device, dtype=work).reshape(-1, *([1] * len(rest)))
-        table = table / div
-        out = torch.zeros((self.rows, *rest), dtype=work, device=own.device)
-        ids, src = p.own[self.model]
-        out[ids.to(own.device)] = own[src.to(own.device)]
-        fill = p.fill_pos[self.model].to(own.device)
-        out[p.default_ids.to(own.device)[fill]] = table[fill]
-        if self.rows > p.size:
+        p, (lo, hi) = self.plan, self.span
+        rest = tuple(self.own.shape[1:])
+        out = torch.zeros((hi - lo, *rest), dtype=work, device=device)
+        if lo < p.size:
+            self._fill(out, device, work)
+        if hi > p.size:
             # mergekit pads with the mean row (after https://nlp.stanford.edu/~johnhew/vocab-expansion.html)
-            out[p.size:] = torch.mean(out[: p.size], dim=0)
+            rows = out[: p.size] if self._whole else self._rows(0, p.size).load(device, work)
+            out[max(0, p.size - lo):] = torch.mean(rows, dim=0)
         return out
+
+    def _fill(self, out: torch.Tensor, device: str | torch.device, work: torch.dtype) -> None:
+        """The token rows of the span: own rows, then the defaults this model takes."""
+        p, lo = self.plan, self.span[0]
+        (k0, k1), donors, (ids, src) = self._wanted()
+        own = self.own.load(device, work) if self._whole else None
+
+        def rows_of(m: str, rows: torch.Tensor) -> torch.Tensor:
+            if own is not None and m == self.model:
+                return own[rows.to(own.device)]
+            return _gather(self.refs[m], rows, device, work)
+
+        dev, rest = out.device, tuple(out.shape[1:])
+        table = torch.zeros((k1 - k0, *rest), dtype=work, device=dev)
+        for m in p.order:  # summed in mergekit's order, so a mean rounds the same
+            if m in donors:
+                pos, rows = donors[m]
+                table[pos.to(dev)] += rows_of(m, rows)
+        table /= p.divisor[k0:k1].to(device=dev, dtype=work).reshape(-1, *([1] * len(rest)))
+        for a in range(0, len(ids), _COPY_ROWS):  # in pieces: no second full-size copy of `own`
+            out[(ids[a : a + _COPY_ROWS] - lo).to(dev)] = rows_of(self.model, src[a : a + _COPY_ROWS])
+        del own
+        fill = p.fill_pos[self.model]
+        fill = fill[(fill >= k0) & (fill < k1)]
+        out[(p.default_ids[fill] - lo).to(dev)] = table[(fill - k0).to(dev)]
+
+
+_COPY_ROWS = 4096
 
 
 def _runs_of(ref: TensorRef, rows: torch.Tensor) -> list[tuple[TensorRef, torch.Tensor]]:
@@ -439,12 +492,11 @@ def build_vocabulary(settings: Settings, base: Member, members: list[Member],
         assert source_model is not None
         out, unchanged, carry_from = _load(tf, source_model, needed_for=at), True, source_model
 
-    have = set(out.get_vocab())
-    for tok in settings.tokens:  # as mergekit: a token named in `tokens` joins the vocabulary
-        if tok not in have:
-            out.add_tokens(tok)
-            have.add(tok)
-            unchanged = False
+    have = out.get_vocab()
+    new = [tok for tok in settings.tokens if tok not in have]  # as mergekit, these join it
+    if new:
+        out.add_tokens(new)
+        unchanged = False
 
     template = _chat_template(settings.chat_template, [toks[m.ref] for m in members if m.ref in toks])
     if template is not None:
@@ -601,11 +653,10 @@ def _union(tf: Any, base_tok: Any, toks: dict[str, Any], members: dict[str, Memb
                                                use_fast=True)
     base_vocab = base_tok.get_vocab()
     before = _fingerprint(res)
-    for t in out_vocab:
-        if t not in out_added and t not in base_vocab:
-            res.add_tokens(t)
-    for info in out_added.values():
-        res.add_tokens(info)
+    # one call per kind: the tokenizers library rebuilds its added vocabulary on every call,
+    # so mergekit's one call per token takes minutes for a large union
+    res.add_tokens([t for t in out_vocab if t not in out_added and t not in base_vocab])
+    res.add_tokens(list(out_added.values()))
     return res, _fingerprint(res) != before
 
 
