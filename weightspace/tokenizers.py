@@ -228,12 +228,11 @@ class Vocabulary:
             some = ", ".join(repr(t) for t in nowhere[:5]) + (", ..." if len(nowhere) > 5 else "")
             self.notes.append(f"{len(nowhere)} token(s) of the output vocabulary are in none of the "
                               f"models merged into {tensor!r} ({some}); their rows there are zeros")
-        own = {}
+        own, fill_pos = {}, {}
         for j, m in enumerate(order):
-            keep = (perm[j] >= 0) & ~forced
+            keep = (perm[j] >= 0) & ~forced  # rows the model brings itself; the rest are defaults
             own[m] = (keep.nonzero().flatten(), perm[j][keep])
-        fill_pos = {m: (need & ~((perm[j] >= 0) & ~forced))[default_ids].nonzero().flatten()
-                    for j, m in enumerate(order)}
+            fill_pos[m] = (~keep)[default_ids].nonzero().flatten()
         return _RowPlan(size=n, default_ids=default_ids, divisor=divisor,
                         contribs={m: (torch.tensor(p, dtype=torch.long), torch.tensor(r, dtype=torch.long))
                                   for m, (p, r) in contribs.items()},
