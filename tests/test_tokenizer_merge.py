@@ -604,3 +604,36 @@ def test_row_blocks_of_a_reordered_tensor_give_the_whole_tensor(models, tmp_path
     a = load_file(str(whole / "model.safetensors"))
     b = load_file(str(tmp_path / "blocked" / "model.safetensors"))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _bpe(d: Path) -> None:
+    """A byte-free BPE tokenizer of 5 tokens whose last merge builds "abc"."""
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+           "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+           "decoder": None, "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                                      "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                                      "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4},
+                                      "merges": [["a", "b"], ["ab", "c"]]}}
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    (d / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+
+
+@pytest.mark.requires("hf")
+def test_tokens_past_the_bases_vocab_size_are_dropped_with_the_merges_that_make_them(tmp_path, run_cli):
+    # config vocab_size 4, tokenizer 5 tokens: "abc" (id 4) has no embedding row. mergekit drops
+    # it but keeps the merge "ab c" that makes it, and the tokenizer no longer loads
+    for seed, m in enumerate(["base", "ft_a"]):
+        _bpe(write_tiny_llama(tmp_path / "models" / m, seed=0, delta_seed=seed or None, vocab=4))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text("tokenizer_source: base\n", models_=("base", "ft_a")))
+    code, _, err = run_cli("run", spec, tmp_path / "out")
+    assert code == 0, err
+    out = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]
+    assert out["vocab"] == {"a": 0, "b": 1, "c": 2, "ab": 3}
+    assert [list(m) if isinstance(m, list) else m.split() for m in out["merges"]] == [["a", "b"]]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).tokenize("abc") == ["ab", "c"]
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert merged[EMBED].shape == (4, 32)

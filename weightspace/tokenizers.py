@@ -619,8 +619,10 @@ def _stripped(tf: Any, base: Member, at: str) -> tuple[Any, bool]:
             model["vocab"].pop(t, None)
         if kind == "BPE":
             def keep(merge: Any) -> bool:
+                # mergekit checks the two parts only; a merge that makes a dropped token must go
+                # too, or the tokenizer cannot be loaded
                 parts = merge.split(" ") if isinstance(merge, str) else merge
-                return not any(p in unused for p in parts)
+                return not any(p in unused for p in [*parts, "".join(parts)])
             model["merges"] = [mg for mg in model.get("merges", []) if keep(mg)]
     elif kind == "Unigram":
         model["vocab"] = model["vocab"][:size]
@@ -628,7 +630,11 @@ def _stripped(tf: Any, base: Member, at: str) -> tuple[Any, bool]:
         raise InputError(f"model {base.ref!r}: its {kind} tokenizer has tokens past vocab_size {size}, "
                          f"which only BPE, WordLevel, WordPiece and Unigram tokenizers can drop")
     tokenizers = require("tokenizers", "hf", "building the output tokenizer needs tokenizers")
-    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    try:
+        tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise InputError(f"model {base.ref!r}: its tokenizer without the {len(unused)} tokens past "
+                         f"vocab_size {size} cannot be built: {e}") from None
     return tok, True
 
 
