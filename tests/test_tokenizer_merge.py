@@ -237,7 +237,6 @@ def test_base_source_with_larger_vocabularies_remaps_instead_of_failing_on_shape
         torch.testing.assert_close(merged[name], linear(want), rtol=0, atol=1e-7)
 
 
-@pytest.mark.requires("hf")
 def test_without_tokenizer_source_differing_vocabularies_are_refused_with_the_fix(models, tmp_path,
                                                                                   run_cli):
     code, _, err, out = run(tmp_path, run_cli, "")
