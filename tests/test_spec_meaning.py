@@ -8,6 +8,7 @@ spec value names the spec file, the field and its YAML line.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -40,12 +41,23 @@ def _fisher_file(model: Path, out: Path, seed: int) -> None:
     save_file({n: torch.rand(ws[n].shape, generator=g) + 0.1 for n in ws}, str(out))
 
 
+def _write_tokenizer(d: Path, words: list[str]) -> None:
+    """A WordLevel tokenizer.json: `tokenizer_source` reads the models' vocabularies."""
+    tok = {"version": "1.0", "added_tokens": [], "normalizer": None,
+           "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
+           "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": words[0]}}
+    (d / "tokenizer.json").write_text(json.dumps(tok))
+    (d / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """A spec beside its models and Fisher files, as a user keeps them."""
     d = tmp_path / "project"
     write_tiny_llama(d / "models" / "ft_a", seed=0, delta_seed=1)
     write_tiny_llama(d / "models" / "ft_b", seed=0, delta_seed=2)
+    for m in ("ft_a", "ft_b"):  # one vocabulary of 64 tokens; ft_b's files are told apart by a mark
+        _write_tokenizer(d / "models" / m, [f"t{i}" for i in range(64)])
     (d / "models" / "ft_b" / "tokenizer_config.json").write_text('{"model_max_length": 7}')
     _fisher_file(d / "models" / "ft_a", d / "ft_a.fisher.safetensors", 1)
     _fisher_file(d / "models" / "ft_b", d / "ft_b.fisher.safetensors", 2)
@@ -60,6 +72,7 @@ def _merge(spec: Path, out: Path, cwd: Path, monkeypatch) -> dict[str, torch.Ten
     return {n: r.load() for n, r in load_space(out).items()}
 
 
+@pytest.mark.requires("hf")  # tokenizer_source reads the vocabularies with transformers
 def test_same_result_from_any_folder_and_a_decoy_is_refused(project, tmp_path, monkeypatch):
     spec = project / "spec.yaml"
     here = _merge(spec, tmp_path / "out-here", project, monkeypatch)
@@ -90,6 +103,7 @@ def test_same_result_from_any_folder_and_a_decoy_is_refused(project, tmp_path, m
         plan_merge(load_spec(spec), spec_dir=spec.parent)
 
 
+@pytest.mark.requires("hf")
 def test_a_path_found_only_in_the_working_directory_is_used_with_a_note(project, tmp_path,
                                                                         monkeypatch):
     spec_dir = tmp_path / "specs"
@@ -241,6 +255,7 @@ def test_a_zoo_spec_reads_its_init_checkpoint_beside_itself(tmp_path, monkeypatc
         load_zoo_spec(d / "zoo.yaml")
 
 
+@pytest.mark.requires("hf")
 def test_cli_says_once_when_it_uses_the_working_directory(project, tmp_path, run_cli, monkeypatch):
     spec_dir = tmp_path / "specs"
     spec_dir.mkdir()

@@ -32,6 +32,18 @@ from weightspace.sources import load_local, locate, open_located
 from weightspace.spec import MergeSpec, parse_dtype
 from weightspace.structure import depth_t, is_pre_weight, parse_layer
 from weightspace.tensor_steps import block_rows, blocked_steps, merge_fn, output_config
+from weightspace.tokenizers import (
+    Member,
+    Settings,
+    VocabRowsRef,
+    Vocabulary,
+    build_vocabulary,
+    is_vocab_tensor,
+    set_config_vocab_size,
+    template_only,
+    tokenizer_member,
+    tokenizer_only,
+)
 
 
 @dataclass
@@ -46,6 +58,8 @@ class MergePlan:
     compute_dtype: torch.dtype
     num_layers: int | None = None
     notes: list[str] = field(default_factory=list)
+    # the output tokenizer, when the spec builds one (tokenizer_source, tokenizer:, chat_template)
+    vocabulary: Vocabulary | None = None
 
     @property
     def read_bytes(self) -> int:
@@ -89,6 +103,7 @@ class MergePlan:
             "num_layers": self.num_layers,
             "estimated_peak_tensor_bytes": self.peak_bytes(),
             "notes": self.notes,
+            **({"vocab_size": self.vocabulary.rows} if self.vocabulary and self.vocabulary.perms else {}),
         }
 
 
@@ -115,8 +130,9 @@ def _model_refs(spec: MergeSpec) -> dict[str, tuple]:
             refs.setdefault(sl.base_model, ("slices", i, "base_model"))
         for j, src in enumerate(sl.sources):
             refs.setdefault(src.model, ("slices", i, "sources", j, "model"))
-    if spec.tokenizer_source not in (None, "base", "union"):
-        refs.setdefault(spec.tokenizer_source, ("tokenizer_source",))
+    source, loc = spec.tokenizer_from
+    if source not in (None, "base", "union"):
+        refs.setdefault(source, loc)
     return refs
 
 
@@ -160,6 +176,7 @@ class _Planner:
         self.steps: list[Step] = []
         self.companions: dict[str, WeightSpace] = {}
         self.companions_used: set[str] = set()
+        self.vocab_orders: dict[str, tuple] = {}  # re-ordered vocabulary tensors (see vocab_refs)
 
     def plan(self) -> MergePlan:
         self.resolve_method()
@@ -167,6 +184,7 @@ class _Planner:
         self.open_models()
         self.check_architectures()    # one architecture, unless allow_crimes
         self.line_up_sources()        # which models each output tensor combines, and the base
+        self.plan_tokenizer()         # the output vocabulary and each model's rows in it
         if self.layered:
             self.plan_stacked_slices()
         else:
@@ -185,18 +203,19 @@ class _Planner:
     def check_parameters(self) -> None:
         spec = self.spec
         check_spec_params(spec, self.resolver, self.spec_dir, self.notes)
-        if spec.tokenizer_source == "union":
-            raise SpecError(f"{spec.where('tokenizer_source')}: 'union' is not supported yet; "
-                            f"use 'base' or a model")
         self.spec_out = parse_dtype(self.out_dtype_name, "out_dtype") or parse_dtype(spec.dtype)
 
     def open_models(self) -> None:
         self.spaces: dict[str, WeightSpace] = {}
+        self.tokenizer_dirs: dict[str, Path] = {}
         for r, loc in _model_refs(self.spec).items():
             with at_field(self.spec, loc):
                 found = locate(r, self.spec_dir)
                 if found.note:
                     self.notes.append(f"{self.spec.where(*loc)}: {found.note}")
+                if loc[0] in ("tokenizer_source", "tokenizer") and tokenizer_only(found.path):
+                    self.tokenizer_dirs[r] = found.path  # a tokenizer without weights, as mergekit allows
+                    continue
                 self.spaces[r] = open_located(r, found)
 
     def check_architectures(self) -> None:
@@ -244,6 +263,44 @@ class _Planner:
                 self.where_of.setdefault(src.model, spec.where("slices", i, "sources", j, "parameters"))
         if base:
             self.where_of.setdefault(base, "parameters")
+
+    def plan_tokenizer(self) -> None:
+        """`tokenizer_source` / `tokenizer:` (mergekit's): build the output tokenizer from the
+        models' tokenizer files and each model's row map; vocabulary tensors are then read
+        through it (see input_refs). `chat_template` alone re-writes the copied tokenizer.
+        Reads tokenizer files, no tensor."""
+        spec = self.spec
+        self.vocabulary: Vocabulary | None = None
+        source, source_loc = spec.tokenizer_from
+        merged = [r for r, loc in _model_refs(spec).items() if loc[0] not in ("tokenizer_source", "tokenizer")]
+        members = [self.member(r) for r in merged]
+        if source is None:
+            if spec.chat_template is not None:
+                self.vocabulary = template_only(spec.chat_template, self.member(self.reference), members,
+                                                spec.where)
+            return
+        base = spec.base_model or self.reference
+        members.sort(key=lambda m: m.ref != base)  # the base first, as mergekit reads them
+        settings = Settings(source=source, tokens=dict(spec.tokenizer.tokens or {}) if spec.tokenizer else {},
+                            pad_to_multiple_of=spec.tokenizer.pad_to_multiple_of if spec.tokenizer else None,
+                            chat_template=spec.chat_template, where=spec.where, source_field=source_loc)
+        self.vocabulary = build_vocabulary(settings, self.member(base), members,
+                                           self.member(source) if source not in ("base", "union") else None)
+
+    def member(self, ref: str) -> Member:
+        """What the tokenizer step needs to know of a model: its directory, config, tokenizer
+        files and the rows of its vocabulary tensors (which must agree)."""
+        if ref in self.tokenizer_dirs:
+            return tokenizer_member(ref, self.tokenizer_dirs[ref])
+        space = self.spaces[ref]
+        vocab = [(n, space[n].shape[0]) for n in space if is_vocab_tensor(n) and space[n].shape]
+        if len({rows for _, rows in vocab}) > 1:
+            desc = ", ".join(f"{n!r} has {rows}" for n, rows in vocab)
+            raise InputError(f"model {ref!r}: its vocabulary tensors disagree on the number of rows ({desc})")
+        where = space.meta.get("location")  # a model directory; a bare file has no tokenizer
+        return Member(ref=ref, path=Path(where) if where and Path(where).is_dir() else None,
+                      config=space.meta.get("config"), rows=vocab[0][1] if vocab else None,
+                      files=dict(space.meta.get("files") or {}))
 
     def plan_one_stack(self) -> None:
         """A `models:` merge: every tensor of the reference model, combined across the models."""
@@ -331,16 +388,18 @@ class _Planner:
                              f"model?")
 
     def result(self) -> MergePlan:
-        ref_space, tok = self.spaces[self.reference], self.spec.tokenizer_source
+        ref_space, vocab = self.spaces[self.reference], self.vocabulary
         config = output_config(ref_space.meta.get("config"), self.spec_out,
                                 self.num_layers if self.layered else None,
                                 self.layer_sources if self.layered else None)
-        tok_space = ref_space if tok in (None, "base") else self.spaces[tok]
+        if vocab is not None and vocab.perms and config is not None:
+            set_config_vocab_size(config, vocab.rows)
+        files = dict(ref_space.meta.get("files") or {}) if vocab is None else {}
+        notes = self.notes + ([n for n in vocab.notes if n not in self.notes] if vocab else [])
         return MergePlan(spec=self.spec, method=self.method, steps=self.steps, spaces=self.spaces,
-                         reference=self.reference, config=config,
-                         tokenizer_files=dict(tok_space.meta.get("files") or {}),
+                         reference=self.reference, config=config, tokenizer_files=files,
                          compute_dtype=self.spec.compute_dtype, num_layers=self.num_layers,
-                         notes=self.notes)
+                         notes=notes, vocabulary=vocab)
 
     # ------------------------------------------------------------ one output tensor
 
@@ -359,7 +418,7 @@ class _Planner:
         name_of = dict(zip([s.ref for s in srcs], in_names))
         if sb and sb not in name_of:
             name_of[sb] = in_names[0]
-        refs = self.input_refs(order, name_of)
+        refs = self.input_refs(order, name_of, out_name, srcs, slice_idx)
         first = refs[0]
         if not first.dtype.is_floating_point:
             # integer buffers (position ids, counters) are copied from the reference, not merged
@@ -373,23 +432,44 @@ class _Planner:
         self.emit(out_name, refs, comp_refs, params, fn, sb is not None,
                   {"t": t, "layer": layer, "models": order})
 
-    def input_refs(self, order: list[str], name_of: dict[str, str]) -> list[TensorRef]:
-        """The input tensors, base first; present in every model, with one shape and kind."""
+    def input_refs(self, order: list[str], name_of: dict[str, str], out_name: str,
+                   srcs: list[_Source], slice_idx: int) -> list[TensorRef]:
+        """The input tensors, base first; present in every model, with one shape and kind.
+        With an output tokenizer, a vocabulary tensor of each model comes in its token order."""
         refs = []
         for r in order:
             space, n = self.spaces[r], name_of[r]
             if n not in space:
                 raise InputError(f"tensor {n!r} is missing from model {r!r} ({space.source})")
             refs.append(space[n])
+        vocab_tensor = is_vocab_tensor(out_name) and refs[0].dtype.is_floating_point
+        if vocab_tensor and self.vocabulary is not None and self.vocabulary.perms:
+            refs = self.vocab_refs(out_name, order, refs, srcs, slice_idx)
         first = refs[0]
         for r, tref in zip(order[1:], refs[1:]):
             if tref.shape != first.shape:
+                hint = ("; the vocabularies differ? tokenizer_source: union (or base) lines the "
+                        "rows up by token" if vocab_tensor and self.vocabulary is None
+                        and tref.shape[1:] == first.shape[1:] else "")
                 raise InputError(f"tensor {tref.name!r}: shape {list(tref.shape)} in model {r!r} does not "
-                                 f"match {list(first.shape)} in model {order[0]!r}")
+                                 f"match {list(first.shape)} in model {order[0]!r}{hint}")
             if tref.dtype.is_floating_point != first.dtype.is_floating_point:
                 raise InputError(f"tensor {tref.name!r}: dtype {str(tref.dtype)[6:]} in model {r!r} cannot "
                                  f"be merged with {str(first.dtype)[6:]} in model {order[0]!r}")
         return refs
+
+    def vocab_refs(self, out_name: str, order: list[str], refs: list[TensorRef], srcs: list[_Source],
+                   slice_idx: int) -> list[TensorRef]:
+        """Each model's vocabulary tensor in the output's token order (mergekit averages in the
+        order of the slice's sources, the base last when it is not one of them)."""
+        vocab, by_model = self.vocabulary, dict(zip(order, refs))
+        sources = [s.ref for s in srcs]
+        avg_order = sources + [r for r in order if r not in sources]
+        sb = (self.spec.slices[slice_idx].base_model if self.spec.slices else None) or self.spec.base_model
+        aligned = vocab.align(out_name, avg_order, by_model, base=sb if sb in by_model else None,
+                              work_dtype=self.spec.compute_dtype)
+        self.vocab_orders[out_name] = (avg_order, sb if sb in by_model else None, by_model)
+        return [aligned[r] for r in order]
 
     def tensor_params(self, out_name: str, slice_idx: int, others: list[_Source],
                       name_of: dict[str, str], t: float, layer: int | None) -> TensorParams:
@@ -432,6 +512,8 @@ class _Planner:
                                      f"(it holds {len(space)} tensors, e.g. {next(iter(space), '-')!r}); "
                                      f"is it for another model?")
                 cref = space[tname]
+                if tname in self.vocab_orders and isinstance(first, VocabRowsRef):
+                    cref = self.vocab_companion(c, pm[c], tname, s.ref, others, per_model, cref)
                 if tuple(cref.shape) != tuple(want):
                     raise InputError(f"companion {c} {pm[c]!r}: tensor {cref.name!r} has shape "
                                      f"{list(cref.shape)}, expected {list(want)} for the model's "
@@ -445,15 +527,35 @@ class _Planner:
                     pm[c] = str(resolved)
         return refs, present
 
+    def vocab_companion(self, c: str, path: str, tname: str, model: str, others: list[_Source],
+                        per_model: list[dict], cref: TensorRef) -> TensorRef:
+        """A companion of a re-ordered vocabulary tensor (a Fisher diagonal: one value per
+        weight) re-ordered the same way; another shape (a Gram matrix of the inputs) as it is."""
+        order, base, raw = self.vocab_orders[tname]
+        if tuple(cref.shape) != tuple(raw[model].shape):
+            return cref
+        crefs = {}
+        for s, pm in zip(others, per_model):
+            if pm[c] not in self.companions:
+                self.companions[pm[c]] = load_local(pm[c])  # resolved by check_spec_params
+            space = self.companions[pm[c]]
+            if tname in space and tuple(space[tname].shape) == tuple(raw[s.ref].shape):
+                crefs[s.ref] = space[tname]
+        return self.vocabulary.align_companion(tname, order, crefs, model, base=base,
+                                               work_dtype=self.spec.compute_dtype)
+
     def emit(self, name: str, refs: list[TensorRef], comp_refs: list[TensorRef], params: TensorParams,
              fn: Callable[[list[torch.Tensor]], torch.Tensor], has_base: bool, info: dict) -> None:
         """One step for the whole tensor, or row blocks for a large one (elementwise methods),
         or a statistics pass and row blocks (methods with a `blocked` recipe, such as TIES)."""
         first = refs[0]
         out_dtype = self.spec_out or first.dtype
+        # a re-ordered vocabulary tensor streams in row blocks of its own (VocabRowsRef.block);
+        # a statistics pass (TIES) would read it whole per block, so it is one step there
+        vocab = any(isinstance(r, VocabRowsRef) for r in refs)
         rows = block_rows(first, BLOCK_BYTES) if self.method.elementwise else None
         blocked = None
-        if rows is None and has_base and not self.method.companions and first.nbytes > BLOCKED_MIN_BYTES:
+        if rows is None and not vocab and has_base and not self.method.companions and first.nbytes > BLOCKED_MIN_BYTES:
             blocked = self.method.blocked(name, params, len(refs) - 1)
         if blocked is not None:
             self.steps += blocked_steps(blocked, name, refs, out_dtype, self.spec.compute_dtype, info,
@@ -466,7 +568,8 @@ class _Planner:
         for r0 in range(0, first.shape[0], rows):
             r1 = min(first.shape[0], r0 + rows)
             self.steps.append(Step(name, (r1 - r0, *first.shape[1:]), out_dtype,
-                                   [slice_rows(r, r0, r1) for r in all_refs], fn,
+                                   [r.block(r0, r1) if isinstance(r, VocabRowsRef) else slice_rows(r, r0, r1)
+                                    for r in all_refs], fn,
                                    info={**info, "rows": (r0, r1), "full_shape": first.shape}))
 
 
@@ -503,7 +606,8 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
                         desc=plan.method.name)
         sink.finish(config=plan.config, files=plan.tokenizer_files if copy_tokenizer else {},
                     card=model_card(card_of(plan)) if write_card else None,
-                    texts={"mergekit_config.yml": recipe})
+                    texts={"mergekit_config.yml": recipe},
+                    tokenizer=plan.vocabulary if copy_tokenizer else None)
     except BaseException:
         sink.abort()
         raise

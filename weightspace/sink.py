@@ -141,9 +141,13 @@ class CheckpointSink:
         card: str | None = None,
         extra_json: Mapping[str, Any] | None = None,
         texts: Mapping[str, str] | None = None,
+        tokenizer: Any | None = None,
     ) -> Path:
         """Close the last shard, write index, config, carried files, text files and card;
-        rename into place."""
+        rename into place.
+
+        `tokenizer` writes the output tokenizer itself (`tokenizer.write(directory)`, see
+        weightspace.tokenizers.Vocabulary); it may only write into the directory it is given."""
         if self.tmp is None:
             self._start()
         assert self.tmp is not None
@@ -164,6 +168,8 @@ class CheckpointSink:
             _write_text(self.tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, src in (files or {}).items():
             shutil.copyfile(src, self.tmp / name)
+        if tokenizer is not None:
+            tokenizer.write(self.tmp)
         for name, data in (extra_json or {}).items():
             _write_text(self.tmp / name, json.dumps(data, indent=2) + "\n")
         for name, text in (texts or {}).items():

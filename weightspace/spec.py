@@ -24,23 +24,27 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import torch
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
     StrictStr,
+    Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from weightspace.chat_templates import check_chat_template
 from weightspace.errors import SpecError
 
 M = TypeVar("M", bound=BaseModel)
@@ -121,6 +125,73 @@ class OutputSlice(_Strict):
         return v
 
 
+class ZeroEmbedding(_Strict):
+    """`{kind: zero}`: the token's rows are zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(_Strict):
+    """`{kind: model_token, model: M, token: T}` (or `token_id: N`): the row of token T (or row N)
+    in model M's own vocabulary."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenEmbedding:
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id must be >= 0, got {self.token_id}")
+        return self
+
+
+def _source_kind(v: Any) -> str | None:
+    if isinstance(v, str):
+        return "model"
+    if isinstance(v, dict):
+        return v.get("kind") if v.get("kind") in ("zero", "model_token") else None
+    return getattr(v, "kind", None)
+
+
+# a model, {kind: zero} or {kind: model_token, ...}, told apart by `kind` so an error is about
+# the form meant, not one message per form
+TokenSource = Annotated[
+    Union[Annotated[StrictStr, Tag("model")], Annotated[ZeroEmbedding, Tag("zero")],
+          Annotated[ModelTokenEmbedding, Tag("model_token")]],
+    Discriminator(_source_kind, custom_error_type="token_source",
+                  custom_error_message="use a model, {kind: zero} or {kind: model_token, model: M, "
+                                       "token: T}"),
+]
+
+
+class TokenEmbedding(_Strict):
+    """How one token's embedding rows are made: `source` (a model, `{kind: zero}` or
+    `{kind: model_token, ...}`; unset: the usual rule), and `force` (every model takes the
+    source's row, also models that have the token)."""
+
+    source: TokenSource | None = None
+    force: StrictBool = False
+
+
+class TokenizerSettings(_Strict):
+    """mergekit's `tokenizer:` block."""
+
+    source: StrictStr = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: StrictInt | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"must be a positive integer, got {v}")
+        return v
+
+
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -149,6 +220,7 @@ class MergeSpec(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     name: str | None = None  # shown in the model card
     # mergekit's per-module merges (multi-tower models); refused with a sentence, not "unknown key"
@@ -179,6 +251,19 @@ class MergeSpec(_Strict):
             raise ValueError(f"unknown dtype {v!r}; use float32, float16 or bfloat16")
         return v
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _not_both(cls, v: TokenizerSettings | None, info: ValidationInfo) -> TokenizerSettings | None:
+        if v is not None and info.data.get("tokenizer_source") is not None:
+            raise ValueError("give tokenizer_source or a tokenizer: block (its source: says the "
+                             "same), not both")
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str | None) -> str | None:
+        return None if v is None else check_chat_template(v)
+
     @model_validator(mode="after")
     def _one_of(self) -> MergeSpec:
         if self.modules is not None:
@@ -186,9 +271,14 @@ class MergeSpec(_Strict):
                              "module's models with models or slices")
         if bool(self.models) == bool(self.slices):
             raise ValueError("give exactly one of 'models' or 'slices'")
-        if self.chat_template is not None:
-            raise ValueError("chat_template is not supported yet; remove it")
         return self
+
+    @property
+    def tokenizer_from(self) -> tuple[str | None, tuple[str, ...]]:
+        """The tokenizer source (`union`, `base`, a model, or None: copy the files) and its field."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source, ("tokenizer", "source")
+        return self.tokenizer_source, ("tokenizer_source",)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -253,7 +343,12 @@ def _fmt_loc(loc: tuple) -> str:
 def _clean_loc(loc: tuple) -> tuple:
     """Drop pydantic's union-branch labels (`float`, `list[Condition]`, ...) from a location."""
     keep = []
-    for part in loc:
+    for k, part in enumerate(loc):
+        if k >= 2 and loc[k - 2 : k] == ("tokenizer", "tokens"):
+            keep.append(part)  # a token, such as [PAD]: never a pydantic label
+            continue
+        if k >= 1 and loc[k - 1] == "source" and part in ("model", "zero", "model_token"):
+            continue  # the tag of the form a token's source took
         if isinstance(part, str) and (
             "[" in part
             or part in ("bool", "int", "float", "str")
@@ -267,10 +362,16 @@ def _clean_loc(loc: tuple) -> tuple:
 def _fields_at(loc: tuple) -> list[str]:
     """The keys allowed at a location (for 'did you mean' on unknown keys)."""
     model: type[BaseModel] = MergeSpec
-    for part in loc:
+    for k, part in enumerate(loc):
         if isinstance(part, int):
             continue
-        sub = {"models": InputModel, "slices": OutputSlice, "sources": SliceSource}.get(str(part))
+        if k >= 1 and loc[k - 1] == "tokens":
+            model = TokenEmbedding  # the key is a token
+            continue
+        sub = {"models": InputModel, "slices": OutputSlice, "sources": SliceSource,
+               "tokenizer": TokenizerSettings, "tokens": TokenEmbedding}.get(str(part))
+        if part == "source" and model is TokenEmbedding:
+            sub = ModelTokenEmbedding  # the form with the most keys
         if sub is None:
             return []
         model = sub
@@ -333,7 +434,8 @@ def _parse_yaml(text: str, source: str, model: type[M], *, what: str, hint: str,
                 if loc and fields_at is not None:
                     import difflib
 
-                    fields = fields_at(loc[:-1])
+                    # (a key that is a field of another form, e.g. `model` beside `kind: zero`)
+                    fields = [f for f in fields_at(loc[:-1]) if f != loc[-1]]
                     close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
                     msg += f"; did you mean {close[0]!r}?" if close else ""
             elif msg.startswith("Value error, "):
@@ -352,6 +454,8 @@ __all__ = [
     "OutputSlice",
     "ParamValue",
     "SliceSource",
+    "TokenEmbedding",
+    "TokenizerSettings",
     "load_spec",
     "parse_dtype",
     "parse_spec",
