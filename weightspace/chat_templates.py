@@ -6,99 +6,74 @@
 A spec's `chat_template` is `auto` (the most common template among the input models, read when
 the tokenizer is built), one of the names below, or an inline Jinja template. The rule is
 mergekit 0.1.5's: a value under 256 characters with no newline and no `{` is a name; anything
-else must contain `{` and be at least 20 characters long. The texts are the ones mergekit 0.1.5
-bundles (its `_data/chat_templates/*.jinja`), byte for byte, so a named template writes the same
-chat template as there.
+else must contain `{` and be at least 20 characters long. The texts are our own, written so that
+each renders exactly what the template of the same name bundled with mergekit 0.1.5 renders
+under transformers' settings (trim_blocks, lstrip_blocks), its whitespace included:
+benchmarks/compare_chat_templates.py checks that against mergekit's files, and
+tests/test_chat_templates.py pins the renderings.
 """
 
 from __future__ import annotations
 
 CHAT_TEMPLATES: dict[str, str] = {
     'alpaca': (
-        "{{ (messages|selectattr('role', 'equalto', 'system')|list|last).content|trim if (messages|selectattr('role', 'equalto', 'system')|list) else '' }}\n"
-        '\n'
-        '{% for message in messages %}\n'
-        "{% if message['role'] == 'user' %}\n"
-        '### Instruction:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        "{% elif message['role'] == 'assistant' %}\n"
-        '### Response:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        "{% elif message['role'] == 'user_context' %}\n"
-        '### Input:\n'
-        "{{ message['content']|trim -}}\n"
-        '{% if not loop.last %}\n'
-        '\n'
-        '\n'
-        '{% endif %}\n'
-        '{% endif %}\n'
-        '{% endfor %}\n'
-        "{% if add_generation_prompt and messages[-1]['role'] != 'assistant' %}\n"
-        '### Response:\n'
-        '{% endif %}\n'
+        "{%- set system = messages | selectattr('role', 'equalto', 'system') | list -%}\n"
+        "{{- ((system | last).content | trim if system else '') ~ '\\n\\n' -}}\n"
+        '{%- for message in messages -%}\n'
+        "{%- set heading = {'user': '### Instruction:', 'assistant': '### Response:', 'user_context': '### Input:'}.get(message['role']) -%}\n"
+        '{%- if heading -%}\n'
+        "{{- heading ~ '\\n' ~ (message['content'] | trim) ~ ('' if loop.last else '\\n\\n') -}}\n"
+        '{%- endif -%}\n'
+        '{%- endfor -%}\n'
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}\n"
+        "{{- '### Response:\\n' -}}\n"
+        '{%- endif -%}\n'
     ),
     'chatml': (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\n"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}\n"
+        '{%- for message in messages -%}\n'
+        "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' -}}\n"
+        '{%- endfor -%}\n'
+        '{%- if add_generation_prompt -%}\n'
+        "{{- '<|im_start|>assistant\\n' -}}\n"
+        '{%- endif -%}\n'
     ),
     'exaone': (
-        '{% for message in messages %}\n'
-        "    {% if loop.first and message['role'] != 'system' %}\n"
-        "        {{ '[|system|][|endofturn|]\\n' }}\n"
-        '    {% endif %}\n'
-        "    {{ '[|' + message['role'] + '|]' + message['content'] }}\n"
-        "    {% if message['role'] == 'user' %}\n"
-        "        {{ '\\n' }}\n"
-        '    {% else %}\n'
-        "        {{ '[|endofturn|]\\n' }}\n"
-        '    {% endif %}\n'
-        '{% endfor %}\n'
-        '{% if add_generation_prompt %}\n'
-        "    {{ '[|assistant|]' }}\n"
-        '{% endif %}\n'
+        '{%- for message in messages -%}\n'
+        "{%- if loop.first and message['role'] != 'system' -%}\n"
+        "{{- '        [|system|][|endofturn|]\\n\\n' -}}\n"
+        '{%- endif -%}\n'
+        "{{- '    [|' ~ message['role'] ~ '|]' ~ message['content'] ~ '\\n' -}}\n"
+        "{{- '        \\n\\n' if message['role'] == 'user' else '        [|endofturn|]\\n\\n' -}}\n"
+        '{%- endfor -%}\n'
+        '{%- if add_generation_prompt -%}\n'
+        "{{- '    [|assistant|]\\n' -}}\n"
+        '{%- endif -%}\n'
     ),
     'llama3': (
-        '{% set loop_messages = messages %}\n'
-        '{% for message in loop_messages %}\n'
-        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}\n"
-        '{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}\n'
-        '{{ content }}\n'
-        '{% endfor %}\n'
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}\n"
+        '{%- for message in messages -%}\n'
+        '{%- if loop.first -%}{{- bos_token -}}{%- endif -%}\n'
+        "{{- '<|start_header_id|>' ~ message['role'] ~ '<|end_header_id|>\\n\\n' ~ (message['content'] | trim) ~ '<|eot_id|>\\n' -}}\n"
+        '{%- endfor -%}\n'
+        '{%- if add_generation_prompt -%}\n'
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}\n"
+        '{%- endif -%}\n'
     ),
     'mistral': (
-        "{%- if messages[0]['role'] == 'system' %}\n"
-        "    {%- set system_message = messages[0]['content'] %}\n"
-        '    {%- set loop_messages = messages[1:] %}\n'
-        '{%- else %}\n'
-        '    {%- set loop_messages = messages %}\n'
-        '{%- endif %}\n'
-        '\n'
-        '{{- bos_token }}\n'
-        '{%- for message in loop_messages %}\n'
-        "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
-        "        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n"
-        '    {%- endif %}\n'
-        "    {%- if message['role'] == 'user' %}\n"
-        '        {%- if loop.first and system_message is defined %}\n'
-        "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
-        '        {%- else %}\n'
-        "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
-        '        {%- endif %}\n'
-        "    {%- elif message['role'] == 'assistant' %}\n"
-        "        {{- ' ' + message['content'] + eos_token}}\n"
-        '    {%- else %}\n'
-        "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n"
-        '    {%- endif %}\n'
-        '{%- endfor %}\n'
+        "{%- set has_system = messages | length > 0 and messages[0]['role'] == 'system' -%}\n"
+        '{%- set turns = messages[1:] if has_system else messages -%}\n'
+        '{{- bos_token -}}\n'
+        '{%- for message in turns -%}\n'
+        '{%- set user_turn = loop.index0 % 2 == 0 -%}\n'
+        "{%- if (message['role'] == 'user') != user_turn -%}\n"
+        "{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') -}}\n"
+        "{%- elif message['role'] == 'user' -%}\n"
+        "{{- ' [INST] ' ~ (messages[0]['content'] ~ '\\n\\n' if loop.first and has_system else '') ~ message['content'] ~ ' [/INST]' -}}\n"
+        "{%- elif message['role'] == 'assistant' -%}\n"
+        "{{- ' ' ~ message['content'] ~ eos_token -}}\n"
+        '{%- else -%}\n'
+        "{{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') -}}\n"
+        '{%- endif -%}\n'
+        '{%- endfor -%}\n'
     ),
 }  # fmt: skip
 
