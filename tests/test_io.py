@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from safetensors.torch import load_file, save, save_file
 from weightspace import InputError, WeightSpace, load_space, task_vector
 from weightspace.safetensors_io import ShardWriter, layout_order, read_header, read_tensor
 from weightspace.sink import CheckpointSink, parse_size, plan_shards
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tensors():
@@ -202,3 +205,23 @@ def test_arithmetic_mismatch_errors():
         a - b
     with pytest.raises(InputError, match=r"shape \[2\] in A vs \[3\] in B"):
         a.select("w") - b
+
+
+def test_reads_without_preadv_give_the_same_tensors(tmp_path, monkeypatch, tiny_models, run_cli):
+    """Windows has no os.preadv: the seek-and-readinto path must read the same bytes, in a merge too."""
+    import weightspace.safetensors_io as sio
+
+    code, _, err = run_cli("run", str(ROOT / "examples" / "ties.yaml"), tmp_path / "with")
+    assert code == 0, err
+    monkeypatch.setattr(sio, "HAS_PREADV", False)
+    monkeypatch.delattr(sio.os, "preadv")  # so a stray call would fail loudly
+    code, _, err = run_cli("run", str(ROOT / "examples" / "ties.yaml"), tmp_path / "without")
+    assert code == 0, err
+    a, b = load_space(tmp_path / "with"), load_space(tmp_path / "without")
+    assert all(torch.equal(a[n].load(), b[n].load()) for n in a)
+    entries, _ = read_header(tiny_models.ft_a / "model.safetensors")
+    entry = next(iter(entries.values()))
+    short = tmp_path / "short.safetensors"
+    short.write_bytes((tiny_models.ft_a / "model.safetensors").read_bytes()[: entry.start + 3])
+    with pytest.raises(InputError, match="unexpected end of file reading tensor"):
+        sio.read_tensor(short, entry)

@@ -1,7 +1,8 @@
 """Bounded-memory safetensors reading and writing.
 
-Reading uses positioned reads (`os.preadv`) of exactly one tensor's bytes, not
-a memory map of the whole file: mapped pages that were touched stay resident,
+Reading uses positioned reads (`os.preadv`, or a seek and `readinto` on a file
+of its own where the platform has no preadv, as on Windows) of exactly one
+tensor's bytes, not a memory map of the whole file: mapped pages that were touched stay resident,
 so a mapped reader's RSS grows with the model, which is what a streaming merge
 must avoid. Writing streams: every output tensor's name, dtype and shape are
 known from the plan before any data exists, so a shard's header is written
@@ -142,27 +143,52 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
     return entries, {str(k): str(v) for k, v in meta.items()}
 
 
+# os.preadv is POSIX; elsewhere each read opens the file itself and seeks (no shared position)
+HAS_PREADV = hasattr(os, "preadv")
+
+
 def read_tensor(path: str | Path, entry: Entry, fd: int | None = None) -> torch.Tensor:
-    """Read one tensor's bytes with positioned reads into a fresh CPU tensor."""
+    """Read one tensor's bytes with positioned reads into a fresh CPU tensor (`fd`: an open
+    descriptor of `path` to read from, where the platform has positioned reads)."""
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     if entry.nbytes:
-        own = fd is None
-        if own:
-            fd = os.open(path, os.O_RDONLY)
-        try:
-            view = memoryview(buf.numpy()).cast("B")
-            done = 0
-            while done < entry.nbytes:
-                got = os.preadv(fd, [view[done:]], entry.start + done)
-                if got <= 0:
-                    raise InputError(f"{path}: unexpected end of file reading tensor {entry.name!r}")
-                done += got
-        finally:
-            if own:
-                os.close(fd)
+        view = memoryview(buf.numpy()).cast("B")
+        if HAS_PREADV:
+            _pread_into(path, entry, view, fd)
+        else:
+            _seek_read_into(path, entry, view)
     if entry.dtype == torch.uint8:
         return buf.reshape(entry.shape)
     return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def _pread_into(path: str | Path, entry: Entry, view: memoryview, fd: int | None) -> None:
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        done = 0
+        while done < entry.nbytes:
+            got = os.preadv(fd, [view[done:]], entry.start + done)
+            if got <= 0:
+                raise InputError(f"{path}: unexpected end of file reading tensor {entry.name!r}")
+            done += got
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _seek_read_into(path: str | Path, entry: Entry, view: memoryview) -> None:
+    """The same bytes without preadv: a file of this read's own, so threads never share a
+    position; unbuffered, so no second copy of the tensor sits in a buffer."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(entry.start)
+        done = 0
+        while done < entry.nbytes:
+            got = f.readinto(view[done:])
+            if not got:
+                raise InputError(f"{path}: unexpected end of file reading tensor {entry.name!r}")
+            done += got
 
 
 def layout_order(items: Iterable[tuple[str, torch.dtype]]) -> list[str]:
