@@ -373,3 +373,22 @@ def test_space_of_follows_state_dict_and_a_checkpoint_of_it_reloads_without_surp
     load_into(fresh, del_tied)
     x = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(fresh(x).logits, model(x).logits)
+
+
+def test_a_local_path_into_the_hub_cache_names_its_repo_in_the_model_card(tmp_path, run_cli, write_spec):
+    import yaml
+
+    snap = tmp_path / "hf" / "models--acme--tiny-llama" / "snapshots" / "0123abc"
+    write_tiny_llama(snap, seed=0)
+    ft = write_tiny_llama(tmp_path / "ft", seed=0, delta_seed=1)
+    spec = write_spec(f"merge_method: task_arithmetic\nbase_model: {snap}\nmodels:\n"
+                      f"  - {{model: {ft}, parameters: {{weight: 0.5}}}}\n")
+    code, _, err = run_cli("run", spec, tmp_path / "out")
+    assert code == 0, err
+    front = yaml.safe_load((tmp_path / "out" / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == "acme/tiny-llama"  # the local fine-tune is not named
+    from weightspace.sources import hub_origin
+
+    assert hub_origin(tmp_path / "models--a--b" / "snapshots" / "r" / "x") == "a/b"
+    assert hub_origin(tmp_path / "models--ab" / "snapshots" / "r") is None
+    assert hub_origin(tmp_path / "ft") is None

@@ -622,7 +622,8 @@ def card_of(plan: MergePlan) -> Card:
     return Card(method=m.name, pretty_name=m.pretty_name, paper=m.paper, paper_url=m.reference_url,
                 title=plan.spec.name or "merged model", base_model=plan.spec.base_model,
                 models=list(plan.spaces), spec_yaml=plan.spec.to_yaml(),
-                hub_ids=[h for r in plan.spaces if (h := plan.spaces[r].meta.get("hub_id"))],
+                hub_ids=list(dict.fromkeys(h for r in plan.spaces for k in ("hub_id", "adapter_hub_id")
+                                           if (h := plan.spaces[r].meta.get(k)))),
                 # zoo checkpoints are not transformers models
                 transformers=bool(cfg.get("architectures")) or cfg.get("model_type") not in (None, "weightspace-zoo"))
 

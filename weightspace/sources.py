@@ -142,10 +142,26 @@ def _torch_space(path: Path, meta: dict) -> WeightSpace:
 
 
 def load_local(path: str | Path) -> WeightSpace:
-    """Open a local checkpoint file or directory (headers only); meta["location"] is its absolute path."""
+    """Open a local checkpoint file or directory (headers only); meta["location"] is its absolute
+    path, and meta["hub_id"] the Hub repo when the path is a snapshot in the Hugging Face cache."""
     space = _load_local(Path(path))
     space.meta["location"] = Path(path).resolve()
+    origin = hub_origin(space.meta["location"])
+    if origin:
+        space.meta.setdefault("hub_id", origin)
     return space
+
+
+def hub_origin(path: Path) -> str | None:
+    """`org/name` for a path inside the Hugging Face cache's `models--org--name/snapshots/REV/`
+    (where the Hub's files live on disk), else None: the one place a local directory records
+    which Hub repo it came from (a repo id never contains `--`)."""
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots":
+            org, sep, name = parts[i][len("models--"):].partition("--")
+            return f"{org}/{name}" if sep and org and name else None
+    return None
 
 
 def _load_local(p: Path) -> WeightSpace:
@@ -342,7 +358,11 @@ def _open_lora(ref: str, parts: LoraParts) -> WeightSpace:
             folder = resolve_adapter_on_hub(parts.adapter_at.hub_id)
         else:
             raise InputError(_missing(parts.adapter, parts.adapter_at.looked))
-        return apply_adapter(base, read_adapter(folder), source=ref)
+        space = apply_adapter(base, read_adapter(folder), source=ref)
+        hub = (parts.adapter_at.hub_id or "").split("@")[0] or hub_origin(folder.resolve())
+        if hub:
+            space.meta["adapter_hub_id"] = hub  # the model card names it too, as mergekit's does
+        return space
     except InputError as e:
         raise InputError(f"{ref}: the LoRA adapter {e}") from None
 
