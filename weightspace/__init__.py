@@ -23,6 +23,7 @@ _EXPORTS = {
     "TensorRef": "weightspace.ir", "SafetensorsRef": "weightspace.ir", "MemoryRef": "weightspace.ir",
     "ExprRef": "weightspace.ir", "WeightSpace": "weightspace.ir", "task_vector": "weightspace.ir",
     "load_space": "weightspace.sources",
+    "merge_state_dicts": "weightspace.api", "merge_tensors": "weightspace.api",
     "LayerName": "weightspace.structure", "Structure": "weightspace.structure",
     "parse_layer": "weightspace.structure", "structure_of": "weightspace.structure",
 }  # fmt: skip

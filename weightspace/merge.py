@@ -14,7 +14,7 @@ output tensor, the checks on the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,15 +148,17 @@ def _architecture(config: dict | None) -> str | None:
 
 
 def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
-               out_dtype: str | None = None, allow_crimes: bool = False) -> MergePlan:
+               out_dtype: str | None = None, allow_crimes: bool = False,
+               spaces: Mapping[str, WeightSpace] | None = None) -> MergePlan:
     """Validate a spec against its inputs and build the per-tensor plan (headers only).
 
     Relative paths in the spec are read against `spec_dir` (the spec file's folder);
     errors name the spec file, the field and its line. Models of different architectures
-    (config.json `architectures`) are refused unless `allow_crimes`, as in mergekit.
+    (config.json `architectures`) are refused unless `allow_crimes`, as in mergekit. `spaces`
+    gives model references already open (in-memory models, weightspace.api) by name.
     """
     try:
-        return _Planner(spec, spec_dir, out_dtype, allow_crimes).plan()
+        return _Planner(spec, spec_dir, out_dtype, allow_crimes, spaces).plan()
     except (SpecError, InputError) as e:
         if not spec.source or spec.source.startswith("<"):
             raise
@@ -167,8 +169,9 @@ class _Planner:
     """The state of one `plan_merge`; each method is one of its steps."""
 
     def __init__(self, spec: MergeSpec, spec_dir: str | Path | None, out_dtype: str | None,
-                 allow_crimes: bool = False):
+                 allow_crimes: bool = False, spaces: Mapping[str, WeightSpace] | None = None):
         self.spec = spec
+        self.given = dict(spaces or {})
         self.allow_crimes = allow_crimes
         self.spec_dir = Path(spec_dir) if spec_dir else None
         self.out_dtype_name = out_dtype or spec.out_dtype
@@ -209,6 +212,9 @@ class _Planner:
         self.spaces: dict[str, WeightSpace] = {}
         self.tokenizer_dirs: dict[str, Path] = {}
         for r, loc in _model_refs(self.spec).items():
+            if r in self.given:
+                self.spaces[r] = self.given[r]
+                continue
             with at_field(self.spec, loc):
                 found = locate(r, self.spec_dir)
                 if found.note:
