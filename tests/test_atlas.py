@@ -150,7 +150,7 @@ def test_atlas_method_from_yaml(tiny_models, run_cli, write_spec, monkeypatch, k
     save_coefficients(c, tiny_models.root / "coeffs.safetensors")
     streamed = []
     if kind == "partitions-streamed":  # every tensor in row blocks through Blocked
-        import weightspace.merge as wm
+        import weightspace.tensor_steps as wm  # the block sizes the planner reads
 
         monkeypatch.setattr(wm, "BLOCKED_MIN_BYTES", 0)
         monkeypatch.setattr(wm, "BLOCK_BYTES", 1000)

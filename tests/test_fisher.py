@@ -432,7 +432,7 @@ dtype: float32
 def test_wsmerge_run_end_to_end(two_models, run_cli, write_spec, monkeypatch, blocked):
     root, models, fishers = two_models
     if blocked:  # stream every tensor in row blocks: the Fisher refs are sliced alongside
-        monkeypatch.setattr("weightspace.merge.BLOCK_BYTES", 16)
+        monkeypatch.setattr("weightspace.tensor_steps.BLOCK_BYTES", 16)
     spec = write_spec(SPEC.format(fa="a.fisher.safetensors", fb="b.fisher.safetensors", extra=""))
     code, out, err = run_cli("run", spec, root / "out", "--no-progress")
     assert code == 0, err

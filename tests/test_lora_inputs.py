@@ -24,7 +24,7 @@ from _error_helpers import assert_nothing_written, single_error_line
 from safetensors.torch import load_file, save_file
 
 import weightspace.ir as ir
-import weightspace.merge as merge_mod
+import weightspace.tensor_steps as merge_mod  # the block sizes the planner reads
 from weightspace import load_space
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace, slice_rows

@@ -165,7 +165,7 @@ def test_dry_run_reads_no_tensor_data(four_layer, monkeypatch, capsys):
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "passthrough"])
 def test_elementwise_methods_stream_large_tensors_in_row_blocks(four_layer, monkeypatch, method):
     """Row-blocked execution writes the same bytes as whole-tensor execution."""
-    import weightspace.merge as wm
+    import weightspace.tensor_steps as wm  # the block sizes the planner reads
 
     tmp, a, b = four_layer
     if method == "passthrough":
@@ -202,7 +202,7 @@ def _integer_models(root, shape=(64, 32), n=3, seed=0):
 
 def test_blocked_ties_equals_whole_tensor_ties(tmp_path, monkeypatch):
     """TIES streamed in row blocks (statistics pass, then blocks) writes the same bytes."""
-    import weightspace.merge as wm
+    import weightspace.tensor_steps as wm  # the block sizes the planner reads
 
     base, a, b = _integer_models(tmp_path)
     text = (f"merge_method: ties\nbase_model: {base}\nmodels:\n"

@@ -585,7 +585,7 @@ def test_slices_take_embeddings_from_the_first_slice_and_the_head_from_the_last(
 ])
 def test_row_blocks_of_a_reordered_tensor_give_the_whole_tensor(models, tmp_path, run_cli,
                                                                 monkeypatch, extra):
-    import weightspace.merge as wm
+    import weightspace.tensor_steps as wm  # the block sizes the planner reads
 
     code, _, err, whole = run(tmp_path, run_cli, extra)
     assert code == 0, err

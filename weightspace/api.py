@@ -42,7 +42,7 @@ def merge_state_dicts(models: Mapping[Hashable, StateDictLike] | Sequence[StateD
     float32), `out_dtype` the result's (default: each input tensor's). Returns name -> tensor
     in the first model's order.
     """
-    from weightspace.merge import plan_merge
+    from weightspace.plan import plan_merge
     from weightspace.spec import parse_spec
 
     items = list(models.items()) if isinstance(models, Mapping) else list(enumerate(models))

@@ -128,4 +128,13 @@ def _per_layer(src: dict, name: str, idx: int, fallback: list) -> Any:
     return json.loads(json.dumps(values[min(idx, len(values) - 1)]))
 
 
-__all__ = ["block_rows", "blocked_steps", "merge_fn", "output_config"]
+# Elementwise methods stream tensors larger than this (per input) in row blocks,
+# so their peak memory does not depend on the largest tensor either.
+BLOCK_BYTES = 32 * 2**20
+
+
+# Methods with a `blocked` recipe (TIES) stream tensors larger than this per input.
+BLOCKED_MIN_BYTES = 128 * 2**20
+
+
+__all__ = ["BLOCKED_MIN_BYTES", "BLOCK_BYTES", "block_rows", "blocked_steps", "merge_fn", "output_config"]
