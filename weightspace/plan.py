@@ -28,7 +28,7 @@ from weightspace.methods import MergeMethod, get_method
 from weightspace.params import ParamResolver, at_field, check_spec_params
 from weightspace.plan_tensor import Source, TensorSteps
 from weightspace.sink import DEFAULT_SHARD_SIZE
-from weightspace.sources import locate, open_located
+from weightspace.sources import locate, missing_path, open_located
 from weightspace.spec import MergeSpec, parse_dtype
 from weightspace.structure import depth_t, is_pre_weight, parse_layer
 from weightspace.tensor_steps import output_config
@@ -111,7 +111,7 @@ class MergePlan:
 
 
 
-def _model_refs(spec: MergeSpec) -> dict[str, tuple]:
+def model_refs(spec: MergeSpec) -> dict[str, tuple]:
     """Every model the spec names (base, models, slice sources, tokenizer source), each with the
     field path where it first appears."""
     refs: dict[str, tuple] = {}
@@ -153,6 +153,28 @@ def plan_merge(spec: MergeSpec, *, spec_dir: str | Path | None = None,
     """
     try:
         return _Planner(spec, spec_dir, out_dtype, allow_crimes, spaces).plan()
+    except (SpecError, InputError) as e:
+        if not spec.source or spec.source.startswith("<"):
+            raise
+        raise type(e)(f"{spec.source}: {e}") from None
+
+
+def check_spec(spec: MergeSpec, *, spec_dir: str | Path | None = None,
+               later: frozenset[str] = frozenset()) -> None:
+    """What plan_merge checks before it opens a model: the method, every parameter's name, type,
+    range and file, and that each model reference exists (on disk or as a Hub id). `later`
+    names references that are not made yet (earlier stages of a multi-stage file)."""
+    try:
+        planner = _Planner(spec, spec_dir, None)
+        planner.resolve_method()
+        planner.check_parameters()
+        for r, loc in model_refs(spec).items():
+            if r in later:
+                continue
+            with at_field(spec, loc):
+                found = locate(r, planner.spec_dir)
+                if found.path is None and found.hub_id is None and found.lora is None:
+                    raise InputError(missing_path(r, found.looked))
     except (SpecError, InputError) as e:
         if not spec.source or spec.source.startswith("<"):
             raise
@@ -205,7 +227,7 @@ class _Planner(TensorSteps):
     def open_models(self) -> None:
         self.spaces: dict[str, WeightSpace] = {}
         self.tokenizer_dirs: dict[str, Path] = {}
-        for r, loc in _model_refs(self.spec).items():
+        for r, loc in model_refs(self.spec).items():
             if r in self.given:
                 self.spaces[r] = self.given[r]
                 continue
@@ -221,7 +243,7 @@ class _Planner(TensorSteps):
     def check_architectures(self) -> None:
         """Every merged model (not a tokenizer-only source) has the same architecture as the
         first, by config.json `architectures` (else `model_type`), as mergekit checks."""
-        refs = _model_refs(self.spec)
+        refs = model_refs(self.spec)
         merged = [(r, loc) for r, loc in refs.items() if loc != ("tokenizer_source",)]
         kinds = [(r, loc, _architecture(self.spaces[r].meta.get("config"))) for r, loc in merged]
         known = [k for k in kinds if k[2] is not None]
@@ -272,7 +294,7 @@ class _Planner(TensorSteps):
         spec = self.spec
         self.vocabulary: Vocabulary | None = None
         source, source_loc = spec.tokenizer_from
-        merged = [r for r, loc in _model_refs(spec).items() if loc[0] not in ("tokenizer_source", "tokenizer")]
+        merged = [r for r, loc in model_refs(spec).items() if loc[0] not in ("tokenizer_source", "tokenizer")]
         members = [self.member(r) for r in merged]
         if source is None:
             if spec.chat_template is not None:

@@ -305,7 +305,7 @@ def locate_lora(ref: str, base_dir: str | Path | None, looked: tuple[Path, ...] 
     return Located(note="; ".join(notes) or None, looked=looked, lora=parts)
 
 
-def _missing(ref: str, looked: tuple[Path, ...]) -> str:
+def missing_path(ref: str, looked: tuple[Path, ...]) -> str:
     where = " or ".join(str(q) for q in looked)
     return f"{ref}: no such file or directory" + (f" (looked for {where})" if looked and
                                                   str(looked[0]) != ref else "")
@@ -329,7 +329,7 @@ def open_located(ref: str, loc: Located) -> WeightSpace:
     if loc.path is not None:
         return load_local(loc.path)
     if loc.hub_id is None:
-        raise InputError(_missing(ref, loc.looked))
+        raise InputError(missing_path(ref, loc.looked))
     from weightspace.hub import resolve_hub
 
     try:
@@ -357,7 +357,7 @@ def _open_lora(ref: str, parts: LoraParts) -> WeightSpace:
         elif parts.adapter_at.hub_id is not None:
             folder = resolve_adapter_on_hub(parts.adapter_at.hub_id)
         else:
-            raise InputError(_missing(parts.adapter, parts.adapter_at.looked))
+            raise InputError(missing_path(parts.adapter, parts.adapter_at.looked))
         space = apply_adapter(base, read_adapter(folder), source=ref)
         hub = (parts.adapter_at.hub_id or "").split("@")[0] or hub_origin(folder.resolve())
         if hub:

@@ -412,10 +412,40 @@ def _parse_yaml(text: str, source: str, model: type[M], *, what: str, hint: str,
         data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise SpecError(f"{source}: not valid YAML: {e}") from None
+    return _validate(data, node, source, model, what=what, hint=hint, fields_at=fields_at), node
+
+
+def yaml_documents(text: str, source: str) -> list[tuple[Any, yaml.Node]]:
+    """Every document of a YAML stream (`---` between them): (data, node), safe-loaded."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=_SpecLoader))
+        datas = list(yaml.load_all(text, Loader=_SpecLoader))  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: not valid YAML: {e}") from None
+    return [(d, n) for d, n in zip(datas, nodes) if d is not None]
+
+
+def parse_specs(text: str, source: str = "<spec>") -> list[MergeSpec]:
+    """One MergeSpec per YAML document (a multi-stage file, as mergekit-multi reads it)."""
+    specs = []
+    for k, (data, node) in enumerate(yaml_documents(text, source)):
+        where = source if k == 0 else f"{source} (document {k + 1})"
+        spec = _validate(data, node, where, MergeSpec, what="merge spec",
+                         hint="a merge spec must be a YAML mapping with a merge_method",
+                         fields_at=_fields_at)
+        spec._node, spec._source = node, source
+        specs.append(spec)
+    if not specs:
+        raise SpecError(f"{source}: a merge spec must be a YAML mapping with a merge_method")
+    return specs
+
+
+def _validate(data: Any, node: yaml.Node, source: str, model: type[M], *, what: str, hint: str,
+              fields_at: Callable[[tuple], list[str]] | None = None) -> M:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: {hint}")
     try:
-        return model.model_validate(data), node
+        return model.model_validate(data)
     except ValidationError as e:
         seen = set()
         lines = []
@@ -458,6 +488,7 @@ __all__ = [
     "TokenizerSettings",
     "load_spec",
     "parse_dtype",
+    "parse_specs",
     "parse_spec",
     "parse_yaml_model",
     "read_yaml_file",
