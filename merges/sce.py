@@ -32,7 +32,7 @@ Precision: in float16 and bfloat16 everything is computed in float32 and
 rounded once at the end. mergekit works in float16 there: its rounded task
 vectors flip the elected sign where the models' changes nearly cancel (the
 entry then jumps from one side's mean to the other's), entries below ~1.7e-4
-square to 0 and variances below 6e-8 are 0 (which lowers nonzero, so k).
+square to 0 and variances below 3e-8 round to 0 (which lowers nonzero, so k).
 Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models" (arXiv:2408.07990).
 """
 
