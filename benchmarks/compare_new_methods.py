@@ -51,6 +51,8 @@ CASES: dict[str, tuple[str, str | None, list[tuple[str, dict]], dict]] = {
     "multislerp_nobase": ("multislerp", None, list(zip(DENSE, [{"weight": w} for w in (1.0, 2.0, 1.0)])), {}),
     "karcher": ("karcher", None, [(m, {}) for m in DENSE], {}),
     "karcher_base": ("karcher", "base", [(m, {}) for m in DENSE[:2]], {"max_iter": 50, "tol": 1e-7}),
+    # the base listed first: mergekit keeps that order, we put the base last (rounding only)
+    "karcher_base_listed": ("karcher", "base", [("base", {}), *((m, {}) for m in DENSE[:2])], {}),
     "nearswap": ("nearswap", "base", [("base", {}), ("ft_a", {})], {"t": 0.005}),
     "arcee_fusion": ("arcee_fusion", "base", [("base", {}), ("ft_a", {})], {}),
     "ram": ("ram", "base", [(m, {}) for m in SPARSE], {}),

@@ -6,7 +6,10 @@ squared angles to the models' directions, scaled by their mean norm.
     parameters: {max_iter: 10, tol: 1.0e-5}
 
 Every model counts equally; `base_model`, if given, is one more model (as in
-mergekit, which adds the base to the inputs of every method), placed last.
+mergekit, which adds the base to the inputs of every method), placed last as
+mergekit places a base that is not also listed. A base listed among the models
+mergekit keeps in its place: the same mean up to the order of the float32 sums
+(a method is not told where the base was listed).
 Per tensor, each flattened to one vector x_i (mergekit 0.1.5's `karcher`):
 
     u_i     x_i / |x_i|; models with |x_i| <= tol take no part in the direction

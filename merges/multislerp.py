@@ -77,7 +77,7 @@ def multislerp(
         else:
             raise InputError(
                 f"multislerp: tensor {name!r}: the weighted mean of the models' directions is zero "
-                "(antipodal tensors whose weights cancel); change the weights"
+                "(antipodal tensors whose weights cancel, or zero weights); change the weights"
             )
         return (out if b is None else out + b).to(dtype)
     mean = mean / mean_norm
