@@ -13,10 +13,18 @@ import pytest
 import torch
 from _method_helpers import (
     CLASSIC,
+    MERGEKIT_FAMILY,
     close,
+    ref_arcee_fusion,
     ref_breadcrumbs,
     ref_elect_mean,
+    ref_karcher_pair,
     ref_model_stock,
+    ref_multislerp,
+    ref_nearswap,
+    ref_ram,
+    ref_ramplus_tl,
+    ref_sce,
     ref_slerp,
     ref_trim,
     run,
@@ -149,12 +157,34 @@ TABLE = [
     ),
     ("model_stock", 3, True, {}, None, ref_model_stock),
     ("passthrough", 1, False, {}, [{"scale": 0.5}], lambda b, xs: 0.5 * xs[0]),
+    # mergekit 0.1.5's further methods (more in test_methods_mergekit_family.py)
+    ("sce", 3, True, {"select_topk": 0.6}, None, lambda b, xs: ref_sce(b, xs, 0.6)),
+    (
+        "multislerp",
+        3,
+        True,
+        {},
+        [{"weight": w} for w in (0.5, 0.3, 0.2)],
+        lambda b, xs: ref_multislerp(xs, [0.5, 0.3, 0.2], b),
+    ),
+    ("karcher", 2, False, {}, None, ref_karcher_pair),
+    ("nearswap", 1, True, {"t": 0.3}, None, lambda b, xs: ref_nearswap(b, xs[0], 0.3)),
+    ("arcee_fusion", 1, True, {}, None, lambda b, xs: ref_arcee_fusion(b, xs[0])),
+    ("ram", 3, True, {"epsilon": 0.3}, None, lambda b, xs: ref_ram(b, xs, 0.3)),
+    (
+        "ramplus_tl",
+        3,
+        True,
+        {"epsilon": 0.3, "r": 0.5, "alpha": 0.5},
+        None,
+        lambda b, xs: ref_ramplus_tl(b, xs, 0.5, 0.5, 0.3),
+    ),
 ]
 IDS = [row[0] for row in TABLE]
 
 
 def test_table_covers_every_classic_method():
-    assert {row[0] for row in TABLE} == CLASSIC
+    assert {row[0] for row in TABLE} == CLASSIC | MERGEKIT_FAMILY
 
 
 @pytest.mark.parametrize("name, n, with_base, values, per_model, expected", TABLE, ids=IDS)
