@@ -49,6 +49,13 @@ models:
   - {model: @B, parameters: {weight: 0.6}}
 parameters: {normalize: false}
 """,
+    "linear-with-base": """merge_method: linear
+base_model: @BASE
+models:
+  - {model: @A, parameters: {weight: 0.5}}
+  - {model: @B, parameters: {weight: 0.5}}
+parameters: {weight: 1.0}
+""",
     "gradient": """merge_method: task_arithmetic
 base_model: @BASE
 models:

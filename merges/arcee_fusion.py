@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from weightspace.merges._precision import working_dtype
 
+from weightspace.merges._precision import working_dtype
 from weightspace.methods import MergeMethod, TensorParams, register
 
 SOFTMAX_EPS = 1e-8  # added to both distributions before the log ratio (mergekit's value)

@@ -269,7 +269,9 @@ def _merge_block(
                     keep[tied] = True
                     st.tied_to_keep[i] -= tied.numel()
                 d.mul_(keep)
-            d.mul_(weights[i])
+            # the weight rounded to the compute dtype first, as mergekit holds weights in a tensor
+            # of the deltas' dtype (0.6 is 0.6015625 in bfloat16)
+            d.mul_(torch.tensor(weights[i], dtype=d.dtype))
             if consensus is None:
                 mixed = d if mixed is None else mixed.add_(d)
                 continue

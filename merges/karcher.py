@@ -6,10 +6,8 @@ squared angles to the models' directions, scaled by their mean norm.
     parameters: {max_iter: 10, tol: 1.0e-5}
 
 Every model counts equally; `base_model`, if given, is one more model (as in
-mergekit, which adds the base to the inputs of every method), placed last as
-mergekit places a base that is not also listed. A base listed among the models
-mergekit keeps in its place: the same mean up to the order of the float32 sums
-(a method is not told where the base was listed).
+mergekit, which adds a base_model not listed among the models to the inputs of
+every method, last); a base listed among the models keeps its place.
 Per tensor, each flattened to one vector x_i (mergekit 0.1.5's `karcher`):
 
     u_i     x_i / |x_i|; models with |x_i| <= tol take no part in the direction
@@ -36,8 +34,8 @@ Manifold" (arXiv:2603.04972).
 from __future__ import annotations
 
 import torch
-from weightspace.merges._precision import working_dtype
 
+from weightspace.merges._precision import working_dtype
 from weightspace.methods import MergeMethod, Param, TensorParams, register
 
 
@@ -94,8 +92,8 @@ class Karcher(MergeMethod):
     pretty_name = "Karcher Mean"
     paper = "Wang, Ye and Yin 2026, Functionality-Oriented LLM Merging on the Fisher-Rao Manifold"
     reference_url = "https://arxiv.org/abs/2603.04972"
-    # Not a base in the task-vector sense: mergekit merges base_model as one more model.
-    uses_base = "optional"
+    # no base in the task-vector sense: the planner merges base_model as one more model
+    uses_base = "none"
     global_params = (
         Param("max_iter", default=10, kind=int, ge=0, doc="most fixed-point iterations"),
         Param("tol", default=1e-5, gt=0.0,
@@ -111,5 +109,4 @@ class Karcher(MergeMethod):
         params: TensorParams,
         companions: dict[str, list[torch.Tensor]],
     ) -> torch.Tensor:
-        models = tensors if base is None else [*tensors, base]
-        return karcher_mean(models, max_iter=params["max_iter"], tol=params["tol"])
+        return karcher_mean(tensors, max_iter=params["max_iter"], tol=params["tol"])

@@ -20,23 +20,27 @@ from weightspace.methods import MergeMethod, Param, TensorParams, register
 def weighted_average(
     tensors: list[torch.Tensor], weights: list[float], normalize: bool = True
 ) -> torch.Tensor:
-    """sum_i w_i x_i, divided by sum_i w_i when `normalize`.
+    """sum_i w_i x_i, divided by sum_i w_i when `normalize`, computed in float32 (float64 for
+    float64 inputs) and returned in the inputs' dtype, as mergekit 0.1.5's linear does.
 
     >>> weighted_average([torch.tensor([1.0]), torch.tensor([3.0])], [1.0, 3.0])
     tensor([2.5000])
     """
-    out = tensors[0] * weights[0]
-    for x, w in zip(tensors[1:], weights[1:]):
-        out.add_(x, alpha=w)
+    dtype = tensors[0].dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.tensor(weights, dtype=work)
+    out = torch.zeros_like(tensors[0], dtype=work)
+    for x, wi in zip(tensors, w):
+        out.addcmul_(x, wi)  # one rounding per model, as mergekit's addcmul_
     if normalize:
-        total = sum(weights)
+        total = w.sum()
         if total == 0:
             raise SpecError(
                 "linear: the weights sum to 0, so they cannot be normalized; "
                 "change the weights or set normalize: false"
             )
         out /= total
-    return out
+    return out.to(dtype)
 
 
 @register

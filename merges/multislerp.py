@@ -33,9 +33,9 @@ Goddard 2024, "Multi-SLERP" (https://goddard.blog/posts/multislerp-wow-what-a-co
 from __future__ import annotations
 
 import torch
-from weightspace.merges._precision import working_dtype
 
 from weightspace.errors import InputError, SpecError
+from weightspace.merges._precision import working_dtype
 from weightspace.methods import MergeMethod, Param, TensorParams, register
 
 

@@ -22,8 +22,8 @@ alchemonaut 2024, QuartetAnemoi-70B-t0.0001 (model card, Hugging Face).
 from __future__ import annotations
 
 import torch
-from weightspace.merges._precision import working_dtype
 
+from weightspace.merges._precision import working_dtype
 from weightspace.methods import MergeMethod, Param, TensorParams, register
 
 DIFF_FLOOR = 1e-6  # |a - b| is clamped to at least this before dividing (mergekit's value)

@@ -41,8 +41,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from weightspace.merges._precision import working_dtype
 
+from weightspace.merges._precision import working_dtype
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams, register
 
 WEIGHT_SUM_FLOOR = 1e-6  # below it the models are weighted equally (mergekit's value)

@@ -127,6 +127,14 @@ DTYPE_TABLE: dict[str, str] = {
                "  - {model: @B, parameters: {gram: @B.gram.safetensors}}\n",
     "atlas": "base_model: @BASE\nmodels:\n  - {model: @A}\n  - {model: @B}\n"
              "parameters: {coefficients: @coeffs.safetensors}\n",
+    "sce": "base_model: @BASE\nmodels:\n  - {model: @A}\n  - {model: @B}\nparameters: {select_topk: 0.5}\n",
+    "multislerp": "base_model: @BASE\nmodels:\n  - {model: @A, parameters: {weight: 0.6}}\n"
+                  "  - {model: @B, parameters: {weight: 0.4}}\n",
+    "karcher": "models:\n  - {model: @A}\n  - {model: @B}\n",
+    "nearswap": "base_model: @BASE\nmodels:\n  - {model: @A}\nparameters: {t: 0.001}\n",
+    "arcee_fusion": "base_model: @BASE\nmodels:\n  - {model: @A}\n",
+    "ram": "base_model: @BASE\nmodels:\n  - {model: @A}\n  - {model: @B}\n",
+    "ramplus_tl": "base_model: @BASE\nmodels:\n  - {model: @A}\n  - {model: @B}\nparameters: {r: 0.1, alpha: 0.2}\n",
 }
 
 
@@ -392,3 +400,21 @@ def test_a_local_path_into_the_hub_cache_names_its_repo_in_the_model_card(tmp_pa
     assert hub_origin(tmp_path / "models--a--b" / "snapshots" / "r" / "x") == "a/b"
     assert hub_origin(tmp_path / "models--ab" / "snapshots" / "r") is None
     assert hub_origin(tmp_path / "ft") is None
+
+
+def test_linear_averages_an_unlisted_base_model_as_mergekit_does(four, tmp_path):
+    """mergekit 0.1.5 adds a base_model that is not listed to every method's inputs: linear
+    averages it, with its weight from the global parameters (checked against mergekit itself in
+    benchmarks/compare_mergekit.py, case linear-with-base)."""
+    base, a, b = four
+    got = _merge(f"merge_method: linear\nbase_model: {base}\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"
+                 f"  - {{model: {b}, parameters: {{weight: 0.5}}}}\nparameters: {{weight: 1.0}}\n", tmp_path / "out")
+    B, A, Bm = (load_space(p) for p in (base, a, b))
+    for n in got:
+        want = (0.5 * A[n].load() + 0.5 * Bm[n].load() + 1.0 * B[n].load()) / 2.0
+        torch.testing.assert_close(got[n], want)
+    from weightspace.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"missing required parameter 'weight' \(parameters, for base_model"):
+        plan_merge(parse_spec(f"merge_method: linear\nbase_model: {base}\nmodels:\n"
+                              f"  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"))

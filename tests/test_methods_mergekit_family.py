@@ -38,7 +38,8 @@ from weightspace.spec import parse_spec
 MERGEKIT = {
     "sce": ("required", 1, None, {"select_topk": 1.0, "int8_mask": False}, {}),
     "multislerp": ("optional", 1, None, {"normalize_weights": True, "eps": 1e-8}, {"weight": None}),
-    "karcher": ("optional", 1, None, {"max_iter": 10, "tol": 1e-5}, {}),
+    # mergekit's base_model is one more model here: the planner adds an unlisted one last
+    "karcher": ("none", 1, None, {"max_iter": 10, "tol": 1e-5}, {}),
     "nearswap": ("required", 1, 1, {"t": None}, {}),
     "arcee_fusion": ("required", 1, 1, {}, {}),
     "ram": ("required", 1, None, {"epsilon": 1e-5}, {}),
@@ -218,8 +219,23 @@ def test_karcher_special_cases():
     # a zero model takes no part in the direction but its norm (0) counts in the mean norm
     a, b = t(2, 0, 0), t(0, 4, 0)
     close(run("karcher", None, [a, torch.zeros(3), b]), [2 / math.sqrt(2), 2 / math.sqrt(2), 0.0])
-    # base_model is one more model, as in mergekit
-    close(run("karcher", a, [b]), run("karcher", None, [b, a]))
+
+
+
+def test_an_unlisted_base_model_is_one_more_model_last(tiny_models, tmp_path):
+    """As mergekit 0.1.5: base_model not listed among the models joins them, last (karcher has
+    no base of its own, so it is merged like the others)."""
+    from weightspace import load_space
+    from weightspace.merge import plan_merge, run_plan
+    from weightspace.spec import parse_spec
+
+    m = tiny_models
+    outs = {}
+    for key, head in (("base", f"base_model: {m.base}\nmodels: [{{model: {m.ft_a}}}, {{model: {m.ft_b}}}]"),
+                      ("listed", f"models: [{{model: {m.ft_a}}}, {{model: {m.ft_b}}}, {{model: {m.base}}}]")):
+        run_plan(plan_merge(parse_spec(f"merge_method: karcher\n{head}\n")), tmp_path / key, progress=False)
+        outs[key] = load_space(tmp_path / key)
+    assert all(torch.equal(outs["base"][n].load(), outs["listed"][n].load()) for n in outs["base"])
 
 
 # ------------------------------------------------------------------------------- nearswap
@@ -373,7 +389,7 @@ def _integer_models(root, n=3, shape=(64, 32)):
     ("ram", "{}"), ("nearswap", "{t: 1.5}"),
 ])
 def test_large_tensors_stream_in_blocks_with_the_same_result(tmp_path, monkeypatch, method, params):
-    import weightspace.merge as wm
+    import weightspace.tensor_steps as wm  # the block sizes the planner reads
 
     base, *models = _integer_models(tmp_path)
     if method == "nearswap":

@@ -257,11 +257,13 @@ class _Planner(TensorSteps):
 
     def line_up_sources(self) -> None:
         """`slices`: per output slice, its sources (one slice for a `models:` spec). As in
-        mergekit, a method without a base ignores base_model unless it is also a model."""
+        mergekit 0.1.5, a base_model not listed among the models joins them, last: it is the
+        base of a method that uses one and one more model of a method that does not (linear
+        averages it with its weight from the global parameters)."""
         spec, base = self.spec, self.spec.base_model
         if spec.models:
             self.slices = [[Source(m.model, m.parameters, None) for m in spec.models]]
-            if base and self.uses_base and all(m.model != base for m in spec.models):
+            if base and all(m.model != base for m in spec.models):
                 self.slices[0].append(Source(base, None, None))
         else:
             self.slices = [[Source(s.model, s.parameters, tuple(s.layer_range)) for s in sl.sources]
@@ -283,8 +285,8 @@ class _Planner(TensorSteps):
         for i, sl in enumerate(spec.slices or []):
             for j, src in enumerate(sl.sources):
                 self.where_of.setdefault(src.model, spec.where("slices", i, "sources", j, "parameters"))
-        if base:
-            self.where_of.setdefault(base, "parameters")
+        if base:  # a base merged as one more model takes its parameters from the global ones
+            self.where_of.setdefault(base, f"parameters, for {spec.where('base_model')}")
 
     def plan_tokenizer(self) -> None:
         """`tokenizer_source` / `tokenizer:` (mergekit's): build the output tokenizer from the
