@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+import click
+
+from weightspace.cli.options import Command, device_option
 
 DEMO_SPECS = {
     "linear": """merge_method: linear
@@ -75,6 +77,27 @@ models:
 
 MARKER = ".wsmerge-demo"
 _MARKER_TEXT = json.dumps({"written_by": "wsmerge demo", "layout": 1}) + "\n"
+
+
+@click.command(cls=Command)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path), default="wsmerge-demo")
+@device_option
+@click.option("--overwrite", is_flag=True, help="Replace OUT even if `wsmerge demo` did not write it.")
+def demo(out: Path, device: str, overwrite: bool) -> None:
+    """Build tiny checkpoints and merge them with several methods; needs no downloads.
+
+    Writes a base model and three "fine-tunes" (base + seeded deltas) to
+    OUT/models, merges them with linear, task_arithmetic, ties, dare_ties,
+    slerp and model_stock into OUT/merges (specs in OUT/specs), and prints
+    how far each merge lands from its inputs. A second run replaces the
+    demo's own earlier output; any other existing OUT needs --overwrite.
+
+    \b
+    Examples:
+      wsmerge demo
+      wsmerge demo runs/demo --device cpu
+    """
+    run_demo(out, device=device, overwrite=overwrite, echo=click.echo)
 
 
 def is_demo_dir(path: Path) -> bool:
@@ -158,6 +181,8 @@ def _write_demo(root: Path, out: Path, device: str, echo: Callable[[str], None])
 
 def _tv_cos(merged, ft, base) -> float:
     """Cosine between the merged model's task vector and one fine-tune's, over all tensors."""
+    import torch
+
     dot = na = nb = 0.0
     for n in base:
         b = base[n].load("cpu", torch.float64)
