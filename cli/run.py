@@ -38,8 +38,9 @@ class SizeType(click.ParamType):
 @click.command(cls=Command)
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path), required=False)
-@click.option("-o", "--out", "out_option", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="The output directory, as with every other command (the same as OUT; give either).")
+@click.option("-o", "--out", "--out-path", "out_option", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="The output directory, as with every other command (the same as OUT; "
+                                 "give either; --out-path is mergekit-multi's name).")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; read no tensor data.")
 @device_option
 @click.option("--shard-size", type=SizeType(), default="5G", show_default=True,
@@ -63,12 +64,17 @@ class SizeType(click.ParamType):
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo as private.")
 @click.option("--revision", default=None, help="With --push-to-hub: the branch to commit to.")
 @click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead.")
+@click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Multi-stage SPEC: keep the stages' results here (default: a hidden folder beside "
+                   "OUT, removed at the end).")
+@click.option("--lazy/--no-lazy", default=True, show_default=True,
+              help="Multi-stage SPEC with --intermediate-dir: reuse a stage's result already there.")
 @mergekit_flags
 def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, device: str, shard_size: int,
         out_dtype: str | None, overwrite: bool, allow_nonfinite: bool, no_progress: bool,
         as_json: bool, search: str | None, data: str | None, split: str,
         push_repo: str | None = None, private: bool = False, revision: str | None = None,
-        create_pr: bool = False) -> None:
+        create_pr: bool = False, intermediate_dir: Path | None = None, lazy: bool = True) -> None:
     """Run the merge described by SPEC (YAML) and write a checkpoint to OUT.
 
     SPEC uses mergekit's schema (merge_method, base_model, models[].model,
@@ -87,6 +93,11 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
       wsmerge run examples/ties.yaml --dry-run
       wsmerge run examples/fisher.yaml runs/fisher-best --search target_weight=0:1:5 --data digits
       wsmerge run examples/ties.yaml runs/ties-mk --out-shard-size 1B --no-copy-tokenizer --quiet
+      wsmerge run examples/stages.yaml runs/stages     # two stages, one file
+
+    A SPEC of several YAML documents (separated by ---) is a multi-stage merge, as
+    mergekit-multi runs it: documents named by `name:` are stages that later ones
+    read by that name; the unnamed one (else the last) is written to OUT.
 
     mergekit-yaml's flags work too, with mergekit's meaning (--cuda, --out-shard-size
     with K/M/B = thousand/million/billion, --copy-tokenizer, --write-model-card,
@@ -103,6 +114,21 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
     device, shard_size = _mergekit_device_and_shards(ctx, mk, device, shard_size)
     out = _one_out(out, out_option)
     _check_outputs(out, dry_run, overwrite, push_repo, private, revision, create_pr)
+    from weightspace.multi import is_multi_stage
+
+    if is_multi_stage(spec):
+        if search is not None:
+            raise click.UsageError("--search runs one merge; it cannot be used on a multi-stage SPEC")
+        _run_stages(spec, out, dry_run, as_json, mk, intermediate_dir, lazy, device=device,
+                    shard_size=shard_size, allow_nonfinite=allow_nonfinite,
+                    copy_tokenizer=mk.copy_tokenizer, write_card=mk.write_model_card,
+                    overwrite=overwrite)
+        if push_repo is not None and not dry_run:
+            url = _push(out, push_repo, private, revision, create_pr)
+            click.echo(f"{'opened pull request' if create_pr else 'pushed'} {out} to {push_repo}: {url}")
+        return
+    if intermediate_dir is not None:
+        raise click.UsageError("--intermediate-dir is for a multi-stage SPEC (several YAML documents)")
     s, searched = _searched(load_spec(spec), spec.parent, search, data, split, dry_run, as_json)
     s = _with_random_seed(s, mk.random_seed)
     plan = plan_merge(s, spec_dir=spec.parent, out_dtype=out_dtype, allow_crimes=mk.allow_crimes)
@@ -133,6 +159,32 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
     if push_repo is not None:
         url = _push(out, push_repo, private, revision, create_pr)
         click.echo(f"{'opened pull request' if create_pr else 'pushed'} {out} to {push_repo}: {url}")
+
+
+def _run_stages(spec: Path, out: Path | None, dry_run: bool, as_json: bool, mk: MergekitFlags,
+                intermediate_dir: Path | None, lazy: bool, **run_kwargs) -> None:
+    """A multi-stage SPEC: its stages checked, then (unless --dry-run) run in order into OUT."""
+    from weightspace.multi import load_stages, run_stages
+
+    stages = load_stages(spec)
+    if dry_run:
+        order = [{"stage": s.name, "document": s.document, "reads": s.needs} for s in stages]
+        if as_json:
+            click.echo(json.dumps({"stages": order}, indent=2))
+            return
+        for s in order:
+            reads = f", reading {', '.join(map(repr, s['reads']))}" if s["reads"] else ""
+            name = repr(s["stage"]) if s["stage"] else "the output"
+            click.echo(f"stage {name} (document {s['document']}){reads}")
+        return
+    t0 = time.perf_counter()
+    echo = None if (mk.quiet or as_json) else click.echo
+    stats = run_stages(stages, out, spec_dir=spec.parent, intermediate_dir=intermediate_dir, lazy=lazy,
+                       echo=echo, progress=False, **run_kwargs)
+    if as_json:
+        click.echo(json.dumps({**stats, "wall_seconds": time.perf_counter() - t0}, indent=2, default=str))
+    elif not mk.quiet:
+        click.echo(f"{len(stages)} stages in {time.perf_counter() - t0:.2f} s; the output is {out}")
 
 
 def _check_outputs(out: Path | None, dry_run: bool, overwrite: bool, push_repo: str | None,

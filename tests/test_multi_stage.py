@@ -93,3 +93,20 @@ def test_a_failing_stage_leaves_no_output_and_no_intermediates(folder, tmp_path)
         run_stages(stages, tmp_path / "out", spec_dir=folder)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if "wsmerge" in p.name] == []
+
+
+def test_wsmerge_run_takes_a_multi_stage_file(folder, tmp_path, run_cli):
+    (folder / "stages.yaml").write_text(TWO_STAGES)
+    code, out, err = run_cli("run", folder / "stages.yaml", "--dry-run")
+    assert code == 0, err
+    assert out.splitlines() == ["stage 'avg' (document 2)", "stage the output (document 1), reading 'avg'"]
+    code, out, err = run_cli("run", folder / "stages.yaml", "--out-path", tmp_path / "o", "-I", tmp_path / "i")
+    assert code == 0, err
+    assert (tmp_path / "o" / "model.safetensors").is_file() and (tmp_path / "i" / "avg" / "config.json").is_file()
+    code, _, err = run_cli("run", folder / "stages.yaml", tmp_path / "o2", "--search", "weight=0.5", "--data", "digits")
+    assert code == 2 and "cannot be used on a multi-stage SPEC" in err
+    (folder / "cycle.yaml").write_text("name: x\nmerge_method: linear\nmodels: [{model: y}]\n---\nname: y\n"
+                                       "merge_method: linear\nmodels: [{model: x}]\n")
+    code, _, err = run_cli("run", folder / "cycle.yaml", tmp_path / "o3")
+    assert code == 2 and "read each other in a circle: 'x' -> 'y' -> 'x'" in err
+    assert not (tmp_path / "o3").exists()
