@@ -44,7 +44,8 @@ class SizeType(click.ParamType):
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; read no tensor data.")
 @device_option
 @click.option("--shard-size", type=SizeType(), default="5G", show_default=True,
-              help="Largest output shard, in bytes or with K/M/G suffix (decimal; KiB/MiB/GiB binary).")
+              help="Largest output shard, in bytes or with K/M/G suffix (decimal; KiB/MiB/GiB binary). "
+                   "A bare B (1B) is refused as ambiguous; mergekit's --out-shard-size reads B as a billion.")
 @click.option("--out-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Output dtype; overrides the spec's out_dtype/dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
