@@ -22,7 +22,8 @@ def rws() -> None:
       d_c = ROBUST_c - PRE,  d_s = STD - PRE
       RWS_c = d_c - (<d_c, d_s> / <d_s, d_s>) d_s      (the part orthogonal to d_s)
     Patching adds  theta + sum_c alpha_c RWS_c  on the few shallow tensors a signature
-    keeps; unpatching subtracts it again (Cai et al., ICML 2023).
+    keeps; unpatching subtracts it again (Cai et al., ICML 2023). --scaling authors adds
+    (alpha_c / n)^2 RWS_c for n signatures instead, as the authors' model_patching.py does.
 
     \b
     Examples (from the repository root, with the digit fine-tunes standing in for fine-tunes
@@ -52,9 +53,11 @@ def rws() -> None:
               help="For --layers auto: the share of the total squared RWS norm to keep.")
 @click.option("--bits", type=int, default=None,
               help="Quantize to 2..8 bits per value, packed (default: float32, no loss).")
-@click.option("--scheme", type=click.Choice(["uniform", "log"]), default="uniform", show_default=True,
-              help="uniform: affine, error <= scale/2; log: sign + log2|x| on a uniform grid "
-                   "(bounded relative error).")
+@click.option("--scheme", type=click.Choice(["uniform", "log", "minmax"]), default="uniform",
+              show_default=True,
+              help="uniform: affine with 0 exact, error <= scale/2; log: sign + log2|x| on a uniform "
+                   "grid (bounded relative error); minmax: the authors' linear quantization, 2^bits "
+                   "levels from min to max (their --quantization 2^bits --quantization_type linear).")
 @click.option("--per-row", is_flag=True, help="One scale per row (dim 0) instead of per tensor.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def extract(pretrained: str, clean: str, robust: str, out: Path, layers: str, share: float,
@@ -84,15 +87,13 @@ def extract(pretrained: str, clean: str, robust: str, out: Path, layers: str, sh
     sig = extract_signature(pre, std, rob, layers=layers, share=share, bits=bits, scheme=scheme,
                             granularity="row" if per_row else "tensor")
     save_signature(sig, out)
-    size = signature_size_report(out, rob.nbytes)
+    size = signature_size_report(out)
     kept = sig.kept
     how = f"{bits}-bit {scheme}{', per row' if per_row else ''}" if bits else "float32"
     click.echo(f"{out}: {len(kept)} tensors ({size['kept_params']:,} values, {how}), layers {layers!r}")
     for name in kept:
         click.echo(f"  {name}  {list(sig.meta['shapes'][name])}")
-    click.echo(f"size: {_human(size['bytes'])} vs {_human(size['model_bytes'])} for the checkpoint "
-               f"({_pct(size['fraction'])}, {size['times_smaller']:.1f}x smaller; tensors "
-               f"{_human(size['payload_bytes'])}, the rest is the stored report)")
+    click.echo(f"size: {_size_line(size)}")
     _print_layers(layer_summary(sig.meta["report"], kept))
 
 
@@ -119,8 +120,9 @@ def _parse_sig_args(args: tuple[str, ...]) -> list[tuple[str, float]]:
 
 
 def _write(model: str, sigs: tuple[str, ...], out: Path, overwrite: bool, *, undo: bool,
-           force: bool = False) -> None:
+           scaling: str = "linear", force: bool = False) -> None:
     from weightspace.merges.signatures import RECORD_KEY, patch, save_patched, unpatch
+    from weightspace.merges.signatures.patching import APPLIED_KEY
     from weightspace.sink import check_output
     from weightspace.sources import load_space
 
@@ -129,21 +131,32 @@ def _write(model: str, sigs: tuple[str, ...], out: Path, overwrite: bool, *, und
     space = load_space(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = unpatch(space, pairs, force=force) if undo else patch(space, pairs)
+        result = (unpatch(space, pairs, scaling=scaling, force=force) if undo
+                  else patch(space, pairs, scaling=scaling))
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     save_patched(result, out, overwrite=overwrite)
-    verb = "-" if undo else "+"
-    click.echo(f"{out}: {model} " + " ".join(f"{verb} {a:g} x {Path(p).name}" for p, a in pairs))
+    done = result.meta[APPLIED_KEY]
+    click.echo(f"{out}: {model} " + " ".join(
+        f"{e['sign']} {e['coefficient']:g} x {Path(p).name}"
+        + ("" if e["scaling"] == "linear" else f" (alpha {e['alpha']:g}, {e['scaling']} scaling)")
+        for (p, _), e in zip(pairs, done)))
     record = result.meta[RECORD_KEY]
     if record:
         click.echo(f"patch record ({RECORD_KEY} in the safetensors metadata): " + ", ".join(
-            f"{e['alpha']:g} x {e['signature']} [{e['fingerprint'][:12]}]" for e in record))
+            f"{e['coefficient']:g} x {e['signature']} [{e['fingerprint'][:12]}]"
+            + ("" if e["scaling"] == "linear" else f" (alpha {e['alpha']:g}, {e['scaling']} scaling)")
+            for e in record))
     else:
         click.echo("patch record: empty (no signature applied)")
 
 
 _SIG_HELP = "SIG[:ALPHA]: a signature file, optionally with its strength (default 1.0)."
+_SCALING = click.option(
+    "--scaling", type=click.Choice(["linear", "authors"]), default="linear", show_default=True,
+    help="linear: add alpha x RWS per signature. authors: add (alpha / n)^2 x RWS for n signatures, "
+         "what the authors' model_patching.py does with --alpha (1 signature at alpha 1: once; "
+         "2 at alpha 1: a quarter each).")
 
 
 @rws.command("patch")
@@ -151,22 +164,27 @@ _SIG_HELP = "SIG[:ALPHA]: a signature file, optionally with its strength (defaul
 @click.argument("signatures", nargs=-1, required=True, metavar="SIG[:ALPHA]...")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output checkpoint directory, written atomically.")
+@_SCALING
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-def patch_cmd(model: str, signatures: tuple[str, ...], out: Path, overwrite: bool) -> None:
+def patch_cmd(model: str, signatures: tuple[str, ...], out: Path, scaling: str, overwrite: bool) -> None:
     """Add signatures to MODEL: theta + sum_c alpha_c RWS_c on the tensors they keep.
 
     Each SIG[:ALPHA] is a signature file and its strength (default 1.0; the text after
-    the last colon, so paths with colons work). Tensors no signature keeps are copied
-    unchanged. What was added (fingerprint, file name, alpha) is appended to the patch
-    record in the output's safetensors metadata, which `rws unpatch` checks.
+    the last colon, so paths with colons work). With --scaling authors each signature is
+    added (alpha / n)^2 times instead, n the number of signatures, as the authors' code
+    does. Tensors no signature keeps are copied unchanged. What was added (fingerprint,
+    file name, alpha, scaling, coefficient) is appended to the patch record in the
+    output's safetensors metadata, which `rws unpatch` checks.
 
     \b
     Examples (after the `wsmerge rws --help` extract examples):
       wsmerge rws patch examples/digits/ft0 runs/ft1.rws.safetensors -o runs/ft0+ft1-only
       wsmerge rws patch examples/digits/ft0 runs/ft1.rws.safetensors:0.8 runs/ft2.rws.safetensors:0.5 \\
           -o runs/ft0+ft1-0.8+ft2-0.5
+      wsmerge rws patch examples/digits/ft0 runs/ft1.rws.safetensors:2 runs/ft2.rws.safetensors:2 \\
+          --scaling authors -o runs/ft0+ft1+ft2-as-the-authors
     """
-    _write(model, signatures, out, overwrite, undo=False)
+    _write(model, signatures, out, overwrite, undo=False, scaling=scaling)
 
 
 @rws.command("unpatch")
@@ -174,20 +192,23 @@ def patch_cmd(model: str, signatures: tuple[str, ...], out: Path, overwrite: boo
 @click.argument("signatures", nargs=-1, required=True, metavar="SIG[:ALPHA]...")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output checkpoint directory, written atomically.")
+@_SCALING
 @click.option("--force", is_flag=True, help="Subtract signatures the patch record does not list (warns).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (atomically, at the end).")
-def unpatch_cmd(model: str, signatures: tuple[str, ...], out: Path, force: bool, overwrite: bool) -> None:
+def unpatch_cmd(model: str, signatures: tuple[str, ...], out: Path, scaling: str, force: bool,
+                overwrite: bool) -> None:
     """Take signatures off MODEL again: theta - sum_c alpha_c RWS_c.
 
-    Each SIG[:ALPHA] must be in MODEL's patch record with the same alpha (it was added by
-    `rws patch`); otherwise it is refused unless --force. Removed entries leave the record;
-    once it is empty the model equals the unpatched one up to float rounding.
+    Each SIG[:ALPHA] must be in MODEL's patch record with the same alpha and --scaling (it
+    was added by `rws patch`), and the coefficient recorded there is subtracted; otherwise
+    it is refused unless --force. Removed entries leave the record; once it is empty the
+    model equals the unpatched one up to float rounding.
 
     \b
     Example (after the `wsmerge rws --help` examples):
       wsmerge rws unpatch runs/ft0+ft1+ft2 runs/ft2.rws.safetensors:0.5 -o runs/ft0+ft1-again
     """
-    _write(model, signatures, out, overwrite, undo=True, force=force)
+    _write(model, signatures, out, overwrite, undo=True, scaling=scaling, force=force)
 
 
 @rws.command("inspect")
@@ -214,7 +235,7 @@ def inspect_cmd(signature: Path, plot: Path | None, as_json: bool) -> None:
     sig = load_signature(signature)
     meta = sig.meta
     summary = layer_summary(meta["report"], sig.kept)
-    size = signature_size_report(signature, meta.get("model_nbytes") or 0)
+    size = signature_size_report(signature)
     if as_json:
         click.echo(json.dumps({"meta": meta, "layers": summary, "size": size}, indent=2, default=str))
     else:
@@ -227,8 +248,7 @@ def inspect_cmd(signature: Path, plot: Path | None, as_json: bool) -> None:
                    f"layers {meta.get('layers')!r}" + (f", share {meta.get('share')}"
                                                        if meta.get("layers") == "auto" else ""))
         if size["model_bytes"]:
-            click.echo(f"size         {_human(size['bytes'])} vs {_human(size['model_bytes'])} for the "
-                       f"checkpoint ({_pct(size['fraction'])}, {size['times_smaller']:.1f}x smaller)")
+            click.echo(f"size         {_size_line(size)}")
         for role in ("pretrained", "clean", "robust"):
             if role in prov:
                 click.echo(f"{role:<12} {prov[role]}")
@@ -242,6 +262,16 @@ def _human(n: float) -> str:
     from weightspace.cli.display import human_bytes as human
 
     return human(n)
+
+
+def _size_line(size: dict) -> str:
+    """The signature file against the robust checkpoint's file(s), or its tensor bytes when
+    the signature was extracted from models in memory."""
+    what = "file" if size["model_bytes_are"] == "file" else "tensor bytes"
+    return (f"{_human(size['bytes'])} file vs {_human(size['model_bytes'])} for the robust checkpoint's "
+            f"{what} ({_pct(size['fraction'])}, {size['times_smaller']:.1f}x smaller; tensors "
+            f"{_human(size['payload_bytes'])}, header with report and provenance "
+            f"{_human(size['header_bytes'])})")
 
 
 def _pct(x: float | None) -> str:

@@ -35,6 +35,8 @@ def test_cli_end_to_end(zoo_models, run_cli, tmp_path):
     assert code == 0, err
     assert "stem.weight  [16, 64]" in out and "blocks.0.fc1.weight" in out and "blocks.1." not in out
     assert "x smaller" in out and "layer 0" in out and "post" in out
+    ratio = (zoo_models["noise"] / "model.safetensors").stat().st_size / sig.stat().st_size
+    assert "for the robust checkpoint's file" in out and f"{ratio:.1f}x smaller" in out
     code, _, err = run_cli("rws", "extract", "--pretrained", m["pre"], "--clean", m["clean"],
                            "--robust", m["noise"], "-o", sig, "--bits", "9")
     assert code == 1 and "exists" in err
@@ -51,7 +53,13 @@ def test_cli_end_to_end(zoo_models, run_cli, tmp_path):
     code, out, _ = run_cli("rws", "inspect", sig, "--json")
     info = json.loads(out)
     assert info["meta"]["bits"] == 4 and [u["kept"] for u in info["layers"]][:3] == ["all", "all", "none"]
-    assert info["size"]["model_bytes"] == load_space(zoo_models["noise"]).nbytes
+    # file against file (regression: the checkpoint's tensor bytes used to stand in for its file)
+    ck_file = (zoo_models["noise"] / "model.safetensors").stat().st_size
+    assert ck_file > load_space(zoo_models["noise"]).nbytes
+    assert info["size"]["model_bytes"] == ck_file and info["size"]["model_bytes_are"] == "file"
+    assert info["size"]["bytes"] == sig.stat().st_size
+    assert info["size"]["times_smaller"] == pytest.approx(ck_file / sig.stat().st_size)
+    assert info["size"]["header_bytes"] == sig.stat().st_size - info["size"]["payload_bytes"]
 
     both = tmp_path / "both"
     code, out, err = run_cli("rws", "patch", m["clean"], sig, f"{blur}:0.5", "-o", both)
@@ -71,6 +79,36 @@ def test_cli_end_to_end(zoo_models, run_cli, tmp_path):
         torch.testing.assert_close(back[name].load(), clean[name].load(), rtol=0, atol=1e-6)
     code, _, err = run_cli("rws", "patch", m["clean"], sig, "-o", both)
     assert code == 2 and "--overwrite" in err
+
+
+def test_cli_authors_scaling(zoo_models, two_signatures, run_cli, tmp_path):
+    """--scaling authors adds (alpha / n)^2 x each signature, as the authors' model_patching.py."""
+    from weightspace.merges.signatures import load_signature
+
+    noise, blur = two_signatures
+    out = tmp_path / "both"
+    code, text, err = run_cli("rws", "patch", zoo_models["clean"], f"{noise}:2", f"{blur}:1", "--scaling",
+                              "authors", "-o", out)
+    assert code == 0, err
+    assert ("+ 1 x noise.rws.safetensors (alpha 2, authors scaling) "
+            "+ 0.25 x blur.rws.safetensors (alpha 1, authors scaling)") in text
+    rec = read_patch_record(load_space(out))
+    assert [(e["alpha"], e["scaling"], e["coefficient"]) for e in rec] == [(2.0, "authors", 1.0),
+                                                                          (1.0, "authors", 0.25)]
+    clean, got = load_space(zoo_models["clean"]), load_space(out)
+    r2 = load_signature(blur).tensors["blocks.1.fc1.weight"]
+    torch.testing.assert_close(got["blocks.1.fc1.weight"].load(),
+                               clean["blocks.1.fc1.weight"].load() + 0.25 * r2, rtol=0, atol=1e-6)
+    code, _, err = run_cli("rws", "unpatch", out, f"{blur}:1", "-o", tmp_path / "bad")
+    assert code == 1 and "authors scaling (coefficient 0.25)" in err
+    code, text, err = run_cli("rws", "unpatch", out, f"{blur}:1", "--scaling", "authors", "-o", tmp_path / "one")
+    assert code == 0, err
+    assert "- 0.25 x blur.rws.safetensors (alpha 1, authors scaling)" in text  # what was added, not (1/1)^2
+    back = load_space(tmp_path / "one")
+    torch.testing.assert_close(back["blocks.1.fc1.weight"].load(), clean["blocks.1.fc1.weight"].load(),
+                               rtol=0, atol=1e-6)
+    code, _, err = run_cli("rws", "patch", zoo_models["clean"], noise, "--scaling", "squared", "-o", tmp_path / "x")
+    assert code == 2 and "squared" in err
 
 
 def test_cli_refuses_another_architecture_and_bad_files(zoo_models, two_signatures, run_cli, tmp_path):

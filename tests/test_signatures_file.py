@@ -23,7 +23,8 @@ from weightspace.safetensors_io import read_header
 
 
 @pytest.mark.parametrize("bits, scheme, granularity", [(None, "uniform", "tensor"), (4, "uniform", "row"),
-                                                       (3, "log", "tensor"), (2, "log", "row")])
+                                                       (3, "log", "tensor"), (2, "log", "row"),
+                                                       (4, "minmax", "tensor"), (3, "minmax", "row")])
 def test_save_load_round_trip(zoo_models, tmp_path, bits, scheme, granularity):
     sig = extract_signature(*_spaces(zoo_models), layers="first:1", bits=bits, scheme=scheme,
                             granularity=granularity)
@@ -40,7 +41,7 @@ def test_save_load_round_trip(zoo_models, tmp_path, bits, scheme, granularity):
     if bits is None:
         assert set(entries) == set(sig.kept) and entries[name].dtype == torch.float32
     else:
-        a, b = ("scale", "zero") if scheme == "uniform" else ("log2_min", "log2_step")
+        a, b = {"uniform": ("scale", "zero"), "log": ("log2_min", "log2_step"), "minmax": ("min", "step")}[scheme]
         assert set(entries) == {f"{n}::{k}" for n in sig.kept for k in ("q", a, b)}
         assert entries[f"{name}::q"].dtype == torch.uint8
         assert entries[f"{name}::q"].shape == (packed_size(16 * 64, bits),)
@@ -53,16 +54,33 @@ def test_save_load_round_trip(zoo_models, tmp_path, bits, scheme, granularity):
                                         for n, t in sig.tensors.items())
 
 
-def test_size_report(zoo_models, tmp_path):
+def test_size_report_compares_file_with_file(zoo_models, tmp_path):
+    """Regression test: the signature file is compared with the checkpoint's file, both with
+    their headers, not with the checkpoint's tensor bytes."""
+    from weightspace.merges.signatures import checkpoint_file_bytes
+
     pre, clean, robust = _spaces(zoo_models)
     sig = extract_signature(pre, clean, robust, layers="first:1", bits=4)
     path = save_signature(sig, tmp_path / "s.rws.safetensors")
-    size = signature_size_report(path, robust.nbytes)
+    ck = (zoo_models["noise"] / "model.safetensors").stat().st_size
+    assert checkpoint_file_bytes(robust) == ck > robust.nbytes and sig.meta["model_file_bytes"] == ck
+    size = signature_size_report(path)
     assert size["bytes"] == path.stat().st_size and size["payload_bytes"] == sig.nbytes_stored
-    assert size["model_bytes"] == robust.nbytes
-    assert size["fraction"] == pytest.approx(size["bytes"] / robust.nbytes)
-    assert size["times_smaller"] == pytest.approx(robust.nbytes / size["bytes"])
+    assert size["header_bytes"] == path.stat().st_size - sig.nbytes_stored
+    assert size["model_bytes"] == ck and size["model_bytes_are"] == "file"
+    assert size["fraction"] == pytest.approx(path.stat().st_size / ck)
+    assert size["times_smaller"] == pytest.approx(ck / path.stat().st_size)
     assert size["kept_params"] == sum(t.numel() for t in sig.tensors.values())
+    # another checkpoint to compare with, given in bytes
+    assert signature_size_report(path, 1000)["times_smaller"] == pytest.approx(1000 / path.stat().st_size)
+    # extracted in memory: no file to compare with; the tensor bytes stand in, and say so
+    from weightspace.ir import WeightSpace
+
+    mem = [WeightSpace.from_tensors(sp.materialize()) for sp in (pre, clean, robust)]
+    assert checkpoint_file_bytes(mem[2]) is None
+    p2 = save_signature(extract_signature(*mem, layers="first:1"), tmp_path / "m.rws.safetensors")
+    size = signature_size_report(p2)
+    assert size["model_bytes"] == robust.nbytes and size["model_bytes_are"] == "tensors"
 
 
 def test_malformed_files_are_refused_naming_them(zoo_models, tmp_path):

@@ -14,6 +14,7 @@ from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.merges.signatures import (
     RECORD_KEY,
+    coefficients,
     extract_signature,
     load_signature,
     patch,
@@ -40,13 +41,15 @@ def test_patch_writes_theta_plus_alpha_rws(zoo_models, two_signatures, tmp_path)
             assert torch.equal(t, orig[name])  # untouched tensors are copied bit for bit
     assert json.loads((out / "config.json").read_text()) == CONFIG
     entries = read_patch_record(got)
-    assert entries == [{"fingerprint": sig.fingerprint, "signature": "noise.rws.safetensors", "alpha": 0.8}]
+    assert entries == [{"fingerprint": sig.fingerprint, "signature": "noise.rws.safetensors", "alpha": 0.8,
+                        "scaling": "linear", "coefficient": 0.8}]
     _, header = read_header(out / "model.safetensors")
     assert json.loads(header[RECORD_KEY]) == entries
 
 
 def test_composed_signatures_apply_each_alpha_once(zoo_models, two_signatures, tmp_path):
-    """Regression test for the public bug that scales each signature by alpha twice."""
+    """The default, linear scaling adds alpha x RWS once per signature (the authors' code adds
+    (alpha / n)^2 x RWS: scaling="authors", tested below)."""
     noise, blur = two_signatures
     clean = load_space(zoo_models["clean"])
     a, b = 0.7, 0.3
@@ -64,6 +67,88 @@ def test_composed_signatures_apply_each_alpha_once(zoo_models, two_signatures, t
     same = patch(clean, [(noise, a), (noise, b)])
     name = "stem.weight"
     torch.testing.assert_close(same[name].load(), clean[name].load() + (a + b) * r1[name], rtol=0, atol=1e-6)
+
+
+def _authors_decompose(pre, std, robusts, patched, alpha):
+    """model_patching.py `decompose` with `main`'s weights, written out from the authors' code
+    (VITA-Group/Robust_Weight_Signatures): weight = alpha * ones(n) / n; per kept key
+    param = stack((theta_c - theta_pre) * weight[c]); vectors = get_projection(d_s, param)
+    with tools.get_projection's outer-product form; new = patched + sum(diag(weight) @ vectors)."""
+    n = len(robusts)
+    weight = alpha * torch.ones(n, dtype=torch.float64) / n
+    out = {}
+    for key, theta in patched.items():
+        param = torch.stack([(r[key].double() - pre[key].double()) * weight[i] for i, r in enumerate(robusts)])
+        param = param.reshape(n, -1)
+        a = (std[key].double() - pre[key].double()).flatten().reshape(1, -1)
+        projection_matrix = (a.T.matmul(a)) / (a.matmul(a.T))
+        vectors = param - projection_matrix.matmul(param.T).T
+        combined = torch.sum(torch.diag(weight).matmul(vectors), dim=0)
+        out[key] = combined.reshape_as(theta) + theta.double()
+    return out
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, -1.5])
+def test_authors_scaling_matches_their_decompose(zoo_models, alpha):
+    """Regression test: scaling="authors" adds what the authors' model_patching.py adds,
+    (alpha / n)^2 RWS_c each, which linear scaling (alpha RWS_c each) does not."""
+    pre, clean = load_space(zoo_models["pre"]), load_space(zoo_models["clean"])
+    robust = [load_space(zoo_models[k]) for k in ("noise", "blur")]
+    sigs = [extract_signature(pre, clean, r, layers="all") for r in robust]
+    mats = [sp.materialize() for sp in (pre, clean, *robust)]
+    want = _authors_decompose(mats[0], mats[1], mats[2:], mats[1], alpha)
+    got = patch(clean, [(sigs[0], alpha), (sigs[1], alpha)], scaling="authors")
+    linear = patch(clean, [(sigs[0], alpha), (sigs[1], alpha)])
+    assert [e["coefficient"] for e in got.meta[RECORD_KEY]] == [(alpha / 2) ** 2] * 2
+    for name in ("stem.weight", "blocks.0.fc1.weight", "head.bias"):
+        torch.testing.assert_close(got[name].load().double(), want[name], rtol=0, atol=1e-5)
+        assert not torch.allclose(linear[name].load().double(), want[name], rtol=0, atol=1e-5)
+    # one signature at alpha: alpha^2 RWS, as their --alpha with one corruption
+    one = patch(clean, [(sigs[0], alpha)], scaling="authors")
+    want1 = _authors_decompose(mats[0], mats[1], mats[2:3], mats[1], alpha)
+    torch.testing.assert_close(one["stem.weight"].load().double(), want1["stem.weight"], rtol=0, atol=1e-5)
+
+
+def test_coefficients_table():
+    assert coefficients([1.0, 0.5], "linear") == [1.0, 0.5]
+    assert coefficients([1.0], "authors") == [1.0]
+    assert coefficients([1.0, 1.0], "authors") == [0.25, 0.25]
+    assert coefficients([3.0, -3.0, 1.5], "authors") == [1.0, 1.0, 0.25]
+    with pytest.raises(SpecError, match="scaling must be one of linear, authors"):
+        coefficients([1.0], "squared")
+
+
+def test_authors_scaling_unpatches_what_it_added(zoo_models, two_signatures, tmp_path):
+    noise, blur = two_signatures
+    clean = load_space(zoo_models["clean"])
+    both = load_space(save_patched(patch(clean, [(noise, 1.0), (blur, 1.0)], scaling="authors"),
+                                   tmp_path / "both"))
+    assert [(e["alpha"], e["scaling"], e["coefficient"]) for e in read_patch_record(both)] == [
+        (1.0, "authors", 0.25), (1.0, "authors", 0.25)]
+    r1, r2 = load_signature(noise).tensors, load_signature(blur).tensors
+    name = "blocks.1.fc1.weight"  # kept by blur only
+    torch.testing.assert_close(both[name].load(), clean[name].load() + 0.25 * r2[name], rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match=r"added with alpha 1 with authors scaling \(coefficient 0.25\), not alpha 1"):
+        unpatch(both, [(blur, 1.0)])  # linear: not what was added
+    # one of the two comes off alone with its recorded coefficient, 0.25, not (1/1)^2
+    one = load_space(save_patched(unpatch(both, [(blur, 1.0)], scaling="authors"), tmp_path / "one"))
+    torch.testing.assert_close(one[name].load(), clean[name].load(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(one["stem.weight"].load(), clean["stem.weight"].load() + 0.25 * r1["stem.weight"],
+                               rtol=0, atol=1e-6)
+    back = unpatch(one, [(noise, 1.0)], scaling="authors")
+    assert back.meta[RECORD_KEY] == []
+    for n, theta in clean.materialize().items():
+        torch.testing.assert_close(back[n].load(), theta, rtol=0, atol=1e-6)
+
+
+def test_records_from_before_scalings_read_as_linear(zoo_models, two_signatures, tmp_path):
+    from weightspace.merges.signatures.patching import _parse_record
+
+    old = json.dumps([{"fingerprint": "ab", "signature": "x.rws.safetensors", "alpha": 0.5}])
+    assert _parse_record(old, "f") == [{"fingerprint": "ab", "signature": "x.rws.safetensors", "alpha": 0.5,
+                                        "scaling": "linear", "coefficient": 0.5}]
+    with pytest.raises(InputError, match="corrupt 'weightspace.rws' patch record"):
+        _parse_record(json.dumps([{"fingerprint": "ab", "signature": "x", "alpha": 1, "scaling": "sq"}]), "f")
 
 
 def test_in_memory_and_file_signatures_patch_alike(zoo_models, two_signatures):

@@ -98,7 +98,39 @@ def test_log_quantization_error_is_at_most_half_a_step_in_log_space(bits, granul
         assert float(parts["log2_step"]) == pytest.approx(expect, rel=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "log"])
+def _authors_linear_quant(x: torch.Tensor, n_nums: int) -> torch.Tensor:
+    """quantize_utils/func.py `linear_quant(x, n_nums, min(x), max(x), clamp=False)` of the authors'
+    code (VITA-Group/Robust_Weight_Signatures), written out: scale = n_nums - 1,
+    x' = (x - min) / (max - min), round(x' * scale) / scale * (max - min) + min."""
+    lo, hi = float(x.min()), float(x.max())
+    scale = n_nums - 1
+    y = (x - lo) / (hi - lo)
+    return torch.round(y * scale) / scale * (hi - lo) + lo
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_minmax_is_the_authors_linear_quantization(bits):
+    """scheme="minmax" at b bits gives what the authors' decompose gives with
+    --quantization 2^b --quantization_type linear (to float32 rounding)."""
+    x = _heavy((7, 9), seed=30 + bits).double()
+    parts = quantize_tensor(x, bits, "minmax")
+    assert set(parts) == {"q", "min", "step"} and parts["q"].numel() == packed_size(x.numel(), bits)
+    got = dequantize_tensor(parts, x.shape, bits, "minmax").double()
+    want = _authors_linear_quant(x, 1 << bits)
+    step = (float(x.max()) - float(x.min())) / ((1 << bits) - 1)
+    # equal codes: a value can only differ by float32 rounding of min and step, far below a step
+    assert float((got - want).abs().max()) < 1e-5 * step + 1e-6
+    assert float(got.min()) == pytest.approx(float(x.min()), rel=1e-6)   # both ends are levels
+    assert float(got.max()) == pytest.approx(float(x.max()), rel=1e-5)
+    if bits <= 3:  # 0 is not a level of this grid in general (uniform keeps it exact)
+        assert not bool((got[x == 0] == 0).all())
+    rows = quantize_tensor(x, bits, "minmax", "row")
+    assert rows["min"].shape == (7,)
+    y = dequantize_tensor(rows, x.shape, bits, "minmax").double()
+    assert bool(((y - x).abs() <= rows["step"].double().reshape(-1, 1) / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "log", "minmax"])
 def test_constant_zero_and_empty_tensors_survive(scheme):
     for x in (torch.zeros(3, 4), torch.full((4,), -0.25), torch.zeros(0, 3)):
         parts = quantize_tensor(x, 3, scheme, "row")

@@ -5,6 +5,8 @@
     save_signature(sig, "noise.rws.safetensors")
     patched = patch(clean, [("noise.rws.safetensors", 1.0), ("blur.rws.safetensors", 0.5)])
     save_patched(patched, "clean+noise+blur")                # records what was added
+    as_run = patch(clean, [("noise.rws.safetensors", 2.0), ("blur.rws.safetensors", 2.0)],
+                   scaling="authors")                        # (2/2)^2 = 1 x each, as the authors' code
     restored = unpatch(load_space("clean+noise+blur"), [("noise.rws.safetensors", 1.0),
                                                          ("blur.rws.safetensors", 0.5)])
 
@@ -15,8 +17,10 @@ fine-tuned on corruption c, for every kept tensor l (flattened):
     RWS_c(l) = d_c - (<d_c, d_s> / <d_s, d_s>) d_s          (RWS_c(l) = d_c when d_s = 0)
 
 the part of the robust change orthogonal to the clean change. Patching computes
-theta(l) + sum_c alpha_c RWS_c(l) on the tensors a signature keeps (every other tensor
-passes through), each alpha applied once; unpatching subtracts the same terms.
+theta(l) + sum_c k_c RWS_c(l) on the tensors a signature keeps (every other tensor
+passes through) and unpatching subtracts the same terms, with k_c = alpha_c (scaling
+"linear", the default) or k_c = (alpha_c / n)^2 for n signatures (scaling "authors", what
+the authors' model_patching.py adds; see patching.py).
 
 One file per job:
 
@@ -44,8 +48,11 @@ from weightspace.merges.signatures.file_format import (
     signature_size_report,
 )
 from weightspace.merges.signatures.formula import robust_weight_signature
+from weightspace.merges.signatures.inputs import checkpoint_file_bytes
 from weightspace.merges.signatures.patching import (
     RECORD_KEY,
+    SCALINGS,
+    coefficients,
     patch,
     patch_record,
     read_patch_record,
@@ -65,8 +72,11 @@ from weightspace.merges.signatures.selection import select_layers
 __all__ = [
     "FORMAT",
     "RECORD_KEY",
+    "SCALINGS",
     "Signature",
     "SignatureRef",
+    "checkpoint_file_bytes",
+    "coefficients",
     "dequantize_tensor",
     "extract_signature",
     "layer_report",

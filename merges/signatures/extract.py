@@ -26,7 +26,7 @@ from weightspace.merges.signatures.file_format import (
     _fingerprint,
 )
 from weightspace.merges.signatures.formula import robust_weight_signature
-from weightspace.merges.signatures.inputs import _dt, _space, _where
+from weightspace.merges.signatures.inputs import _dt, _space, _where, checkpoint_file_bytes
 from weightspace.merges.signatures.quantize import (
     _check_bits,
     _check_scheme,
@@ -112,7 +112,8 @@ def extract_signature(
         "granularity": granularity if bits is not None else None,
         "provenance": {"pretrained": _where(pre), "clean": _where(std), "robust": _where(rob),
                        "pretrained_fingerprint": pre_fingerprint, **dict(provenance or {})},
-        "model_nbytes": rob.nbytes, "model_params": rob.num_params,
+        "model_nbytes": rob.nbytes, "model_file_bytes": checkpoint_file_bytes(rob),
+        "model_params": rob.num_params,
         "report": [_compact(r) for r in report], "tensor_sha256": digests, "fingerprint": _fingerprint(shapes, digests),
     }
     return Signature(tensors, meta, sum(t.numel() * t.element_size() for t in payload.values()), payload)

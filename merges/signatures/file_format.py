@@ -64,7 +64,8 @@ class Signature:
     pretrained model's fingerprint, anything passed as `provenance`), report
     (`layer_report` rows), tensor_sha256 (per kept tensor, of the float32 values),
     fingerprint (sha256 over names, shapes and those digests: what patch records name),
-    model_nbytes (bytes of the full robust checkpoint's tensors).
+    model_nbytes (bytes of the full robust checkpoint's tensors), model_file_bytes (bytes of
+    its weight files, `checkpoint_file_bytes`; None when it was not read from files).
     `payload`: the tensors exactly as stored (packed codes and parameters when quantized);
     `nbytes_stored`: their bytes.
     """
@@ -108,8 +109,9 @@ def save_signature(sig: Signature, path: str | Path) -> Path:
 
     Tensors: `<name>` (float32, the tensor's shape) when unquantized; quantized:
     `<name>::q` (uint8, packed codes, ceil(numel * bits / 8) bytes) plus
-    `<name>::scale` (float32) and `<name>::zero` (uint8) for uniform, or
-    `<name>::log2_min` and `<name>::log2_step` (float32) for log, one value per group.
+    `<name>::scale` (float32) and `<name>::zero` (uint8) for uniform,
+    `<name>::log2_min` and `<name>::log2_step` (float32) for log, or `<name>::min` and
+    `<name>::step` (float32) for minmax, one value per group.
     `__metadata__`: {"format": "pt", "kind": "weightspace-rws", "rws": JSON of `sig.meta`}.
     """
 
@@ -262,24 +264,37 @@ def load_signature(path: str | Path) -> Signature:
     return Signature(tensors, meta, sum(entries[k].nbytes for k in keys), payload, p)
 
 
-def signature_size_report(sig_path: str | Path, model_nbytes: int) -> dict[str, Any]:
-    """Bytes of a signature file against the full checkpoint's tensor bytes.
+def signature_size_report(sig_path: str | Path, model_bytes: int | None = None) -> dict[str, Any]:
+    """Bytes of a signature file against the bytes of the checkpoint file(s) it stands in for.
 
-        signature_size_report("noise.rws.safetensors", load_space("clean").nbytes)
-        # {'bytes': 5120, 'payload_bytes': 4096, 'model_bytes': 81920, 'fraction': 0.0625,
-        #  'times_smaller': 16.0, 'kept_tensors': 4, 'kept_params': 4096, 'float32_bytes': 16384, ...}
+        signature_size_report("noise.rws.safetensors")          # against the robust checkpoint's files
+        signature_size_report("noise.rws.safetensors", checkpoint_file_bytes(load_space("clean")))
+        # {'bytes': 5120, 'payload_bytes': 4096, 'header_bytes': 1024, 'model_bytes': 81920,
+        #  'model_bytes_are': 'file', 'fraction': 0.0625, 'times_smaller': 16.0, ...}
 
-    `bytes` is the whole file (header and metadata included); `payload_bytes` the stored
-    tensors; `float32_bytes` what the kept tensors take unquantized.
+    File against file: `bytes` is the whole signature file (header, report and provenance
+    included) and `model_bytes` the checkpoint's weight files as `checkpoint_file_bytes`
+    counts them (headers included). Without `model_bytes`, the robust checkpoint's file
+    bytes recorded at extraction are used; a signature extracted from models in memory has
+    none, and then the checkpoint's tensor bytes stand in (`model_bytes_are` says which).
+    `payload_bytes` are the stored tensors, `header_bytes` the rest of the file, and
+    `float32_bytes` what the kept tensors take unquantized.
     """
     p, meta, entries = _open_signature(sig_path)
     size = p.stat().st_size
     params = sum(math.prod(meta["shapes"][n]) for n in meta["kept"])
-    model_nbytes = int(model_nbytes)
+    kind = "file"
+    if model_bytes is None:
+        model_bytes = meta.get("model_file_bytes")
+        if model_bytes is None:
+            model_bytes, kind = meta.get("model_nbytes") or 0, "tensors"
+    model_bytes = int(model_bytes)
+    payload = sum(e.nbytes for e in entries.values())
     return {
-        "path": str(p), "bytes": size, "payload_bytes": sum(e.nbytes for e in entries.values()),
-        "model_bytes": model_nbytes, "fraction": size / model_nbytes if model_nbytes else None,
-        "times_smaller": model_nbytes / size if size else None,
+        "path": str(p), "bytes": size, "payload_bytes": payload, "header_bytes": size - payload,
+        "model_bytes": model_bytes, "model_bytes_are": kind,
+        "fraction": size / model_bytes if model_bytes else None,
+        "times_smaller": model_bytes / size if size and model_bytes else None,
         "kept_tensors": len(meta["kept"]), "kept_params": params, "float32_bytes": 4 * params,
         "bits": meta["bits"], "scheme": meta["scheme"], "granularity": meta["granularity"],
     }

@@ -50,3 +50,29 @@ def _check_compatible(spaces: Mapping[str, WeightSpace]) -> None:
 
 def _dt(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def checkpoint_file_bytes(space: WeightSpace) -> int | None:
+    """Bytes of the weight files `space` is read from, headers included: the distinct
+    safetensors files (shards) its tensors live in, or the one .bin/.pt file it was opened
+    from; None for a space in memory or an expression over other spaces.
+
+        checkpoint_file_bytes(load_space("runs/rws/std"))   # os.stat of model.safetensors
+
+    What a signature file's size is compared with: file against file, so neither side's
+    header is left out.
+    """
+    from weightspace.ir import SafetensorsRef
+
+    files: dict[Path, None] = {}
+    for ref in space.values():
+        if not isinstance(ref, SafetensorsRef):
+            files = {}
+            break
+        files[Path(ref.path)] = None
+    if files:
+        return sum(p.stat().st_size for p in files)
+    loc = space.meta.get("location")
+    if space.meta.get("format") == "torch" and loc is not None and Path(loc).is_file():
+        return Path(loc).stat().st_size
+    return None

@@ -4,7 +4,8 @@
     approx = dequantize_tensor(parts, rws.shape, 4, scheme="log")
 
 `scheme="uniform"` is affine quantization, x ~ (q - zero) * scale, per tensor or per row;
-`scheme="log"` keeps the sign and quantizes log2|x| uniformly (see `quantize_tensor`).
+`scheme="log"` keeps the sign and quantizes log2|x| uniformly; `scheme="minmax"` is the
+authors' linear quantization, 2^bits levels from min x to max x (see `quantize_tensor`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from weightspace.errors import InputError, SpecError, WeightspaceError
 
-SCHEMES = ("uniform", "log")
+SCHEMES = ("uniform", "log", "minmax")
 GRANULARITIES = ("tensor", "row")
 # values per packing chunk: a multiple of 8, so every chunk starts on a byte boundary
 _CHUNK = 1 << 18
@@ -114,6 +115,16 @@ def quantize_tensor(x: torch.Tensor, bits: int, scheme: str = "uniform",
     suits the heavy-tailed entries of weight differences. Parts: q, log2_min, log2_step
     (float32, one per group).
 
+    minmax: the authors' linear quantization (VITA-Group/Robust_Weight_Signatures,
+    quantize_utils/func.py `linear_quant`, as model_patching.py `decompose` calls it with
+    `--quantization_type linear`): x ~ min + q * step, q in 0..2^b-1, step = (max - min) /
+    (2^b - 1) over [min x, max x], so both ends are exact and 0 in general is not; the
+    error is at most step / 2. Their `--quantization Q` counts levels, so it is bits =
+    log2 Q here. (They take min and max over the signatures of one call stacked, after
+    scaling by alpha / n; a signature file stands alone, so here they are its own. Scaling
+    commutes with this grid, so one signature comes out the same.) Parts: q, min, step
+    (float32, one per group).
+
     Groups: the whole tensor (granularity "tensor") or each row along dim 0 ("row", for
     tensors with two or more dims).
     """
@@ -123,7 +134,9 @@ def quantize_tensor(x: torch.Tensor, bits: int, scheme: str = "uniform",
     v = x.detach().to("cpu", torch.float64).reshape(g, -1)
     if v.numel() == 0:
         v = v.new_zeros(g, 0)
-    return _quantize_uniform(v, bits) if scheme == "uniform" else _quantize_log(v, bits)
+    if scheme == "uniform":
+        return _quantize_uniform(v, bits)
+    return _quantize_log(v, bits) if scheme == "log" else _quantize_minmax(v, bits)
 
 
 def _check_scheme(scheme: Any, granularity: Any) -> None:
@@ -146,6 +159,19 @@ def _quantize_uniform(v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     q = (torch.round(v / s) + zero.unsqueeze(1)).clamp(0, top)
     return {"q": pack_bits(q.to(torch.int32), bits), "scale": scale,
             "zero": zero.to(torch.uint8)}
+
+
+def _quantize_minmax(v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """The authors' linear_quant codes for `v` (float64, one group per row): q, min and step."""
+    g = v.shape[0]
+    top = (1 << bits) - 1
+    lo = (v.amin(1) if v.shape[1] else v.new_zeros(g)).to(torch.float32)
+    hi = v.amax(1) if v.shape[1] else v.new_zeros(g)
+    step = ((hi - lo.to(torch.float64)) / top).to(torch.float32)
+    st = step.to(torch.float64).unsqueeze(1)
+    pos = (v - lo.to(torch.float64).unsqueeze(1)) / torch.where(st > 0, st, torch.ones_like(st))
+    q = torch.where(st > 0, torch.round(pos), torch.zeros_like(pos)).clamp(0, top)  # a constant group: q = 0
+    return {"q": pack_bits(q.to(torch.int32), bits), "min": lo, "step": step}
 
 
 def _quantize_log(v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
@@ -171,7 +197,7 @@ def _quantize_log(v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
 
 
 def _part_names(scheme: str) -> tuple[str, str]:
-    return ("scale", "zero") if scheme == "uniform" else ("log2_min", "log2_step")
+    return {"uniform": ("scale", "zero"), "log": ("log2_min", "log2_step"), "minmax": ("min", "step")}[scheme]
 
 
 def dequantize_tensor(parts: Mapping[str, torch.Tensor], shape: Sequence[int], bits: int,
@@ -187,11 +213,18 @@ def dequantize_tensor(parts: Mapping[str, torch.Tensor], shape: Sequence[int], b
     codes = unpack_bits(parts["q"], bits, numel).reshape(g, -1)
     if scheme == "uniform":
         return _dequantize_uniform(codes, pa, pb).reshape(shape)
+    if scheme == "minmax":
+        return _dequantize_minmax(codes, pa, pb).reshape(shape)
     return _dequantize_log(codes, pa, pb, bits).reshape(shape)
 
 
 def _dequantize_uniform(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (codes - zero.to(torch.int64).unsqueeze(1)).to(torch.float32) * scale.to(torch.float32).unsqueeze(1)
+
+
+def _dequantize_minmax(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return (lo.to(torch.float64).unsqueeze(1) + codes.to(torch.float64) * step.to(torch.float64).unsqueeze(1)
+            ).to(torch.float32)
 
 
 def _dequantize_log(codes: torch.Tensor, log2_min: torch.Tensor, log2_step: torch.Tensor,
