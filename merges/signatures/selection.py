@@ -1,9 +1,11 @@
 """Which tensors a signature keeps (`select_layers`), from a `layer_report`.
 
-Robust changes concentrate in the shallow layers, so a signature keeps only those. Specs:
+The paper finds robust changes concentrated in the shallow layers, so a signature keeps
+only those (the README's miniature measures for which corruptions that holds). Specs:
 "all"; "first:K" (the first K layers of the main stack plus the tensors before the stack:
-embeddings, stem); a glob or `re:REGEX` on tensor names; "auto" (the shallowest whole
-layers holding at least `share` of the total squared RWS norm).
+embeddings, stem; the authors' `--keep_num K`, tools.py `select_layers`); a glob or
+`re:REGEX` on tensor names; "auto" (the shallowest whole layers holding at least `share`
+of the total squared RWS norm).
 """
 
 from __future__ import annotations
