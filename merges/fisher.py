@@ -7,19 +7,27 @@
     models:
       - {model: ./ft_a, parameters: {weight: 0.5, fisher: ./ft_a.fisher.safetensors}}
       - {model: ./ft_b, parameters: {weight: 0.5, fisher: ./ft_b.fisher.safetensors}}
-    parameters: {fisher_floor: 1.0e-6, normalize_fishers: false, favor_target: false}
+    # the defaults, which are the authors' settings:
+    parameters: {fisher_floor: 1.0e-6, floor_mode: max, normalize_fishers: true, favor_target: true}
 
 Each entry of the result is
 
-    theta* = sum_i c_i (F_i + floor_i) theta_i / sum_i c_i (F_i + floor_i)
+    theta* = sum_i c_i F~_i theta_i / sum_i c_i F~_i
 
-with c_i the model's `weight` (divided by the L2 norm of its whole Fisher under
-`normalize_fishers`) and floor_i = `fisher_floor` (for the first model only under
-`favor_target`).
+with c_i the model's `weight`, divided by the L2 norm of model i's whole Fisher
+(`normalize_fishers`), and F~_i model i's Fisher with the floor eps = `fisher_floor`:
+max(F_i, eps) (`floor_mode: max`) or F_i + eps (`floor_mode: add`), for the first
+model (the target) only (`favor_target`) or for every model.
 
 Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging" (NeurIPS 2022,
-arXiv:2111.09832); `favor_target` and `normalize_fishers` follow the authors' code
-(github.com/mmatena/model_merging, model_merging/merging.py).
+arXiv:2111.09832). The defaults follow the authors' code (github.com/mmatena/model_merging,
+model_merging/merging.py, `_merge_with_coeffs`: `diag = tf.maximum(diag, fisher_floor)` for
+the target only when `favor_target_model`, and `generate_merged_for_coeffs_set`: coefficients
+divided by `_l2_norm_of_fisher`; scripts/merge_and_evaluate.py: fisher_floor 1e-6,
+favor_target_model and normalize_fishers both True). `floor_mode: add, normalize_fishers:
+false, favor_target: false` is the plain, symmetric variant (what this module did before).
+Where the authors' code merges only the model body and keeps the target's head (their
+heads are per task), compute the Fisher over the body and set `uncovered: first`.
 """
 
 from __future__ import annotations
@@ -358,31 +366,48 @@ def _check_values(f: torch.Tensor, name: str, where: str) -> None:
 # the merge
 
 
+FLOOR_MODES = ("max", "add")
+
+
 def fisher_weighted_average(tensors: list[torch.Tensor], fishers: list[torch.Tensor],
                             coefficients: list[float], floor: float = 1e-6,
-                            favor_target: bool = False) -> torch.Tensor:
-    """sum_i c_i (F_i + floor_i) x_i / sum_i c_i (F_i + floor_i), in float32 at least.
+                            favor_target: bool = True, floor_mode: str = "max") -> torch.Tensor:
+    """sum_i c_i F~_i x_i / sum_i c_i F~_i, in float32 at least.
 
-    floor_i is `floor` for every model, or for the first (the target) only under
-    `favor_target`: where every other Fisher is zero, the target's value is kept.
+    F~_i is max(F_i, floor) (`floor_mode="max"`, the authors' `tf.maximum`) or F_i + floor
+    (`"add"`), for the first model (the target) only under `favor_target` (the other models
+    keep F_i as it is), else for every model. With `favor_target`, an entry no other
+    Fisher weighs keeps the target's value. An entry where sum_i c_i F~_i is 0 (the target's
+    weight is 0 and no donor's Fisher reaches it, or floor 0) is sum_i c_i x_i / sum_i c_i.
 
     >>> fisher_weighted_average([torch.tensor([0.0]), torch.tensor([4.0])],
     ...                         [torch.tensor([1.0]), torch.tensor([3.0])], [1.0, 1.0], floor=0.0)
     tensor([3.])
     """
+    if floor_mode not in FLOOR_MODES:
+        raise SpecError(f"floor_mode: unknown {floor_mode!r}; use {' or '.join(FLOOR_MODES)}")
     work = torch.promote_types(tensors[0].dtype, torch.float32)
     num = torch.zeros(tensors[0].shape, dtype=work, device=tensors[0].device)
     den = torch.zeros_like(num)
     for i, (x, f, c) in enumerate(zip(tensors, fishers, coefficients)):
-        w = f.to(work) + (floor if (i == 0 or not favor_target) else 0.0)
+        w = f.to(work)
+        if i == 0 or not favor_target:
+            w = w.clamp(min=floor) if floor_mode == "max" else w + floor
         w = w * c
         num.addcmul_(w, x.to(work))
         den.add_(w)
     zero = den == 0
-    if bool(zero.any()):
-        raise InputError(f"the weighted Fishers sum to 0 at {int(zero.sum())} entries; "
-                         f"raise fisher_floor above 0 or give the first model a positive weight")
-    return (num / den).to(tensors[0].dtype)
+    if not bool(zero.any()):
+        return (num / den).to(tensors[0].dtype)
+    # No model with a positive weight has a Fisher there (a zero-weight target under
+    # favor_target, the grid end the authors' search tries, or fisher_floor 0): the authors'
+    # code divides 0 by 0; we take the weighted average, which at target weight 0 is the donors'.
+    total = float(sum(coefficients))
+    if total <= 0:
+        raise InputError(f"the weighted Fishers sum to 0 at {int(zero.sum())} entries and the "
+                         f"weights sum to {total:g}; give a model a positive weight")
+    avg = sum(c * x.to(work) for c, x in zip(coefficients, tensors)) / total
+    return torch.where(zero, avg, num / den.masked_fill(zero, 1.0)).to(tensors[0].dtype)
 
 
 UNCOVERED = ("average", "first")
@@ -398,14 +423,17 @@ class Fisher(MergeMethod):
     uses_base = "none"
     companions = ("fisher",)
     companion_optional = True  # a Fisher may leave tensors out (a new head): see `uncovered`
+    # defaults: the authors' (model_merging/merging.py and scripts/merge_and_evaluate.py)
     global_params = (
-        Param("fisher_floor", default=1e-6, ge=0.0, doc="added to every Fisher entry (to the first model's "
-              "only under favor_target), so no entry has zero total weight"),
-        Param("normalize_fishers", default=False, kind=bool,
-              doc="divide each weight by the L2 norm of that model's whole Fisher"),
-        Param("favor_target", default=False, kind=bool,
+        Param("fisher_floor", default=1e-6, ge=0.0, doc="the least weight a Fisher entry gets (the first "
+              "model's only under favor_target), so no entry has zero total weight (authors: 1e-6)"),
+        Param("floor_mode", default="max", kind=str, choices=FLOOR_MODES,
+              doc="'max': max(F, fisher_floor), as the authors' code; 'add': F + fisher_floor"),
+        Param("normalize_fishers", default=True, kind=bool,
+              doc="divide each weight by the L2 norm of that model's whole Fisher (authors: on)"),
+        Param("favor_target", default=True, kind=bool,
               doc="the first model is the target: only its Fisher gets the floor, so entries no "
-                  "other Fisher weighs keep its value (the authors' favor_target_model)"),
+                  "other Fisher weighs keep its value (the authors' favor_target_model, on)"),
         Param("uncovered", default="average", kind=str, choices=UNCOVERED,
               doc="tensors no Fisher covers: 'average' (weighted average) or 'first' (first model's)"),
     )
@@ -435,6 +463,9 @@ class Fisher(MergeMethod):
         floor = params["fisher_floor"]
         if floor < 0 or not math.isfinite(floor):
             raise SpecError(f"parameters.fisher_floor: expected a finite number >= 0, got {floor}")
+        if params["floor_mode"] not in FLOOR_MODES:
+            raise SpecError(f"parameters.floor_mode: unknown {params['floor_mode']!r}; "
+                            f"use {' or '.join(FLOOR_MODES)}")
         if params["uncovered"] not in UNCOVERED:
             raise SpecError(f"parameters.uncovered: unknown {params['uncovered']!r}; "
                             f"use {' or '.join(UNCOVERED)}")
@@ -469,7 +500,7 @@ class Fisher(MergeMethod):
                                  f"model's parameters); recompute it on data the model sees")
         try:
             return fisher_weighted_average(tensors, fishers, coefficients, floor,
-                                           params["favor_target"])
+                                           params["favor_target"], params["floor_mode"])
         except InputError as e:
             raise InputError(f"tensor {name!r}: {e}") from None
 
@@ -487,15 +518,22 @@ class Fisher(MergeMethod):
                     f"absolute path, or set fisher_norm in that model's parameters "
                     f"(python -c 'from weightspace.merges.fisher import fisher_norms; print(fisher_norms([...]))')")
             norm = fisher_norms([path])[0]
+            if not math.isfinite(norm):  # name the tensor, as the per-tensor check would
+                for tname, ref in load_space(path).items():
+                    _check_values(ref.load("cpu"), tname, f"Fisher file {pm['fisher']!r}")
+                raise InputError(f"normalize_fishers: Fisher file {pm['fisher']!r} (model {i}) has "
+                                 f"no finite norm; recompute it")
             if norm == 0:
-                raise InputError(f"normalize_fishers: Fisher file {pm['fisher']!r} (model {i}) is zero "
-                                 f"everywhere, so it cannot be normalized; recompute it")
+                raise InputError(f"Fisher file {pm['fisher']!r} is zero everywhere (no gradient reached "
+                                 f"the model's parameters), so normalize_fishers cannot divide by its "
+                                 f"norm; recompute it on data the model sees")
         if not (norm > 0 and math.isfinite(norm)):
             raise SpecError(f"fisher_norm of model {i}: expected a positive number, got {norm}")
         return norm
 
 
 __all__ = [
+    "FLOOR_MODES",
     "Fisher",
     "check_fisher",
     "fisher_diagonal",

@@ -297,16 +297,37 @@ def t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+PLAIN = {"floor_mode": "add", "normalize_fishers": False, "favor_target": False}  # the old defaults
+
+
 def merge(tensors, fishers, weights=None, files=None, norms=None, name="w", **glob):
+    """The method on one tensor, with its defaults unless `glob` says otherwise; `norms`
+    (default 1 for every model) are the whole-Fisher norms normalize_fishers divides by."""
     method = get_method("fisher")
     values = {p.name: p.default for p in method.all_global_params()}
     values.update(glob)
     weights = weights or [1.0] * len(tensors)
     files = files or [f"f{i}.safetensors" for i in range(len(tensors))]
-    norms = norms or [None] * len(tensors)
+    norms = norms or ([1.0] * len(tensors) if files[0].startswith("f0") else [None] * len(tensors))
     per_model = [{"weight": w, "fisher": f, "fisher_norm": n} for w, f, n in zip(weights, files, norms)]
     params = TensorParams(values=values, per_model=per_model, tensor_name=name)
     return method.merge(name, None, tensors, params, {"fisher": fishers})
+
+
+def authors_merge(tensors, fishers, coefficients, norms, fisher_floor=1e-6,
+                  favor_target_model=True, normalize_fishers=True):
+    """model_merging/merging.py `_merge_with_coeffs` (github.com/mmatena/model_merging),
+    transcribed line by line from TensorFlow for one variable."""
+    if normalize_fishers:
+        coefficients = [w / n for w, n in zip(coefficients, norms)]
+    lhs, rhs = [], []
+    for j, (mvar, coeff, diag) in enumerate(zip(tensors, coefficients, fishers)):
+        if not favor_target_model or j == 0:
+            diag = torch.maximum(diag, torch.tensor(fisher_floor))
+        tmp = coeff * diag
+        lhs.append(tmp)
+        rhs.append(tmp * mvar)
+    return torch.stack(rhs).sum(0) / torch.stack(lhs).sum(0)
 
 
 def test_method_declaration():
@@ -314,9 +335,56 @@ def test_method_declaration():
     assert m.companions == ("fisher",) and m.companion_optional and m.elementwise
     assert m.uses_base == "none" and m.reference_url == "https://arxiv.org/abs/2111.09832"
     defaults = {p.name: p.default for p in m.all_global_params()}
-    assert defaults == {"fisher_floor": 1e-6, "normalize_fishers": False, "favor_target": False,
-                        "uncovered": "average"}
+    # the authors' settings (scripts/merge_and_evaluate.py flags and merging.py defaults)
+    assert defaults == {"fisher_floor": 1e-6, "floor_mode": "max", "normalize_fishers": True,
+                        "favor_target": True, "uncovered": "average"}
     assert {p.name: p.default for p in m.model_params}["weight"] == 1.0
+
+
+def test_defaults_are_the_authors_merge():
+    """Regression: the defaults used to be F + eps for every model, unnormalized, which the
+    docstring and README attributed to the authors; their code takes max(F, eps) for the target
+    only and divides each coefficient by the model's whole-Fisher L2 norm."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(50, generator=g) for _ in range(3)]
+    # entries below, around and above the floor, and exact zeros
+    f = [torch.rand(50, generator=g) * 10.0 ** -torch.randint(3, 9, (50,), generator=g) for _ in range(3)]
+    for fi in f:
+        fi[:5] = 0.0
+    f[0][5:10] = 0.0            # the target knows nothing here, donors do
+    w, norms = [0.5, 0.3, 0.2], [2.0, 0.5, 3.0]
+    expected = authors_merge(x, f, w, norms)
+    torch.testing.assert_close(merge(x, f, w, norms=norms), expected, rtol=1e-6, atol=1e-7)
+    # entries no donor weighs keep the target's value, as the authors' favor_target_model promises
+    torch.testing.assert_close(merge(x, f, w, norms=norms)[:5], x[0][:5])
+    # and the old defaults are a different merge on this data
+    assert not torch.allclose(merge(x, f, w, norms=norms, **PLAIN), expected, rtol=1e-3)
+    for fav in (False, True):   # every combination of the authors' two switches
+        for norm in (False, True):
+            torch.testing.assert_close(
+                merge(x, f, w, norms=norms, favor_target=fav, normalize_fishers=norm),
+                authors_merge(x, f, w, norms, favor_target_model=fav, normalize_fishers=norm),
+                rtol=1e-6, atol=1e-7)
+
+
+def test_floor_modes_max_and_add_by_hand():
+    x = [t(0.0, 0.0, 0.0), t(4.0, 4.0, 4.0)]
+    f = [t(0.1, 0.5, 2.0), t(0.3, 0.3, 0.3)]
+    eps = 0.4
+    # max: target max(F, 0.4) = (0.4, 0.5, 2.0); the donor keeps 0.3 (favor_target)
+    want = t(4 * 0.3 / 0.7, 4 * 0.3 / 0.8, 4 * 0.3 / 2.3)
+    torch.testing.assert_close(merge(x, f, fisher_floor=eps), want)
+    # add: target F + 0.4 = (0.5, 0.9, 2.4)
+    want = t(4 * 0.3 / 0.8, 4 * 0.3 / 1.2, 4 * 0.3 / 2.7)
+    torch.testing.assert_close(merge(x, f, fisher_floor=eps, floor_mode="add"), want)
+    # both floored, max: donor max(0.3, 0.4) = 0.4 everywhere
+    want = t(4 * 0.4 / 0.8, 4 * 0.4 / 0.9, 4 * 0.4 / 2.4)
+    torch.testing.assert_close(merge(x, f, fisher_floor=eps, favor_target=False), want)
+    # the pure function takes the same switches
+    torch.testing.assert_close(fisher_weighted_average(x, f, [1.0, 1.0], eps, False, "add"),
+                               t(4 * 0.7 / 1.2, 4 * 0.7 / 1.6, 4 * 0.7 / 3.1))
+    with pytest.raises(SpecError, match="floor_mode"):
+        merge(x, f, floor_mode="min")
 
 
 def test_merge_formula_by_hand():
@@ -325,13 +393,13 @@ def test_merge_formula_by_hand():
     eps = 1e-2
     # entry 0: (1.01*0 + 3.01*4)/4.02; entry 1: equal floors -> plain mean; entry 2: both 2
     expected = t(3.01 * 4 / 4.02, 2.0, 2.0)
-    torch.testing.assert_close(merge(x, f, fisher_floor=eps), expected)
+    torch.testing.assert_close(merge(x, f, fisher_floor=eps, **PLAIN), expected)
     # weights: lambda_i (F_i + eps)
     w = [2.0, 1.0]
     expected = t(3.01 * 4 / (2 * 1.01 + 3.01), (2 * eps * 1 + eps * 3) / (3 * eps), 2.0)
-    torch.testing.assert_close(merge(x, f, w, fisher_floor=eps), expected)
+    torch.testing.assert_close(merge(x, f, w, fisher_floor=eps, **PLAIN), expected)
     # the pure function agrees, and a zero weight drops a model
-    torch.testing.assert_close(fisher_weighted_average(x, f, [0.0, 1.0], eps), x[1])
+    torch.testing.assert_close(fisher_weighted_average(x, f, [0.0, 1.0], eps, False, "add"), x[1])
 
 
 def test_normalize_fishers_uses_whole_model_norms(tmp_path):
@@ -340,7 +408,8 @@ def test_normalize_fishers_uses_whole_model_norms(tmp_path):
     # whole-model norms 2 and 8 (other tensors of the files count): c = (1/2, 1/8)
     out = merge(x, f, norms=[2.0, 8.0], normalize_fishers=True, fisher_floor=0.0)
     torch.testing.assert_close(out, t(0.2, 12.0))
-    assert torch.equal(merge(x, f, norms=[2.0, 8.0], fisher_floor=0.0), t(0.5, 15.0))  # off: ignored
+    off = merge(x, f, norms=[2.0, 8.0], normalize_fishers=False, fisher_floor=0.0)
+    assert torch.equal(off, t(0.5, 15.0))  # off: the norms are ignored
     # without fisher_norm the norm is read from the file, over all of its tensors
     a = save_fisher(WeightSpace.from_tensors({"w": t(1.0, 1.0), "v": t(1.0, 1.0)}), tmp_path / "a.safetensors")
     b = save_fisher(WeightSpace.from_tensors({"w": t(1.0, 1.0), "v": t(7.0, 7.0)}), tmp_path / "b.safetensors")
@@ -348,6 +417,8 @@ def test_normalize_fishers_uses_whole_model_norms(tmp_path):
     torch.testing.assert_close(out, t((1 / 10) / (1 / 2 + 1 / 10), 10 + 10 * (1 / 10) / (1 / 2 + 1 / 10)))
     with pytest.raises(SpecError, match="fisher_norm"):
         merge(x, f, files=["nowhere/a.safetensors", "nowhere/b.safetensors"], normalize_fishers=True)
+    with pytest.raises(SpecError, match="fisher_norm"):   # the default normalizes, so it needs them too
+        merge(x, f, files=["nowhere/a.safetensors", "nowhere/b.safetensors"])
 
 
 def test_favor_target_floor_only_on_the_target():
@@ -356,10 +427,28 @@ def test_favor_target_floor_only_on_the_target():
     eps = 0.5
     # entry 0: no donor information -> the target; entry 1: (0.5*1 + 2*5 + 2*9) / 4.5
     torch.testing.assert_close(merge(x, f, favor_target=True, fisher_floor=eps), t(1.0, 28.5 / 4.5))
-    # without it every model gets the floor: entry 0 is the plain mean
-    torch.testing.assert_close(merge(x, f, fisher_floor=eps), t(5.0, (0.5 + 2.5 * 5 + 2.5 * 9) / 5.5))
-    with pytest.raises(InputError, match="tensor 'w': .*sum to 0 at 1 entries"):
-        merge(x, f, [0.0, 1.0, 1.0], favor_target=True, fisher_floor=eps)
+    # without it every model gets the floor: entry 0 is the plain mean; entry 1: max(2, 0.5) = 2
+    torch.testing.assert_close(merge(x, f, favor_target=False, fisher_floor=eps), t(5.0, 28.5 / 4.5))
+    torch.testing.assert_close(merge(x, f, fisher_floor=eps, **PLAIN),
+                               t(5.0, (0.5 + 2.5 * 5 + 2.5 * 9) / 5.5))
+
+
+
+def test_zero_weight_target_is_the_donors_where_they_have_no_fisher():
+    """Regression: the target weight 0 that `--search target_weight=0:1:N` (and the authors'
+    grid) starts with used to be refused under favor_target wherever no donor's Fisher reaches
+    (the authors' code divides 0 by 0 there); it is the weighted average of the donors."""
+    x = [t(1.0, 1.0, 1.0), t(5.0, 5.0, 5.0), t(9.0, 9.0, 9.0)]
+    f = [t(0.0, 0.0, 3.0), t(0.0, 2.0, 0.0), t(0.0, 1.0, 1.0)]
+    w = [0.0, 0.75, 0.25]
+    # entry 0: no Fisher weighs it -> (0.75*5 + 0.25*9) / 1; entries 1, 2: the Fisher average
+    want = t(6.0, (0.75 * 2 * 5 + 0.25 * 9) / (0.75 * 2 + 0.25), 9.0)
+    torch.testing.assert_close(merge(x, f, w), want)
+    # fisher_floor 0 without favor_target: the same rule wherever every Fisher is 0
+    torch.testing.assert_close(merge(x, f, [1.0, 1.0, 2.0], favor_target=False, fisher_floor=0.0)[0],
+                               torch.tensor((1.0 + 5.0 + 18.0) / 4))
+    with pytest.raises(InputError, match="weights sum to 0"):
+        fisher_weighted_average(x, f, [0.0, 0.0, 0.0], 0.0)
 
 
 def test_uncovered_policies_and_partial_coverage():
@@ -428,18 +517,27 @@ dtype: float32
 """
 
 
-@pytest.mark.parametrize("blocked", [False, True])
-def test_wsmerge_run_end_to_end(two_models, run_cli, write_spec, monkeypatch, blocked):
+def _whole_norm(f: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(v.double().square().sum()) for v in f.values()))
+
+
+@pytest.mark.parametrize("blocked, plain", [(False, False), (True, False), (False, True)])
+def test_wsmerge_run_end_to_end(two_models, run_cli, write_spec, monkeypatch, blocked, plain):
     root, models, fishers = two_models
     if blocked:  # stream every tensor in row blocks: the Fisher refs are sliced alongside
         monkeypatch.setattr("weightspace.tensor_steps.BLOCK_BYTES", 16)
-    spec = write_spec(SPEC.format(fa="a.fisher.safetensors", fb="b.fisher.safetensors", extra=""))
+    extra = ", floor_mode: add, normalize_fishers: false, favor_target: false" if plain else ""
+    spec = write_spec(SPEC.format(fa="a.fisher.safetensors", fb="b.fisher.safetensors", extra=extra))
     code, out, err = run_cli("run", spec, root / "out", "--no-progress")
     assert code == 0, err
     merged = load_file(root / "out" / "model.safetensors")
     assert set(merged) == set(NAMES)
+    na, nb = _whole_norm(fishers["a"]), _whole_norm(fishers["b"])
     for n in NAMES:
-        wa, wb = 0.7 * (fishers["a"][n] + 1e-4), 0.3 * (fishers["b"][n] + 1e-4)
+        if plain:   # 0.7 (F_a + eps) and 0.3 (F_b + eps)
+            wa, wb = 0.7 * (fishers["a"][n] + 1e-4), 0.3 * (fishers["b"][n] + 1e-4)
+        else:       # the defaults, the authors': 0.7/|F_a| max(F_a, eps) and 0.3/|F_b| F_b
+            wa, wb = 0.7 / na * fishers["a"][n].clamp(min=1e-4), 0.3 / nb * fishers["b"][n]
         expected = (wa * models["a"][n] + wb * models["b"][n]) / (wa + wb)
         torch.testing.assert_close(merged[n], expected)
     assert json.loads((root / "out" / "config.json").read_text())["model_type"] == "toy"
@@ -458,10 +556,10 @@ def test_wsmerge_run_normalized_with_uncovered_head(tmp_path, run_cli, write_spe
     code, out, err = run_cli("run", spec, tmp_path / "out", "--no-progress")
     assert code == 0, err
     merged = load_file(tmp_path / "out" / "model.safetensors")
-    norm = {k: math.sqrt(sum(float(v.double().square().sum()) for v in f.values())) for k, f in fishers.items()}
-    for n in ("layers.0.weight", "layers.0.bias"):
-        wa = 0.7 / norm["a"] * (fishers["a"][n] + 1e-4)
-        wb = 0.3 / norm["b"] * (fishers["b"][n] + 1e-4)
+    norm = {k: _whole_norm(f) for k, f in fishers.items()}
+    for n in ("layers.0.weight", "layers.0.bias"):   # favor_target and max(F, eps): the defaults
+        wa = 0.7 / norm["a"] * fishers["a"][n].clamp(min=1e-4)
+        wb = 0.3 / norm["b"] * fishers["b"][n]
         torch.testing.assert_close(merged[n], (wa * models["a"][n] + wb * models["b"][n]) / (wa + wb))
     for n in ("head.weight", "head.bias"):  # no Fisher covers the head: the first model's
         assert torch.equal(merged[n], models["a"][n])
