@@ -102,25 +102,39 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
 
 @click.command(cls=Command)
 @_common
+@click.option("--padding", type=click.Choice(["exclude", "include"]), default="exclude", show_default=True,
+              help="Padding tokens' inputs: left out, or counted as the RegMean authors' compute_grams does.")
 def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
-         num_labels: int | None, max_length: int, seed: int, overwrite: bool, no_progress: bool) -> None:
+         num_labels: int | None, max_length: int, seed: int, overwrite: bool, no_progress: bool,
+         padding: str) -> None:
     """Gram matrices of every linear layer's inputs (RegMean), as a companion weight space.
 
-    For each linear layer, G = X^T X / N over the N input rows (tokens;
-    padding excluded), stored under the layer's weight name with shape
-    (in, in). Name the file as the model's `gram` parameter in a
-    `merge_method: regmean` spec.
+    For each torch.nn.Linear layer, G = X^T X / N over the N input rows
+    (tokens; padding excluded unless --padding include), taken in eval mode
+    and stored under the layer's weight name with shape (in, in). Name the
+    file as the model's `gram` parameter in a `merge_method: regmean` spec.
+
+    Layers of other linear kinds (GPT-2 Conv1D, convolutions) and tied or
+    unused ones get no Gram; they are listed here, in the file's metadata and
+    in the merge's notes, and a RegMean merge averages their weights.
 
     \b
     Example (from the repository root):
       wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.gram.safetensors
     """
-    from weightspace.merges.regmean import gram_matrices, save_gram
+    import warnings
+
+    from weightspace.merges.regmean import describe_skipped, gram_matrices, save_gram
 
     _check_out(out, overwrite)
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed)
     t0 = time.perf_counter()
-    space = gram_matrices(adapter, batches, n_examples=n_examples, progress=not no_progress and sys.stderr.isatty())
+    with warnings.catch_warnings():  # the skipped layers are reported below, once
+        warnings.filterwarnings("ignore", message="gram_matrices: no Gram for")
+        space = gram_matrices(adapter, batches, n_examples=n_examples, padding=padding,
+                              progress=not no_progress and sys.stderr.isatty())
     save_gram(space, out)
     click.echo(f"{out}: Gram matrices of {len(space)} linear layers of {model} "
                f"({time.perf_counter() - t0:.1f} s)")
+    for line in describe_skipped(space.meta.get("skipped") or {}):
+        click.echo(f"no Gram (a RegMean merge averages these weights): {line}")

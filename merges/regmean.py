@@ -26,18 +26,27 @@ w_i G_i[j, j]). Every other tensor (biases, norms, embeddings) is the
 Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language
 Models" (ICLR 2023, arXiv:2212.09849).
 
-Limitations: a layer shared by several module paths (tied weights) gets no
-Gram and is averaged; transformers' GPT-2 `Conv1D` stores its weight as
-(in, out), and a Gram companion is matched to a weight by shape (in, in) =
-(shape[1], shape[1]) alone, which for a square Conv1D would silently merge the
-transposed problem, so `gram_matrices` takes no Gram for Conv1D layers (they
-are averaged; the skipped layers are listed in the Gram file's metadata).
+Authors' code: github.com/bloomberg/dataless-model-merging. `alpha` is their
+`regmean_reduce_nondiag` (src/model_merge/avg_merger.py, `reduce_non_diag`: off-diagonal
+entries times alpha, the diagonal kept), 0.1 in their emotion and NER configs (0.9 in
+DeBERTa NER; unset, i.e. 1, in the GLUE ones); the Grams are their `compute_grams`
+(src/model_merge/local_trainer.py), a running X^T X / N over every token the layer sees,
+padding included, which `padding="include"` reproduces (the default leaves padding out).
+
+Limitations: only `torch.nn.Linear` layers get a Gram. A layer shared by several module
+paths (tied weights), transformers' GPT-2 `Conv1D` (weight stored (in, out): a Gram is
+matched to a weight by its shape (in, in) = (shape[1], shape[1]) alone, which for a square
+Conv1D would silently merge the transposed problem) and convolutions (`nn.Conv1d/2d/3d`,
+which the authors' code covers) get none, and their weights are the weighted average.
+`gram_matrices` warns naming them, lists them in the Gram file's metadata, `wsmerge gram`
+prints them, and a RegMean merge names them in its notes.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +59,7 @@ from weightspace.errors import InputError, SpecError
 from weightspace.files import save_safetensors_atomic
 from weightspace.ir import WeightSpace
 from weightspace.methods import MergeMethod, Param, TensorParams, register
+from weightspace.safetensors_io import read_header
 
 GRAM_KIND = "gram"
 # relative asymmetry |G - G^T|_max / |G|_max a Gram companion may have (float32 rounding)
@@ -62,6 +72,32 @@ SYMMETRY_TOL = 1e-4
 def _is_conv1d(m: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D (weight (in, out)); matched by name so transformers stays optional
     return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
+
+
+# why a layer of a linear kind got no Gram, as recorded in `meta["skipped"]`
+FALLBACK_REASONS = {
+    "conv1d": "GPT-2 Conv1D, weight stored (in, out): not supported yet",
+    "convolution": "a convolution: not supported yet",
+    "tied": "its weight is tied to another module's",
+    "unused": "the forward never reached it",
+}
+
+
+def describe_skipped(skipped: Mapping[str, str]) -> list[str]:
+    """One line per reason: which layers got no Gram and so are averaged by a RegMean merge.
+
+    >>> describe_skipped({"h.0.attn.c_attn": "conv1d", "h.0.mlp.c_fc": "conv1d"})
+    ['2 layers (GPT-2 Conv1D, weight stored (in, out): not supported yet): h.0.attn.c_attn, h.0.mlp.c_fc']
+    """
+    by_reason: dict[str, list[str]] = {}
+    for layer, why in skipped.items():
+        by_reason.setdefault(why, []).append(layer)
+    lines = []
+    for why, layers in by_reason.items():
+        shown = ", ".join(layers[:8]) + (f", ... ({len(layers) - 8} more)" if len(layers) > 8 else "")
+        n = f"{len(layers)} layer{'s' if len(layers) > 1 else ''}"
+        lines.append(f"{n} ({FALLBACK_REASONS.get(why, why)}): {shown}")
+    return lines
 
 
 def _head(batch: Mapping[str, Any], k: int) -> dict[str, Any]:
@@ -98,6 +134,7 @@ def gram_matrices(
     params: Mapping[str, torch.Tensor] | WeightSpace | None = None,
     n_examples: int | None = None,
     modules: str | Iterable[str] | None = None,
+    padding: str = "exclude",
     progress: bool = False,
 ) -> WeightSpace:
     """Input Gram matrices G = X^T X / N of every `nn.Linear` in `adapter.module`, as a WeightSpace.
@@ -107,15 +144,21 @@ def gram_matrices(
 
     Each Gram is named after its layer's weight (`<module path>.weight`) and averages x x^T over
     every token the layer saw, running `adapter.forward(params, batch)` under `torch.no_grad()`
-    for each batch. Inputs (B, T, in) drop the positions where `adapter.token_mask(batch)` is 0.
-    `params` (default: `adapter.params()`) are swapped in with `functional_call`; `n_examples`
-    stops after that many examples (the last batch is cut); `modules` keeps only the layers whose
-    module path matches one of these fnmatch patterns. `meta` records the examples, batches, the
-    token count of each Gram (`tokens`) and the layers skipped (tied weights, unused, Conv1D).
+    with the module in eval mode (no dropout, BatchNorm's running statistics read, never
+    updated; its mode is restored after) for each batch. Inputs (B, T, in) drop the positions
+    where `adapter.token_mask(batch)` is 0 (`padding="include"` keeps them, as the authors'
+    `compute_grams` does). `params` (default: `adapter.params()`) are swapped in with
+    `functional_call`; `n_examples` stops after that many examples (the last batch is cut);
+    `modules` keeps only the layers whose module path matches one of these fnmatch patterns.
+    `meta` records the examples, batches, the token count of each Gram (`tokens`) and the layers
+    of a linear kind that got none (`skipped`: layer -> conv1d, convolution, tied or unused;
+    see FALLBACK_REASONS), which a RegMean merge averages; a warning names them.
     """
     module = adapter.module
     if n_examples is not None and n_examples < 1:
         raise SpecError(f"gram_matrices: n_examples must be at least 1, got {n_examples}")
+    if padding not in ("exclude", "include"):
+        raise SpecError(f"gram_matrices: padding must be 'exclude' or 'include', got {padding!r}")
     if params is None:
         tensors = dict(adapter.params())
     elif isinstance(params, WeightSpace):
@@ -132,7 +175,8 @@ def gram_matrices(
     matched: set[str] = set()
     for path, m in module.named_modules():
         linear = isinstance(m, nn.Linear)
-        if not (linear or _is_conv1d(m)):
+        conv = isinstance(m, nn.modules.conv._ConvNd)
+        if not (linear or conv or _is_conv1d(m)):
             continue
         if patterns is not None:
             hits = [p for p in patterns if fnmatch.fnmatchcase(path, p)]
@@ -140,7 +184,9 @@ def gram_matrices(
                 continue
             matched.update(hits)
         wname = f"{path}.weight" if path else "weight"
-        if not linear:
+        if conv:
+            skipped[path] = "convolution"
+        elif not linear:
             skipped[path] = "conv1d"
         elif wname not in weight_names:
             skipped[path] = "tied"  # its weight is registered under another module's name
@@ -186,6 +232,8 @@ def gram_matrices(
 
         bar = tqdm(total=n_examples, unit="ex", desc="gram", leave=False, dynamic_ncols=True)
     seen = n_batches = 0
+    was_training = module.training
+    module.eval()  # the layers' inputs as the model predicts; BatchNorm statistics untouched
     try:
         with torch.no_grad():
             for batch in batches:
@@ -193,7 +241,7 @@ def gram_matrices(
                 if n_examples is not None and seen + b > n_examples:
                     batch, b = _head(batch, n_examples - seen), n_examples - seen
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                mask = adapter.token_mask(batch)
+                mask = adapter.token_mask(batch) if padding == "exclude" else None
                 current["mask"] = mask.to(device) if mask is not None else None
                 adapter.forward(tensors, batch)
                 seen += b
@@ -203,6 +251,7 @@ def gram_matrices(
                 if n_examples is not None and seen >= n_examples:
                     break
     finally:
+        module.train(was_training)
         for h in handles:
             h.remove()
         if bar is not None:
@@ -217,6 +266,9 @@ def gram_matrices(
             continue
         g = sums[wname] / counts[wname]
         grams[wname] = ((g + g.T) / 2).float().cpu()
+    if skipped:
+        warnings.warn("gram_matrices: no Gram for " + "; ".join(describe_skipped(skipped))
+                      + ". A RegMean merge averages their weights.", stacklevel=2)
     meta = {
         "source": f"gram_matrices({type(module).__name__})",
         "format": "memory",
@@ -225,6 +277,7 @@ def gram_matrices(
         "batches": n_batches,
         "tokens": {n: counts[n] for n in grams},
         "skipped": skipped,
+        "padding": padding,
     }
     return WeightSpace.from_tensors(grams, meta)
 
@@ -235,12 +288,12 @@ def save_gram(space: WeightSpace, path: str | Path) -> Path:
         save_gram(gram_matrices(adapter, batches), "ft_a.gram.safetensors")
 
     The safetensors `__metadata__` holds `{"format": "pt", "weightspace_kind": "gram",
-    "weightspace_gram": JSON {examples, batches, tokens: {name: count}, skipped}}`.
+    "weightspace_gram": JSON {examples, batches, tokens: {name: count}, skipped, padding}}`.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SpecError(f"save_gram: {path} should end in .safetensors (that is how it is opened again)")
-    info = {k: space.meta.get(k) for k in ("examples", "batches", "tokens", "skipped")}
+    info = {k: space.meta.get(k) for k in ("examples", "batches", "tokens", "skipped", "padding")}
     metadata = {"format": "pt", "weightspace_kind": GRAM_KIND, "weightspace_gram": json.dumps(info)}
     tensors = {n: space[n].load("cpu", torch.float32) for n in space}
     return save_safetensors_atomic(tensors, path, metadata)
@@ -342,6 +395,24 @@ class RegMean(MergeMethod):
         if sum(params.model_values("weight")) == 0:
             raise SpecError("regmean: the weights sum to 0; give at least one model a positive weight")
 
+    def plan_notes(self, companions: dict[str, WeightSpace]) -> list[str]:
+        """Name the layers each Gram file records as skipped (Conv1D, convolutions, tied,
+        unused): the merge averages their weights."""
+        by_skipped: dict[str, list[str]] = {}
+        for key, space in companions.items():
+            path = Path(space.meta.get("location") or key)
+            if not path.is_file():
+                continue
+            try:
+                info = json.loads(read_header(path)[1].get("weightspace_gram", "{}"))
+            except (ValueError, OSError):
+                continue
+            skipped = info.get("skipped") or {}
+            if skipped:
+                by_skipped.setdefault(json.dumps(skipped, sort_keys=True), []).append(path.name)
+        return [f"regmean: {', '.join(files)} hold no Gram for " + "; ".join(describe_skipped(json.loads(k)))
+                + "; those weights are the weighted average" for k, files in by_skipped.items()]
+
     def merge(
         self,
         name: str,
@@ -378,4 +449,5 @@ class RegMean(MergeMethod):
         return regmean_solve(tensors, grams, coeffs, alpha)
 
 
-__all__ = ["RegMean", "gram_matrices", "regmean_solve", "save_gram", "shrink_off_diagonal"]
+__all__ = ["FALLBACK_REASONS", "RegMean", "describe_skipped", "gram_matrices", "regmean_solve",
+           "save_gram", "shrink_off_diagonal"]

@@ -132,9 +132,72 @@ def test_tied_and_conv1d_layers_get_no_gram():
             return torch.func.functional_call(self.module, dict(params), (batch["ids"],))
 
     assert transformers  # the Conv1D above is transformers' own
-    grams = gram_matrices(IdsAdapter(Tied()), [{"ids": torch.tensor([[1, 2, 3]])}])
+    with pytest.warns(UserWarning, match=r"no Gram for 1 layer \(GPT-2 Conv1D.*\): c_fc; "
+                                         r"1 layer \(its weight is tied.*\): out\. A RegMean merge averages"):
+        grams = gram_matrices(IdsAdapter(Tied()), [{"ids": torch.tensor([[1, 2, 3]])}])
     assert list(grams) == ["back.weight"]
     assert grams.meta["skipped"] == {"c_fc": "conv1d", "out": "tied"}
+
+
+class Noisy(nn.Module):
+    """Dropout and BatchNorm before the linear layer whose Gram is taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.norm(x)))
+
+
+def test_grams_are_taken_in_eval_mode_and_leave_the_module_as_it_was():
+    """Regression: gram_matrices ran the module in whatever mode it was in. In train mode two
+    passes over the same data gave different Grams (dropout) and BatchNorm's running statistics
+    were updated, so the module's tensors changed."""
+    torch.manual_seed(0)
+    model = Noisy()
+    model.norm.running_mean.fill_(0.3)
+    model.norm.running_var.fill_(2.0)
+    model.train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x = torch.randn(32, 4) * 3 + 1
+    batches = [{"x": x[:16], "y": torch.zeros(16)}, {"x": x[16:], "y": torch.zeros(16)}]
+    first = gram_matrices(ClassifierAdapter(model), batches)["fc.weight"].load()
+    second = gram_matrices(ClassifierAdapter(model), batches)["fc.weight"].load()
+    assert torch.equal(first, second)
+    assert model.training and model.drop.training   # the mode is restored
+    for n, b in model.named_buffers():               # BatchNorm read its statistics, never wrote them
+        assert torch.equal(b, before[n]), n
+    # the inputs fc sees in eval mode, by hand: (x - running_mean) / sqrt(running_var + eps) * gamma + beta
+    h = (x - 0.3) / (2.0 + model.norm.eps) ** 0.5 * model.norm.weight + model.norm.bias
+    torch.testing.assert_close(first.double(), gram_of(h).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_convolutions_get_no_gram_and_are_named():
+    """Convolutions (which the authors' compute_grams hooks) are skipped, named in the
+    metadata and in a warning, and the linear head still gets its Gram."""
+    model = build_model({"arch": "cnn", "width": 4, "depth": 2, "kernel": 3}, (1, 8, 8), 3)
+    with pytest.warns(UserWarning, match=r"no Gram for 2 layers \(a convolution: not supported yet\): "
+                                         r"layers\.0, layers\.1"):
+        grams = gram_matrices(ClassifierAdapter(model), [{"x": torch.rand(5, 1, 8, 8)}])
+    assert list(grams) == ["head.weight"]
+    assert grams.meta["skipped"] == {"layers.0": "convolution", "layers.1": "convolution"}
+
+
+def test_padding_include_counts_every_position_as_the_authors_do():
+    torch.manual_seed(1)
+    model = TokenModel()
+    x = torch.randn(3, 4, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    grams = gram_matrices(TokenAdapter(model), [{"x": x, "mask": mask}], padding="include")
+    # compute_grams (src/model_merge/local_trainer.py): x.view(-1, h), every token
+    torch.testing.assert_close(grams["proj.weight"].load().double(), gram_of(x.reshape(-1, 4)),
+                               rtol=1e-5, atol=1e-6)
+    assert grams.meta["tokens"]["proj.weight"] == 12 and grams.meta["padding"] == "include"
+    with pytest.raises(SpecError, match="padding must be"):
+        gram_matrices(TokenAdapter(model), [{"x": x, "mask": mask}], padding="drop")
 
 
 def test_save_gram_writes_one_safetensors_file_with_metadata(tmp_path):
@@ -282,6 +345,44 @@ def test_wsmerge_run_regmean_from_yaml(digits_pair, run_cli, write_spec):
         torch.testing.assert_close(out[name].load(), (3.0 * ta[name] + tb[name]) / 4, rtol=1e-6, atol=1e-6)
 
 
+def test_layers_without_gram_are_named_by_wsmerge_gram_and_in_the_merge_notes(tmp_path, run_cli, write_spec):
+    """Regression: layers of a linear kind without a Gram (here convolutions; GPT-2 Conv1D alike)
+    were averaged silently. `wsmerge gram` and the merge's notes now name them."""
+    from weightspace.zoo.build import checkpoint_config
+    from weightspace.zoo.train import ModelRun, TrainConfig
+
+    arch = {"arch": "cnn", "width": 4, "depth": 2, "kernel": 3}
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(arch, (1, 8, 8), 10)
+        run = ModelRun(dataset="digits", arch=arch, seed=seed, train=TrainConfig(epochs=1))
+        d = tmp_path / f"cnn{seed}"
+        WeightSpace.from_tensors({n: p.detach() for n, p in model.named_parameters()}).save(
+            d, config=checkpoint_config(run, 1, (1, 8, 8), 10))
+        code, out, err = run_cli("gram", str(d), "--data", "digits", "--n-examples", "64",
+                                 "-o", str(tmp_path / f"cnn{seed}.gram.safetensors"), "--no-progress")
+        assert code == 0, err
+        assert ("no Gram (a RegMean merge averages these weights): 2 layers (a convolution: not "
+                "supported yet): layers.0, layers.1") in out, out
+        assert "gram_matrices: no Gram" not in err   # reported once, not also as a warning
+        dirs.append(d)
+    spec = write_spec(f"""
+        merge_method: regmean
+        models:
+          - {{model: {dirs[0]}, parameters: {{gram: {tmp_path}/cnn0.gram.safetensors}}}}
+          - {{model: {dirs[1]}, parameters: {{gram: {tmp_path}/cnn1.gram.safetensors}}}}
+    """)
+    code, out, err = run_cli("run", str(spec), str(tmp_path / "out"), "--no-progress")
+    assert code == 0, err
+    assert ("note: regmean: cnn0.gram.safetensors, cnn1.gram.safetensors hold no Gram for 2 layers "
+            "(a convolution: not supported yet): layers.0, layers.1; those weights are the weighted "
+            "average") in err, err
+    merged, a, b = (load_space(p) for p in (tmp_path / "out", *dirs))
+    torch.testing.assert_close(merged["layers.0.weight"].load(),
+                               (a["layers.0.weight"].load() + b["layers.0.weight"].load()) / 2)
+
+
 # ---------------------------------------------------------------- (d) a real MiniLM
 
 
@@ -402,3 +503,27 @@ def test_singular_sum_falls_back_to_least_squares_keeping_the_average_off_the_da
     # a layer no data reached at all is the average
     zero = torch.zeros(3, 3, dtype=torch.float64)
     torch.testing.assert_close(regmean_solve(ws, [zero, zero], [1.0, 1.0], 1.0), avg)
+
+
+def test_an_input_zero_in_every_example_leaves_the_shrunk_gram_singular_for_any_alpha():
+    """The README once said any alpha < 1 makes every shrunk Gram positive definite. An input
+    that is 0 in every example (digits' corner pixels) gives a zero row and column for every
+    alpha; the merge keeps that input's weight column at the weighted average and solves the
+    regression on the other inputs exactly."""
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (40, 25)]
+    for x in xs:
+        x[:, 1] = 0.0                       # input 1 is dead in both models' data
+    ws = [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in xs]
+    weights = [2.0, 1.0]
+    for alpha in (0.0, 0.1, 0.9, 1.0):
+        shrunk = [alpha * gram_of(x) + (1 - alpha) * torch.diag(gram_of(x).diagonal()) for x in xs]
+        a = sum(c * s for c, s in zip(weights, shrunk))
+        assert torch.equal(a[1], torch.zeros(3)) and torch.linalg.cholesky_ex(a).info != 0
+        got = merge(ws, [gram_of(x) for x in xs], alpha=alpha, weights=weights)
+        avg = (2.0 * ws[0] + ws[1]) / 3
+        torch.testing.assert_close(got[:, 1], avg[:, 1], rtol=1e-9, atol=1e-9)
+        live = [0, 2]                       # the 2x2 system on the live inputs, solved by hand
+        a_live = a[live][:, live]
+        rhs = sum(c * s[live][:, live] @ w[:, live].T for c, s, w in zip(weights, shrunk, ws))
+        torch.testing.assert_close(got[:, live], torch.linalg.solve(a_live, rhs).T, rtol=1e-9, atol=1e-9)

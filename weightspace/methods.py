@@ -209,6 +209,11 @@ class MergeMethod:
         that tensor takes no companion (the method then gets None). Default: the same shape."""
         return shape
 
+    def plan_notes(self, companions: dict[str, Any]) -> list[str]:
+        """Lines for the run's notes once the plan is made, from the companion spaces it
+        opened (path -> WeightSpace): e.g. the layers a statistic did not cover. Default: none."""
+        return []
+
     def blocked(self, name: str, params: TensorParams, n_models: int) -> Blocked | None:
         """A recipe to stream a large tensor in row blocks, or None (take it whole)."""
         return None

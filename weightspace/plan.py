@@ -419,7 +419,8 @@ class _Planner(TensorSteps):
         if vocab is not None and vocab.perms and config is not None:
             set_config_vocab_size(config, vocab.rows)
         files = dict(ref_space.meta.get("files") or {}) if vocab is None else {}
-        notes = self.notes + ([n for n in vocab.notes if n not in self.notes] if vocab else [])
+        notes = self.notes + self.method.plan_notes(self.companions)
+        notes += [n for n in vocab.notes if n not in notes] if vocab else []
         return MergePlan(spec=self.spec, method=self.method, steps=self.steps, spaces=self.spaces,
                          reference=self.reference, config=config, tokenizer_files=files,
                          compute_dtype=self.spec.compute_dtype, num_layers=self.num_layers,
