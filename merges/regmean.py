@@ -375,7 +375,8 @@ class RegMean(MergeMethod):
     global_params = (
         Param("alpha", default=0.1, ge=0.0, le=1.0,
               doc="off-diagonal scale of each Gram: alpha*G + (1-alpha)*diag(G); 1 = exact regression, "
-                  "0 = per-feature weighted average (default 0.1, the official RegMean runs' value)"),
+                  "0 = per-feature weighted average (default 0.1, the authors' emotion and NER configs; "
+                  "their code's default and GLUE configs: 1)"),
     )
     model_params = (
         Param("weight", default=1.0, ge=0.0,
