@@ -260,3 +260,27 @@ def test_plain_bin_state_dict_merges(tiny_models, run_cli, write_spec, out, tmp_
     a = load_file(tiny_models.ft_a / "model.safetensors")
     got = load_file(out / "model.safetensors")
     assert torch.equal(got[UP_PROJ], (a[UP_PROJ] * 0.5 + state[UP_PROJ] * 0.5) / 1.0)
+
+
+@pytest.mark.parametrize("text,expect", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+def test_bad_model_config_names_the_file(tiny_models, run_cli, write_spec, out, text, expect):
+    cfg = tiny_models.ft_b / "config.json"
+    cfg.write_text(text)
+    spec = write_spec(linear_spec(tiny_models.ft_a, tiny_models.ft_b))
+    code, _, err = run_cli("run", spec, out)
+    assert code == 1
+    single_error_line(err)
+    assert f"{cfg}: {expect}" in err
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("text,expect", [("{not json", "not valid JSON"), ('"lora"', "expected a JSON object")])
+def test_bad_adapter_config_names_the_file(tmp_path, text, expect):
+    from weightspace.lora.adapter import read_adapter_config
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(text)
+    with pytest.raises(InputError) as e:
+        read_adapter_config(d)
+    assert str(e.value).startswith(f"{d / 'adapter_config.json'}: {expect}")

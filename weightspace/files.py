@@ -5,11 +5,13 @@
     save_safetensors_atomic(tensors, "a.fisher.safetensors", {"format": "pt"})
     atomic_dir(out, overwrite, lambda tmp: ...)        # fill a temporary sibling directory, then rename
     norms = FileCache();  norms.get(path, compute, what="Fisher file")   # once per file and process
+    config = read_json_object(d / "config.json")       # a JSON object, or an InputError naming the file
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -22,6 +24,17 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; an InputError naming the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
 
 
 def _umask() -> int:

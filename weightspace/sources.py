@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from weightspace.errors import InputError, SpecError
+from weightspace.files import read_json_object
 from weightspace.ir import MemoryRef, SafetensorsRef, TensorRef, WeightSpace
 from weightspace.safetensors_io import read_header
 
@@ -53,13 +54,7 @@ def _load_config(d: Path) -> dict | None:
     cfg = d / "config.json"
     if not cfg.is_file():
         return None
-    try:
-        data = json.loads(cfg.read_text())
-    except (ValueError, OSError) as e:
-        raise InputError(f"{cfg}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{cfg}: expected a JSON object")
-    return data
+    return read_json_object(cfg)
 
 
 def _dir_meta(d: Path, fmt: str, source: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), trainable tokens, quantised facto
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from weightspace.errors import InputError, SpecError
+from weightspace.files import read_json_object
 from weightspace.ir import TensorRef, WeightSpace
 
 CONFIG_NAME = "adapter_config.json"
@@ -109,13 +109,7 @@ def read_adapter_config(path: str | Path) -> tuple[LoraConfig, Path]:
         raise InputError(f"{d}: not a peft adapter: it has no {CONFIG_NAME}"
                          + ("; it looks like a full model: merge it as a model, not as base+adapter"
                             if full else ""))
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (ValueError, OSError) as e:
-        raise InputError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{cfg_file}: expected a JSON object")
-    config = _check_config(raw, cfg_file)
+    config = _check_config(read_json_object(cfg_file), cfg_file)
     weights = next((d / n for n in WEIGHTS_NAMES if (d / n).is_file()), None)
     if weights is None:
         has = ", ".join(sorted(p.name for p in d.iterdir())[:8])
