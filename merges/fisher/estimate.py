@@ -1,0 +1,239 @@
+"""Estimating a model's diagonal Fisher: exact, sampled or empirical, per example."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from weightspace.binding import IGNORE_INDEX, Adapter
+from weightspace.errors import InputError, SpecError, WeightspaceError
+from weightspace.ir import WeightSpace
+
+Estimator = Literal["exact", "sampled", "empirical"]
+ESTIMATORS = ("exact", "sampled", "empirical")
+# the exact Fisher takes one backward pass per class; past this, sample instead
+MAX_EXACT_CLASSES = 1024
+
+# ---------------------------------------------------------------------------------------------
+# estimating the diagonal Fisher
+
+
+def fisher_diagonal(
+    adapter: Adapter,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    estimator: Estimator = "exact",
+    n_samples: int = 1,
+    n_examples: int | None = None,
+    seed: int = 0,
+    per_example: Literal["auto", "vmap", "loop"] = "auto",
+    progress: bool = False,
+) -> WeightSpace:
+    """The diagonal of the Fisher information of `adapter`'s model, as a float32 WeightSpace.
+
+        fisher = fisher_diagonal(ClassifierAdapter(model), [{"x": x, "y": y}], estimator="empirical")
+        fisher["head.weight"].load()          # same names and shapes as the parameters
+
+    With g(y) the gradient of an example's log-likelihood of labels y (summed over its
+    predictions whose label is not -100), each estimator averages over examples:
+
+    - ``exact``: sum_c p(c|x) g(c)^2, the true Fisher (one prediction per example, C <= 1024);
+    - ``sampled``: (1/S) sum_s g(y_s)^2 with y_s drawn from the model (`n_samples` S, `seed`);
+    - ``empirical``: g(y_true)^2, the squared gradient at the data's labels.
+
+    Gradients are per example (`torch.func.vmap` over the batch, or one autograd pass per
+    example: ``per_example="auto"`` falls back to the loop when the model cannot be vmapped,
+    as transformers models cannot). `params` (default: the module's own) are the tensors the
+    Fisher is taken at and over; `n_examples` stops early. Non-tensor batch entries are ignored.
+    """
+    if estimator not in ESTIMATORS:
+        raise SpecError(f"estimator: unknown {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    if per_example not in ("auto", "vmap", "loop"):
+        raise SpecError(f"per_example: unknown {per_example!r}; use auto, vmap or loop")
+    if estimator == "sampled" and (not isinstance(n_samples, int) or n_samples < 1):
+        raise SpecError(f"n_samples: expected a positive integer, got {n_samples!r}")
+    if n_examples is not None and n_examples < 1:
+        raise SpecError(f"n_examples: expected a positive integer, got {n_examples!r}")
+    params = dict(adapter.params() if params is None else params)
+    if not params:
+        raise InputError("fisher_diagonal: there are no parameters to take the Fisher over")
+    device = next(iter(params.values())).device
+    params = {n: t.detach() for n, t in params.items()}
+    total = {n: torch.zeros(t.shape, dtype=torch.float32, device=device) for n, t in params.items()}
+    gen = torch.Generator().manual_seed(seed)
+    mode = "vmap" if per_example in ("auto", "vmap") else "loop"
+    seen = 0
+    bar = _progress_bar(progress)
+    module = adapter.module
+    was_training = module.training
+    module.eval()  # no dropout: the Fisher is of the model as it predicts
+    try:
+        for raw in batches:
+            batch = _tensors_of(raw, device)
+            if n_examples is not None:
+                batch = {k: v[: n_examples - seen] for k, v in batch.items()}
+            size = next(iter(batch.values())).shape[0]
+            if size == 0:
+                continue
+            targets, weights, mask = _targets(adapter, params, batch, estimator, n_samples, gen)
+            if mode == "vmap":
+                try:
+                    part = _batch_vmap(adapter, params, batch, targets, weights, mask)
+                except WeightspaceError:
+                    raise
+                except Exception:
+                    if per_example == "vmap":
+                        raise
+                    mode = "loop"  # data-dependent control flow (transformers): one example at a time
+            if mode == "loop":
+                part = _batch_loop(adapter, params, batch, targets, weights, mask)
+            for n, f in part.items():
+                total[n] += f
+            seen += size
+            if bar is not None:
+                bar.update(size)
+            if n_examples is not None and seen >= n_examples:
+                break
+    finally:
+        module.train(was_training)
+        if bar is not None:
+            bar.close()
+    if seen == 0:
+        raise InputError("fisher_diagonal: the batches hold no examples")
+    fisher = {n: (f / seen).cpu() for n, f in total.items()}
+    if all(not bool(f.any()) for f in fisher.values()):
+        warnings.warn(f"the {estimator} Fisher over {seen} examples is zero everywhere: the model "
+                      "may be saturated (probabilities of exactly 0 or 1) or the parameters unused; "
+                      "a Fisher merge with it falls back to the floor", stacklevel=2)
+    info = {"estimator": estimator, "examples": seen,
+            "n_samples": n_samples if estimator == "sampled" else None, "seed": seed,
+            "per_example": mode}
+    meta = {"source": f"fisher({estimator}) of {type(module).__name__}", "format": "memory",
+            "fisher": info}
+    return WeightSpace.from_tensors(fisher, meta)
+
+
+def _progress_bar(progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="fisher", unit="ex")
+
+
+def _tensors_of(batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    if not isinstance(batch, Mapping):
+        raise InputError(f"fisher_diagonal: a batch must be a dict of tensors, got {type(batch).__name__}")
+    out = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if not out:
+        raise InputError("fisher_diagonal: a batch holds no tensors")
+    sizes = {v.shape[0] if v.dim() else None for v in out.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise InputError(f"fisher_diagonal: batch tensors need one leading batch dimension, got "
+                         f"{ {k: list(v.shape) for k, v in out.items()} }")
+    return out
+
+
+def _targets(adapter: Adapter, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+             estimator: str, n_samples: int, gen: torch.Generator
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The label sets each example's squared gradient is taken at, their weights, and the mask.
+
+    Returns targets (each (B, K) class ids), weights (each (B,), summing to 1 per example)
+    and mask ((B, K) 1.0 where a prediction counts).
+    """
+    try:
+        labels = adapter.labels(batch)
+    except KeyError:
+        labels = None  # the model's own distribution needs no labels
+    if estimator == "empirical" and labels is None:
+        raise InputError("fisher_diagonal: the empirical Fisher needs labels, and the batch has none")
+    classes = adapter.num_classes if estimator == "empirical" else None
+    probs = None
+    if classes is None:
+        with torch.no_grad():
+            logits = adapter.logits(params, batch)
+        b, k, classes = logits.shape
+        probs = torch.softmax(logits.float(), -1)
+    else:
+        b, k = labels.shape
+    if labels is not None:
+        labels = labels.long()
+        if tuple(labels.shape) != (b, k):
+            raise InputError(f"fisher_diagonal: labels have shape {list(labels.shape)}, but the model "
+                             f"makes {k} prediction(s) for each of {b} examples")
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= classes))
+        if bad.any():
+            raise InputError(f"label {int(labels[bad][0])} is outside the model's {classes} classes "
+                             f"[0, {classes}); is this data whose labels exceed the head?")
+        mask = (labels != IGNORE_INDEX).float()
+    else:
+        mask = torch.ones(b, k, device=probs.device)
+    if estimator == "empirical":
+        return [labels.clamp(min=0)], [torch.ones(b, device=mask.device)], mask
+    if estimator == "exact":
+        if k != 1:
+            raise SpecError(f"exact Fisher needs one prediction per example, and this model makes {k}; "
+                            f"use sampled or empirical for language models")
+        if classes > MAX_EXACT_CLASSES:
+            raise SpecError(f"exact Fisher over {classes} classes takes {classes} backward passes per "
+                            f"example (at most {MAX_EXACT_CLASSES}); use estimator sampled")
+        return ([torch.full((b, 1), c, dtype=torch.long, device=mask.device) for c in range(classes)],
+                [probs[:, 0, c] for c in range(classes)], mask)
+    draws = torch.multinomial(probs.reshape(b * k, classes).cpu(), n_samples, replacement=True,
+                              generator=gen).reshape(b, k, n_samples).to(mask.device)
+    share = torch.full((b,), 1.0 / n_samples, device=mask.device)
+    return [draws[..., s] for s in range(n_samples)], [share] * n_samples, mask
+
+
+def _log_likelihood(adapter: Adapter, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                    target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum over a batch's counted predictions of log p(target | x), in float32."""
+    logp = torch.log_softmax(adapter.logits(params, batch).float(), -1)
+    return (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum()
+
+
+def _batch_vmap(adapter: Adapter, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                targets: list[torch.Tensor], weights: list[torch.Tensor], mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    def one(p, example, target, m):  # a single example, re-batched as size 1
+        ex = {k: v.unsqueeze(0) for k, v in example.items()}
+        return _log_likelihood(adapter, p, ex, target.unsqueeze(0), m.unsqueeze(0))
+
+    per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0))
+    out = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in params.items()}
+    for target, w in zip(targets, weights):
+        grads = per_example(params, batch, target, mask)
+        for n, g in grads.items():
+            g = g.float()
+            out[n] += torch.einsum("b,b...->...", w.float(), g * g)
+    return out
+
+
+def _batch_loop(adapter: Adapter, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                targets: list[torch.Tensor], weights: list[torch.Tensor], mask: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    names = list(params)
+    leaves = [params[n].detach().requires_grad_(True) for n in names]
+    p = dict(zip(names, leaves))
+    out = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in leaves]
+    size = mask.shape[0]
+    with torch.enable_grad():
+        for i in range(size):
+            if not bool(mask[i].any()):  # every prediction ignored: a zero gradient
+                continue
+            ex = {k: v[i : i + 1] for k, v in batch.items()}
+            logp = torch.log_softmax(adapter.logits(p, ex).float(), -1)[0]  # (K, C), one forward
+            for j, (target, w) in enumerate(zip(targets, weights)):
+                ll = (logp.gather(-1, target[i].unsqueeze(-1)).squeeze(-1) * mask[i]).sum()
+                grads = torch.autograd.grad(ll, leaves, retain_graph=j + 1 < len(targets),
+                                            allow_unused=True)
+                wi = float(w[i])
+                for acc, g in zip(out, grads):
+                    if g is not None:
+                        acc.add_(g.float().square(), alpha=wi)
+    return dict(zip(names, out))
