@@ -1,6 +1,7 @@
 """The teacher's side of training a gene: its data, the distillation loss, and scoring against chance.
 
     loss, kd, ce = distillation_loss(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5)
+    loss, kd, ce = distillation_loss(s, t, None, temperature=1.0, alpha=1.0, kd_reduction="mean")  # authors
 
 `_Distillation` binds a teacher (an Adapter, or a classifier module) and its batches
 on one device; `train_gene` asks it for the loss of a step and for the loss and
@@ -20,16 +21,28 @@ from torch import nn
 from weightspace.binding import IGNORE_INDEX, Adapter, ClassifierAdapter
 from weightspace.errors import InputError, SpecError
 
+KD_REDUCTIONS = ("batchmean", "mean")
+
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, *,
-                      temperature: float = 2.0, alpha: float = 0.5
+                      temperature: float = 2.0, alpha: float = 0.5, kd_reduction: str = "batchmean"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels).
+    """alpha * kd + (1 - alpha) * CE(student, labels), kd = T^2 KL(softmax(teacher/T) || softmax(student/T)).
 
-    Logits (B, K, C) with labels (B, K) (IGNORE_INDEX positions left out); the KL is
-    averaged over the predictions kept. Returns (loss, kd, ce); ce is None without labels
-    (then alpha must be 1).
+    Logits (B, K, C) with labels (B, K) (IGNORE_INDEX positions left out). `kd_reduction`
+    says what the summed KL is divided by:
+
+    - "batchmean": the N predictions kept, so kd is the KL per prediction (Hinton et al.;
+      torch's `kl_div(reduction="batchmean")`);
+    - "mean": N * C, every logit, as the authors' code does (TLEG and SWS `losses.py`,
+      `DistillationLoss.forward`, taken from DeiT: `* (T * T) / outputs_kd.numel()`). Their
+      kd is C times smaller, so at the same alpha the labels weigh C times more.
+
+    Returns (loss, kd, ce); ce is None without labels (then alpha must be 1).
     """
+    if kd_reduction not in KD_REDUCTIONS:
+        raise SpecError(f"kd_reduction: unknown {kd_reduction!r}; use batchmean (the KL per prediction) "
+                        f"or mean (divided by every logit, the authors' code)")
     c = student.shape[-1]
     s, t = student.reshape(-1, c).float(), teacher.reshape(-1, c).float()
     y = None
@@ -38,8 +51,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
         keep = y != IGNORE_INDEX
         s, t, y = s[keep], t[keep], y[keep]
     T = temperature
+    count = s.shape[0] * (c if kd_reduction == "mean" else 1)
     kd = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                  reduction="sum") * (T * T) / max(1, s.shape[0])
+                  reduction="sum") * (T * T) / max(1, count)
     if y is None:
         return kd, kd, None
     ce = F.cross_entropy(s, y) if y.numel() else s.sum() * 0.0
@@ -55,6 +69,7 @@ class _Distillation:
     data: list[dict[str, torch.Tensor]]
     temperature: float
     alpha: float
+    kd_reduction: str = "batchmean"
 
     def forward(self, student: Adapter, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]):
         """(student logits, teacher logits, labels or None) for one batch."""
@@ -63,7 +78,8 @@ class _Distillation:
         return student.logits(params, batch), t_logits, self.teacher.labels_or_none(batch)
 
     def losses(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None):
-        return distillation_loss(s_logits, t_logits, labels, temperature=self.temperature, alpha=self.alpha)
+        return distillation_loss(s_logits, t_logits, labels, temperature=self.temperature, alpha=self.alpha,
+                                 kd_reduction=self.kd_reduction)
 
     def evaluate(self, student: Adapter, compose: Callable[[], dict[str, torch.Tensor]]
                  ) -> dict[str, float | None]:
@@ -86,7 +102,7 @@ class _Distillation:
 
 
 def _bind_teacher(teacher: Any, batches: Iterable[Mapping[str, Any]], *, temperature: float, alpha: float,
-                  device: torch.device) -> _Distillation:
+                  device: torch.device, kd_reduction: str = "batchmean") -> _Distillation:
     """The teacher's adapter and parameters and the batches, on `device`; labels checked when
     the loss needs them (alpha < 1)."""
     t_adapter, t_params = _teacher_of(teacher)
@@ -94,7 +110,7 @@ def _bind_teacher(teacher: Any, batches: Iterable[Mapping[str, Any]], *, tempera
     data = _batches(batches, device)
     if alpha < 1 and any(t_adapter.labels_or_none(b) is None for b in data):
         raise InputError("train_gene: a batch has no labels; use alpha=1 (distillation only) or labelled data")
-    return _Distillation(t_adapter, t_params, data, temperature, alpha)
+    return _Distillation(t_adapter, t_params, data, temperature, alpha, kd_reduction)
 
 
 def _targets(t_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
