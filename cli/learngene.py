@@ -104,20 +104,36 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output gene directory, written atomically.")
 @click.option("--mode", type=click.Choice(["tleg", "sws"]), default="tleg", show_default=True)
-@click.option("--aux-depth", type=click.IntRange(min=1), default=6, show_default=True,
-              help="Layers of the auxiliary network the gene is trained in.")
+@click.option("--preset", type=click.Choice(["default", "authors"]), default="default", show_default=True,
+              help="The recipe of every option below left unset: default (ours, for a short run) or "
+                   "authors (TLEG's and SWS's code: T 1, alpha 1, KL / every logit, 150 epochs, "
+                   "lr 5e-4 x batch/512, 5 warm-up epochs, min lr 1e-5, no decay on 1-D tensors, no "
+                   "clipping, 12 layers (tleg) or 16 in stages 3,3,4,3,3 (sws)).")
+@click.option("--aux-depth", type=click.IntRange(min=1), default=None,
+              help="Layers of the auxiliary network the gene is trained in (default 6; authors 12 tleg, 16 sws).")
 @click.option("--stages", default=None,
-              help="sws: stage count or layer counts per stage adding up to --aux-depth (default 3 stages).")
+              help="sws: stage count or layer counts per stage adding up to --aux-depth "
+                   "(default 3 stages; authors 3,3,4,3,3 at 16 layers, else 5).")
 @click.option("--denominator", type=click.Choice(["L", "L-1"]), default="L", show_default=True)
 @click.option("--init", type=click.Choice(["random", "fit"]), default="random", show_default=True,
               help="random: the architecture's seeded init; fit: start from a fit of the teacher.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data (default 10).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over the data (default 10; authors 150).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps instead of --epochs.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=0.05, show_default=True)
-@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature T.")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Weight of the distillation term; 1 - alpha on cross-entropy with the labels.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (default 1e-3; authors 5e-4 x batch size / 512).")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=None,
+              help="Linear warm-up, in passes over the data (default 0; authors 5, from 1e-6).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None,
+              help="AdamW weight decay (default 0.05 on every tensor; authors 0.05, none on 1-D tensors).")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Distillation temperature T (default 2; authors 1).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Weight of the distillation term; 1 - alpha on cross-entropy with the labels "
+                   "(default 0.5; authors 1).")
+@click.option("--kd-reduction", type=click.Choice(["batchmean", "mean"]), default=None,
+              help="Divide the summed KL by the predictions (batchmean, the default) or by every logit "
+                   "(mean, the authors': C times smaller).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Use at most this many examples.")
@@ -125,9 +141,10 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(teacher: str, data: str, out: Path, mode: str, aux_depth: int, stages: str | None,
-          denominator: str, init: str, epochs: int | None, steps: int | None, lr: float,
-          weight_decay: float, temperature: float, alpha: float, split: str, batch_size: int,
+def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth: int | None, stages: str | None,
+          denominator: str, init: str, epochs: int | None, steps: int | None, lr: float | None,
+          warmup_epochs: float | None, weight_decay: float | None, temperature: float | None,
+          alpha: float | None, kd_reduction: str | None, split: str, batch_size: int,
           n_examples: int | None, device: str, seed: int, overwrite: bool, no_progress: bool) -> None:
     """Train a gene by distillation: an auxiliary network built from it learns from TEACHER.
 
@@ -136,13 +153,17 @@ def train(teacher: str, data: str, out: Path, mode: str, aux_depth: int, stages:
     layer tensors are computed from the gene every step (TLEG: A + (l/L) B; SWS: the
     stage's tensor), and only the gene and the non-layer tensors are trained, with
       loss = alpha T^2 KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) CE(student, y)
-    (AdamW, cosine decay). Then expand the gene to any depth.
+    (AdamW, warm-up then cosine decay). Then expand the gene to any depth.
+    --preset authors runs the recipe of the TLEG and SWS code (pure distillation at T 1,
+    150 epochs, ...; their data augmentation is not reproduced).
 
     \b
     Examples (from the repository root; any zoo checkpoint can teach):
       wsmerge learngene train --teacher examples/digits/base --data digits \\
           --mode sws --aux-depth 3 --epochs 1 -o runs/digits-sws.gene
       wsmerge learngene expand runs/digits-sws.gene --depth 6 -o runs/digits-x6
+      wsmerge learngene train --teacher examples/digits/base --data digits --preset authors \\
+          --aux-depth 4 --epochs 2 -o runs/digits-authors.gene
     """
     from weightspace.errors import SpecError
     from weightspace.merges.learngene import save_gene, train_gene
@@ -163,16 +184,21 @@ def train(teacher: str, data: str, out: Path, mode: str, aux_depth: int, stages:
         return build_model({**arch, "depth": depth}, shape, classes)
 
     batches = open_batches(data, adapter, split=split, batch_size=batch_size, n_examples=n_examples)
-    gene = train_gene(factory, adapter, batches, mode=mode, aux_depth=aux_depth, stages=_stages(stages),
-                      denominator=denominator, temperature=temperature, alpha=alpha, epochs=epochs,
-                      steps=steps, lr=lr, weight_decay=weight_decay, seed=seed, init=init,
-                      config={**cfg, "arch": {**arch, "depth": aux_depth}}, device=device,
+    from weightspace.merges.learngene.train import PRESETS
+
+    depth = aux_depth if aux_depth is not None else PRESETS[preset]["aux_depth"]
+    depth = depth[mode] if isinstance(depth, dict) else depth
+    gene = train_gene(factory, adapter, batches, mode=mode, preset=preset, aux_depth=depth, stages=_stages(stages),
+                      denominator=denominator, temperature=temperature, alpha=alpha, kd_reduction=kd_reduction,
+                      epochs=epochs, steps=steps, lr=lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+                      seed=seed, init=init, config={**cfg, "arch": {**arch, "depth": depth}}, device=device,
                       progress=not no_progress and sys.stderr.isatty())
     gene.meta["provenance"].update({"teacher": teacher, "data": data, "split": split})
     save_gene(gene, out, overwrite=overwrite)
     r = gene.meta["report"]
     click.echo(f"{out}: {_describe(gene)} trained in {r['seconds']:.1f} s ({r['steps']} steps, "
-               f"{r['examples']} examples)")
+               f"{r['examples']} examples; preset {r['preset']}: lr {r['lr']:.3g}, T {r['temperature']:g}, "
+               f"alpha {r['alpha']:g}, KL {r['kd_reduction']}, {r['warmup_steps']} warm-up steps)")
     click.echo(f"loss {_fmt(r['loss_start'])} -> {_fmt(r['loss_end'])}   distillation {_fmt(r['kd_start'])} -> "
                f"{_fmt(r['kd_end'])}   cross-entropy {_fmt(r['ce_start'])} -> {_fmt(r['ce_end'])}")
     click.echo(f"accuracy {_fmt(r['acc_start'], '.3f')} -> {_fmt(r['acc_end'], '.3f')} on the training "

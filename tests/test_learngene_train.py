@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from weightspace.binding import ClassifierAdapter, load_into
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
-from weightspace.merges.learngene import distillation_loss, expand, load_gene, train_gene
+from weightspace.merges.learngene import distillation_loss, expand, load_gene, lr_at, train_gene
 from weightspace.sources import load_space
 
 # ---------------------------------------------------------------------------------------------
@@ -167,3 +168,137 @@ def test_cli_train_warns_when_the_gene_stayed_at_chance(teacher, tmp_path, run_c
     assert f"accuracy {rep['acc_start']:.3f} -> {rep['acc_end']:.3f} on the training data" in out
     assert err.startswith("warning: the auxiliary network is still at chance after 1 steps")
     assert "train longer (--epochs) or with a larger --lr (now 1e-09)" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' recipe (preset="authors") and the defects it fixed
+
+
+def test_distillation_loss_mean_reduction_divides_by_every_logit():
+    """kd_reduction="mean" is the authors' losses.py (DeiT): sum KL * T^2 / outputs.numel(), so at
+    the same alpha its distillation term is C times smaller than the KL per prediction."""
+    g = torch.Generator().manual_seed(3)
+    B, C, T = 6, 10, 1.0
+    s, t = torch.randn(B, 1, C, generator=g), torch.randn(B, 1, C, generator=g)
+    y = torch.randint(0, C, (B, 1), generator=g)
+    ps, pt = torch.softmax(s[:, 0] / T, -1), torch.softmax(t[:, 0] / T, -1)
+    kl_sum = (pt * (pt.log() - ps.log())).sum()
+    loss, kd, ce = distillation_loss(s, t, y, temperature=T, alpha=1.0, kd_reduction="mean")
+    torch.testing.assert_close(kd, kl_sum * T * T / (B * C))
+    torch.testing.assert_close(loss, kd)                        # alpha = 1: distillation only
+    _, kd_batch, _ = distillation_loss(s, t, y, temperature=T, alpha=1.0)
+    torch.testing.assert_close(kd_batch, kl_sum / B)
+    torch.testing.assert_close(kd_batch, C * kd)
+    with pytest.raises(SpecError, match="kd_reduction: unknown 'sum'"):
+        distillation_loss(s, t, y, kd_reduction="sum")
+
+
+def _resmlp(depth: int, width: int = 8):
+    from weightspace.zoo.arch import build_model
+
+    return build_model({"arch": "resmlp", "width": width, "depth": depth}, (1, 4, 4), 5)
+
+
+def _random_batches(n: int = 2, size: int = 16):
+    g = torch.Generator().manual_seed(5)
+    return [{"x": torch.rand(size, 1, 4, 4, generator=g), "y": torch.randint(0, 5, (size,), generator=g)}
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("teacher_depth, stages, groups", [
+    (7, [1, 5, 1], [[0], [1, 2, 3, 4, 5], [6]]),        # the list itself, not 7 layers split 3,2,2
+    (7, [2, 3, 2], [[0, 1], [2, 3, 4], [5, 6]]),
+    (6, [1, 5, 1], [[0], [1, 2, 3, 4], [5]]),           # by relative depth: centres 1/12, 3/12, ... 11/12
+    (6, [2, 3, 2], [[0, 1], [2, 3], [4, 5]]),
+])
+def test_sws_fit_init_starts_each_stage_from_its_own_teacher_layers(teacher_depth, stages, groups):
+    torch.manual_seed(11)
+    teacher = _resmlp(teacher_depth)
+    with torch.no_grad():                                # layers that differ in every tensor
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p))
+    gene = train_gene(lambda d: _resmlp(d), teacher, _random_batches(), mode="sws", aux_depth=sum(stages),
+                      stages=stages, init="fit", steps=1, lr=1e-12)
+    assert gene.meta["stages"] == stages
+    tp = dict(teacher.named_parameters())
+    for suffix in ("fc1.weight", "fc2.bias", "norm.weight"):
+        for s, layers in enumerate(groups):
+            want = torch.stack([tp[f"blocks.{j}.{suffix}"].detach() for j in layers]).mean(0)
+            torch.testing.assert_close(gene.space[f"gene.stage{s}.{suffix}"].load(), want, atol=1e-6, rtol=0)
+    with pytest.raises(SpecError, match="leave stage 1 without a layer of the 2-layer teacher"):
+        train_gene(lambda d: _resmlp(d), _resmlp(2), _random_batches(), mode="sws", aux_depth=7,
+                   stages=[3, 1, 3], init="fit", steps=1)
+
+
+def test_lr_at_is_timm_cosine_with_linear_warmup():
+    lr, lo, w0, total, warm = 5e-4, 1e-5, 1e-6, 40, 8
+    got = [lr_at(i, total, lr=lr, warmup_steps=warm, warmup_lr=w0, min_lr=lo) for i in range(total)]
+    want = [w0 + (lr - w0) * i / warm if i < warm else lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * i / total))
+            for i in range(total)]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert [lr_at(i, 10, lr=1e-3) for i in range(10)] == pytest.approx(
+        [1e-3 * 0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)], rel=1e-12)
+
+
+def test_authors_preset_warms_up_from_1e6():
+    """One AdamW step moves an entry with a gradient by ~lr: 1e-6 at the start of the authors'
+    warm-up, 1e-3 without one (our default)."""
+    batches = _random_batches()
+    teacher = _resmlp(3)
+    for preset, first_lr in (("authors", 1e-6), ("default", 1e-3)):
+        gene = train_gene(lambda d: _resmlp(d), teacher, batches, preset=preset, aux_depth=3, steps=1, seed=2)
+        torch.manual_seed(2)
+        start = _resmlp(3).blocks[0].fc1.weight.detach()
+        moved = (gene.space["gene.A.fc1.weight"].load() - start).abs().max()
+        assert float(moved) == pytest.approx(first_lr, rel=0.1), preset     # float32 rounding of ~0.3
+
+
+def test_authors_preset_settings():
+    from weightspace.zoo.arch import build_model
+
+    batches = _random_batches(n=3, size=16)
+    teacher = _resmlp(3)
+    rep = train_gene(lambda d: _resmlp(d), teacher, batches, preset="authors", steps=1).meta
+    assert rep["source_depth"] == 12                                   # Aux-S of TLEG
+    r = rep["report"]
+    assert (r["preset"], r["temperature"], r["alpha"], r["kd_reduction"]) == ("authors", 1.0, 1.0, "mean")
+    assert r["lr"] == pytest.approx(5e-4 * 16 / 512)                   # DeiT's linear scaling at batch 16
+    assert (r["warmup_lr"], r["min_lr"], r["weight_decay"], r["decay_1d"], r["clip"]) == (1e-6, 1e-5, 0.05,
+                                                                                       False, 0.0)
+    r = train_gene(lambda d: _resmlp(d), teacher, batches, preset="authors", aux_depth=3, epochs=2).meta["report"]
+    assert (r["epochs"], r["steps"], r["warmup_steps"]) == (2, 6, 15)  # 5 warm-up epochs of 3 batches
+    sws = train_gene(lambda d: _resmlp(d), teacher, batches, mode="sws", preset="authors", steps=1).meta
+    assert (sws["source_depth"], sws["stages"]) == (16, [3, 3, 4, 3, 3])   # SWS Aux-S, L16_33433
+    assert train_gene(lambda d: _resmlp(d), teacher, batches, mode="sws", preset="authors", aux_depth=7,
+                      steps=1).meta["stages"] == [2, 2, 1, 1, 1]
+    r = train_gene(lambda d: _resmlp(d), teacher, batches, aux_depth=3, steps=1).meta["report"]
+    assert (r["preset"], r["temperature"], r["alpha"], r["kd_reduction"], r["lr"], r["clip"],
+            r["warmup_steps"], r["decay_1d"]) == ("default", 2.0, 0.5, "batchmean", 1e-3, 1.0, 0, True)
+    with pytest.raises(SpecError, match="preset: unknown 'paper'; use default or authors"):
+        train_gene(lambda d: _resmlp(d), teacher, batches, preset="paper")
+    # no weight decay on 1-D tensors, biases, pos_embed or cls_token (timm's param_groups_weight_decay)
+    from weightspace.merges.learngene.train import _check_recipe, _param_groups, _with_preset
+
+    vit = build_model({"arch": "vit", "width": 8, "depth": 2, "patch": 2, "heads": 2}, (1, 4, 4), 5)
+    leaves = {"gene.A.attn.qkv.weight": torch.zeros(24, 8), "gene.B.norm1.weight": torch.zeros(8),
+              "gene.A.mlp.fc1.bias": torch.zeros(16), "pos_embed": torch.zeros(1, 5, 8),
+              "cls_token": torch.zeros(1, 1, 8), "head.weight": torch.zeros(5, 8)}
+    args = dict(mode="tleg", aux_depth=2, stages=None, denominator="L", temperature=None, alpha=None,
+                kd_reduction=None, epochs=None, steps=1, lr=None, weight_decay=None, decay_1d=None, clip=None,
+                warmup_epochs=None, warmup_lr=None, min_lr=None, seed=0, init="random")
+    decayed, skipped = _param_groups(leaves, _check_recipe(_with_preset("authors", **args)), vit)
+    assert decayed["weight_decay"] == 0.05 and skipped["weight_decay"] == 0.0
+    assert decayed["names"] == ["gene.A.attn.qkv.weight", "head.weight"]
+    assert skipped["names"] == ["gene.B.norm1.weight", "gene.A.mlp.fc1.bias", "pos_embed", "cls_token"]
+    (every,) = _param_groups(leaves, _check_recipe(_with_preset("default", **args)), vit)
+    assert every["names"] == list(leaves) and every["weight_decay"] == 0.05
+
+
+def test_cli_train_with_the_authors_preset(teacher, tmp_path, run_cli):
+    code, out, err = run_cli("learngene", "train", "--teacher", teacher, "--data", "digits", "--preset", "authors",
+                             "--aux-depth", "3", "--epochs", "1", "--n-examples", "128", "--batch-size", "64",
+                             "-o", tmp_path / "g", "--no-progress")
+    assert code == 0, err
+    assert "preset authors: lr 6.25e-05, T 1, alpha 1, KL mean, 10 warm-up steps" in out
+    r = load_gene(tmp_path / "g").meta["report"]
+    assert (r["preset"], r["steps"], r["alpha"]) == ("authors", 2, 1.0)

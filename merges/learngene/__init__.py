@@ -37,10 +37,13 @@ Where a gene comes from:
   the mean of each stage's layers. Streamed one suffix at a time in two passes
   over its L tensors (sums, then residuals): memory is a few tensors of one
   suffix, never the stack. `meta["report"]` holds the fit residuals.
-- `train_gene(...)`: the papers' recipe. An auxiliary network of `aux_depth`
+- `train_gene(...)`: the papers' method. An auxiliary network of `aux_depth`
   layers whose per-layer tensors are *computed* from the gene (A + x_l B, or
   the stage tensor) is trained by soft distillation from a teacher; only the
-  gene and the non-layer tensors are parameters.
+  gene and the non-layer tensors are parameters. `preset="authors"` runs the
+  recipe of the authors' code (pure distillation at T = 1, 150 epochs, warm-up,
+  no weight decay on 1-D tensors; `PRESETS`); the default is a shorter recipe
+  of ours.
 
 The gene on disk (`save_gene`, `load_gene`) is a checkpoint directory with
 model.safetensors, gene.json, the source's config and its tokenizer files
@@ -92,12 +95,13 @@ from weightspace.merges.learngene.layout import (
     stage_sizes,
 )
 from weightspace.merges.learngene.summary import gene_summary
-from weightspace.merges.learngene.train import train_gene
+from weightspace.merges.learngene.train import PRESETS, lr_at, train_gene
 
 __all__ = [
     "DENOMINATORS",
     "FORMAT",
     "MODES",
+    "PRESETS",
     "Gene",
     "check_compatible",
     "config_with_depth",
@@ -113,6 +117,7 @@ __all__ = [
     "layer_position",
     "layer_stages",
     "load_gene",
+    "lr_at",
     "parse_stages",
     "save_expanded",
     "save_gene",

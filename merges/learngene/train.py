@@ -1,6 +1,7 @@
 """Training a gene the papers' way: an auxiliary network built from it, distilled from a teacher.
 
     gene = train_gene(factory, teacher, open_batches("digits", teacher), mode="tleg", aux_depth=6)
+    gene = train_gene(factory, teacher, batches, mode="sws", preset="authors")   # TLEG/SWS code's recipe
     gene.meta["report"]["kd_start"], gene.meta["report"]["kd_end"]     # distillation loss, before/after
 
 The auxiliary network's per-layer tensors are *computed* from the gene each step
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,7 +30,7 @@ from weightspace.binding import Adapter
 from weightspace.errors import InputError, NonFiniteError, SpecError
 from weightspace.ir import MemoryRef, TensorRef, WeightSpace
 from weightspace.merges.learngene.config_depth import find_depth_key
-from weightspace.merges.learngene.distill import _bind_teacher, _Distillation
+from weightspace.merges.learngene.distill import KD_REDUCTIONS, _bind_teacher, _Distillation
 from weightspace.merges.learngene.expand import check_compatible
 from weightspace.merges.learngene.fit import fit_gene
 from weightspace.merges.learngene.gene import Gene, _gene_dtype, _gene_meta, gene_name
@@ -46,6 +48,40 @@ from weightspace.structure import LayerName, parse_layer
 # `train_gene` without epochs or steps: enough passes that a small network leaves chance (one
 # pass over digits leaves a 6-layer MLP at chance); the papers train for 100+ epochs.
 DEFAULT_EPOCHS = 10
+
+# The recipes `preset` names; an argument left at None takes its preset's value.
+#
+# "default": ours, for a short run on a small task: soft targets at T = 2 mixed half and half with
+# the labels, the KL per prediction, a higher lr, every tensor decayed, clipped gradients.
+#
+# "authors": the aux-net training of TLEG (github.com/AlphaXia/TLEG, README "Training Aux-S":
+# `--epochs 150 --distillation-type soft --distillation-alpha 1.0 --drop-path 0.0`) and of SWS
+# (github.com/AlphaXia/SWS, README "Training Aux-S": the same plus `--warmup-epochs 5
+# --weight-decay 0.05 --lr 5e-4`), with the rest from their main.py `get_args_parser` (DeiT's):
+# --distillation-tau 1.0, --opt adamw, --sched cosine, --warmup-lr 1e-6, --min-lr 1e-5,
+# --clip-grad None; `args.lr * batch_size * world_size / 512` (main.py, linear scaling); timm's
+# `create_optimizer`, which exempts 1-D tensors, biases and `no_weight_decay()` names (pos_embed,
+# cls_token) from weight decay; and losses.py's KL divided by every logit. Aux-S has 12 layers
+# (TLEG: aux_models.py `get_repeated_schedule(12)`) or 16 in stages 3,3,4,3,3 (SWS:
+# aux_models.py `get_repeated_schedule_12`, model `aux_deit_small_patch16_224_L16_33433`).
+# Not reproduced: their data augmentation (RandAugment, mixup, cutmix, random erasing), model
+# EMA and mixed precision; the schedule here steps every batch, theirs every epoch.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {"aux_depth": 6, "temperature": 2.0, "alpha": 0.5, "kd_reduction": "batchmean",
+                "epochs": DEFAULT_EPOCHS, "lr": 1e-3, "weight_decay": 0.05, "decay_1d": True, "clip": 1.0,
+                "warmup_epochs": 0.0, "warmup_lr": 0.0, "min_lr": 0.0},
+    "authors": {"aux_depth": {"tleg": 12, "sws": 16}, "temperature": 1.0, "alpha": 1.0, "kd_reduction": "mean",
+                "epochs": 150, "lr": None, "weight_decay": 0.05, "decay_1d": False, "clip": 0.0,
+                "warmup_epochs": 5.0, "warmup_lr": 1e-6, "min_lr": 1e-5},
+}
+# "authors": lr = AUTHORS_LR * (examples per batch) / 512, DeiT's linear scaling of --lr 5e-4
+AUTHORS_LR = 5e-4
+# "authors", SWS: the 16-layer Aux-S's stages; at another aux_depth, AUTHORS_STAGE_COUNT stages split evenly
+AUTHORS_STAGES = (3, 3, 4, 3, 3)
+AUTHORS_STAGE_COUNT = 5
+# exempt from weight decay with decay_1d=False besides 1-D tensors and biases (the authors' ViT
+# `no_weight_decay()`); a student's own `no_weight_decay()` names are added
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
 # a trained network whose accuracy is at most this many times the chance rate is "at chance"
 CHANCE_MARGIN = 1.5
 
@@ -56,16 +92,22 @@ def train_gene(
     batches: Iterable[Mapping[str, Any]],
     *,
     mode: str = "tleg",
-    aux_depth: int = 6,
+    preset: str = "default",
+    aux_depth: int | None = None,
     stages: int | Sequence[int] | None = None,
     denominator: str = "L",
-    temperature: float = 2.0,
-    alpha: float = 0.5,
+    temperature: float | None = None,
+    alpha: float | None = None,
+    kd_reduction: str | None = None,
     epochs: int | None = None,
     steps: int | None = None,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    clip: float | None = 1.0,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    decay_1d: bool | None = None,
+    clip: float | None = None,
+    warmup_epochs: float | None = None,
+    warmup_lr: float | None = None,
+    min_lr: float | None = None,
     seed: int = 0,
     init: str = "random",
     config: Mapping[str, Any] | None = None,
@@ -78,38 +120,69 @@ def train_gene(
         factory = lambda d: build_model({**arch, "depth": d}, (1, 8, 8), 10)
         gene = train_gene(factory, teacher, open_batches("digits", teacher), mode="tleg",
                           aux_depth=6, epochs=5)
+        gene = train_gene(factory, teacher, batches, mode="sws", preset="authors")   # 16 layers, 3,3,4,3,3
         save_expanded(gene, 12, "vit-x12")
 
     The auxiliary network is `student_factory(aux_depth)` (seeded with `seed`), run with
     `torch.func.functional_call`: each step its per-layer tensors are composed from the
     gene, A_s + x_l B_s (TLEG, x_l = l/aux_depth or l/(aux_depth-1)) or the tensor of the
-    stage layer l belongs to (SWS, `stages` a count or list adding up to aux_depth;
-    default min(3, aux_depth) stages split evenly). Trained: the gene tensors and the
-    non-layer tensors; loss `distillation_loss` (soft distillation at `temperature`,
-    weight `alpha` on it, 1 - alpha on cross-entropy with the labels); AdamW with a
-    cosine decay over `steps` optimizer steps (or `epochs` passes, default 10), gradient
-    norm clipped at `clip`. The student runs in eval mode (no dropout).
+    stage layer l belongs to (SWS, `stages` a count or list adding up to aux_depth).
+    Trained: the gene tensors and the non-layer tensors; loss `distillation_loss` (soft
+    distillation at `temperature`, weight `alpha` on it, 1 - alpha on cross-entropy with
+    the labels, the KL divided as `kd_reduction` says); AdamW (`weight_decay`, on every
+    tensor, or with `decay_1d=False` not on 1-D tensors, biases, pos_embed and cls_token)
+    for `steps` optimizer steps (or `epochs` passes); the lr rises linearly from `warmup_lr`
+    over `warmup_epochs` passes, then follows a cosine from `lr` to `min_lr` (`lr_at`);
+    gradient norm clipped at `clip` (0: not clipped). The student runs in eval mode (no
+    dropout).
+
+    `preset` fills every argument left at None (`PRESETS`, explicit arguments win):
+
+    ============  =====================================  ===============================================
+    argument      "default" (ours)                       "authors" (TLEG and SWS code, Aux-S)
+    ============  =====================================  ===============================================
+    aux_depth     6                                      12 (TLEG), 16 (SWS)
+    stages (SWS)  min(3, aux_depth), split evenly         3,3,4,3,3 at 16 layers, else 5 split evenly
+    temperature   2.0                                    1.0
+    alpha         0.5                                    1.0 (distillation only)
+    kd_reduction  "batchmean" (KL per prediction)        "mean" (divided by every logit: C times less)
+    epochs        10                                     150
+    lr            1e-3                                   5e-4 * batch size / 512
+    weight_decay  0.05 on every tensor                   0.05, none on 1-D tensors and biases
+    clip          1.0                                    0 (none)
+    warm-up       none                                   5 epochs from 1e-6
+    min_lr        0                                      1e-5
+    ============  =====================================  ===============================================
+
+    Their data augmentation (RandAugment, mixup, cutmix), EMA and per-epoch lr steps are
+    not reproduced. Ours is the default because it leaves chance within a few epochs on a
+    small task, where 150 epochs at lr 6e-5 (their rule at batch 64) are slow.
 
     `init`: "random" starts from the student's own seeded initialization (A and stage
     tensors from its layers 0, 1, ...; B from layer 1 where the architecture draws layers
     at random, 0 where it sets them to constants such as norm weights: the authors' code
     draws both A and B for weights and zeros B for norms); "fit" starts from
-    `fit_gene` of the teacher's weights (same architecture and width).
+    `fit_gene` of the teacher's weights (same architecture and width; SWS: each stage
+    from the teacher layers at the same relative depth as the stage's layers).
 
     `config` is the auxiliary network's config.json (depth key rewritten on expansion;
     default: `student.config.to_dict()` for a transformers module; without one,
     expansions are written without a config.json). `teacher` is an
     Adapter, an nn.Module (a classifier: batches {"x", "y"}), or (either, params).
     Returns a Gene: source_depth = aux_depth, `meta["history"]` the loss per step,
-    `meta["report"]` loss/kd/ce over all batches before and after training.
+    `meta["report"]` loss/kd/ce over all batches before and after training, and the
+    recipe as run (preset, lr, warm-up steps, ...).
     """
     t_start = time.perf_counter()
-    recipe = _check_recipe(mode=mode, aux_depth=aux_depth, stages=stages, denominator=denominator,
-                           temperature=temperature, alpha=alpha, epochs=epochs, steps=steps, lr=lr,
-                           weight_decay=weight_decay, clip=clip, seed=seed, init=init)
+    recipe = _check_recipe(_with_preset(
+        preset, mode=mode, aux_depth=aux_depth, stages=stages, denominator=denominator,
+        temperature=temperature, alpha=alpha, kd_reduction=kd_reduction, epochs=epochs, steps=steps, lr=lr,
+        weight_decay=weight_decay, decay_1d=decay_1d, clip=clip, warmup_epochs=warmup_epochs,
+        warmup_lr=warmup_lr, min_lr=min_lr, seed=seed, init=init))
     device = torch.device(device)
     distill = _bind_teacher(teacher, batches, temperature=recipe.temperature, alpha=recipe.alpha,
-                            device=device)
+                            device=device, kd_reduction=recipe.kd_reduction)
+    recipe = recipe.at_batch(int(next(iter(distill.data[0].values())).shape[0]))
     aux = _build_auxiliary(student_factory, distill.teacher, recipe, device)
     aux.leaves = _starting_tensors(aux, recipe, distill.teacher_params, device)
     with _in_eval_mode(aux.student, distill.teacher.module):
@@ -137,55 +210,109 @@ def train_gene(
 # the steps of train_gene, in order
 
 
+def _with_preset(preset: str, **given: Any) -> dict[str, Any]:
+    """The arguments of train_gene with those left at None taken from `preset` (PRESETS)."""
+    if preset not in PRESETS:
+        raise SpecError(f"preset: unknown {preset!r}; use {' or '.join(PRESETS)}")
+    out = dict(given, preset=preset)
+    for k, v in PRESETS[preset].items():
+        if out.get(k) is None:
+            out[k] = v[given["mode"]] if isinstance(v, dict) and given["mode"] in v else v
+    if out["steps"] is not None and given["epochs"] is None:
+        out["epochs"] = None      # steps given: the preset's epochs do not apply
+    if preset == "authors" and given["mode"] == "sws" and out["stages"] is None and isinstance(out["aux_depth"], int):
+        out["stages"] = (list(AUTHORS_STAGES) if out["aux_depth"] == sum(AUTHORS_STAGES)
+                         else min(AUTHORS_STAGE_COUNT, out["aux_depth"]))
+    return out
+
+
 @dataclass(frozen=True)
 class _Recipe:
-    """train_gene's checked arguments; `denominator` is None for SWS, `stages` None for TLEG."""
+    """train_gene's checked arguments, presets filled in; `denominator` is None for SWS, `stages`
+    None for TLEG; `lr` None until `at_batch` applies the authors' linear scaling."""
 
+    preset: str
     mode: str
     aux_depth: int
     denominator: str | None
     stages: list[int] | None
     temperature: float
     alpha: float
+    kd_reduction: str
     epochs: int | None
     steps: int | None
-    lr: float
+    lr: float | None
     weight_decay: float
-    clip: float | None
+    decay_1d: bool
+    clip: float
+    warmup_epochs: float
+    warmup_lr: float
+    min_lr: float
     seed: int
     init: str
+    batch_size: int | None = None
+
+    def at_batch(self, batch_size: int) -> _Recipe:
+        """The recipe for batches of `batch_size` examples (the first batch's): the authors' lr."""
+        lr = self.lr if self.lr is not None else AUTHORS_LR * batch_size / 512
+        return dataclasses.replace(self, lr=lr, batch_size=batch_size)
 
     def total_steps(self, batches: int) -> int:
         return self.steps if self.steps is not None else (self.epochs or DEFAULT_EPOCHS) * batches
 
+    def warmup_steps(self, batches: int) -> int:
+        return int(round(self.warmup_epochs * batches))
 
-def _check_recipe(*, mode: str, aux_depth: int, stages: int | Sequence[int] | None, denominator: str,
-                  temperature: float, alpha: float, epochs: int | None, steps: int | None, lr: float,
-                  weight_decay: float, clip: float | None, seed: int, init: str) -> _Recipe:
+
+def lr_at(step: int, total: int, *, lr: float, warmup_steps: int = 0, warmup_lr: float = 0.0,
+          min_lr: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`.
+
+        lr_at(0, 100, lr=1e-3)                                  # 1e-3: cosine decay to 0, no warm-up
+        lr_at(2, 100, lr=5e-4, warmup_steps=5, warmup_lr=1e-6)  # on the way up
+
+    timm's CosineLRScheduler as DeiT's main.py (and so TLEG's and SWS's) configures it, per
+    step: warmup_lr + (lr - warmup_lr) step / warmup_steps during the warm-up, then
+    min_lr + (lr - min_lr) (1 + cos(pi step / total)) / 2. The cosine's clock starts at step 0,
+    not after the warm-up (timm's warmup_prefix=False).
+    """
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def _check_recipe(a: dict[str, Any]) -> _Recipe:
     """Every argument checked before the teacher or the student is touched."""
-    mode = _check_mode(mode)
-    aux_depth = _check_depth(aux_depth, "aux_depth")
-    den = _check_denominator(denominator) if mode == "tleg" else None
+    mode = _check_mode(a["mode"])
+    aux_depth = _check_depth(a["aux_depth"], "aux_depth")
+    den = _check_denominator(a["denominator"]) if mode == "tleg" else None
     if mode == "tleg" and aux_depth < 2:
         raise SpecError("aux_depth: TLEG's auxiliary network needs at least two layers (x_l must vary)")
-    if mode == "tleg" and stages is not None:
+    if mode == "tleg" and a["stages"] is not None:
         raise SpecError("stages apply to sws genes; a tleg gene has none")
-    sizes = _source_stages(aux_depth, stages) if mode == "sws" else None
+    sizes = _source_stages(aux_depth, a["stages"]) if mode == "sws" else None
+    init = a["init"]
     if init not in ("random", "fit"):
         raise SpecError(f"init: unknown {init!r}; use random or fit")
+    temperature, alpha, lr = a["temperature"], a["alpha"], a["lr"]
     if not temperature > 0 or not math.isfinite(temperature):
         raise SpecError(f"temperature must be a positive number, got {temperature!r}")
     if not 0.0 <= alpha <= 1.0:
         raise SpecError(f"alpha must be in [0, 1], got {alpha!r}")
-    if not lr > 0 or weight_decay < 0 or (clip is not None and clip <= 0):
-        raise SpecError("lr must be > 0, weight_decay >= 0 and clip > 0 (or None)")
-    if epochs is not None and steps is not None:
+    if a["kd_reduction"] not in KD_REDUCTIONS:
+        raise SpecError(f"kd_reduction: unknown {a['kd_reduction']!r}; use {' or '.join(KD_REDUCTIONS)}")
+    if (lr is not None and not lr > 0) or a["weight_decay"] < 0 or a["clip"] < 0:
+        raise SpecError("lr must be > 0, weight_decay >= 0 and clip >= 0 (0: no clipping)")
+    if a["warmup_epochs"] < 0 or a["warmup_lr"] < 0 or a["min_lr"] < 0:
+        raise SpecError("warmup_epochs, warmup_lr and min_lr must be >= 0")
+    if a["epochs"] is not None and a["steps"] is not None:
         raise SpecError("give epochs or steps, not both")
-    for v, what in ((epochs, "epochs"), (steps, "steps")):
+    for v, what in ((a["epochs"], "epochs"), (a["steps"], "steps")):
         if v is not None:
             _check_depth(v, what)
-    return _Recipe(mode, aux_depth, den, sizes, temperature, alpha, epochs, steps, lr, weight_decay, clip,
-                   seed, init)
+    return _Recipe(a["preset"], mode, aux_depth, den, sizes, float(temperature), float(alpha), a["kd_reduction"],
+                   a["epochs"], a["steps"], lr, float(a["weight_decay"]), bool(a["decay_1d"]), float(a["clip"]),
+                   float(a["warmup_epochs"]), float(a["warmup_lr"]), float(a["min_lr"]), a["seed"], init)
 
 
 @dataclass
@@ -266,8 +393,10 @@ def _fit_of_teacher(aux: _Auxiliary, recipe: _Recipe,
     stack, sizes = aux.stack, recipe.stages
     tspace = WeightSpace.from_tensors({k: v.cpu() for k, v in teacher_params.items()},
                                       {"source": "the teacher", "format": "memory"})
+    teacher_depth = _read_stack({n: (tuple(t.shape), t.dtype) for n, t in teacher_params.items()},
+                                "the teacher").depth
     start = fit_gene(tspace, mode=recipe.mode, denominator=recipe.denominator or "L",
-                     stages=len(sizes) if sizes is not None else None)
+                     stages=_teacher_stages(sizes, teacher_depth) if sizes is not None else None)
     sspace = WeightSpace({n: MemoryRef(n, p.detach()) for n, p in aux.named.items()},
                          {"source": aux.where, "format": "memory"})
     check_compatible(start, sspace)
@@ -275,6 +404,25 @@ def _fit_of_teacher(aux: _Auxiliary, recipe: _Recipe,
               for n in start.tensor_names(s)}
     nonlayer_t = {n: start.space[n].load("cpu", torch.float32) for n in stack.non_layer}
     return {**gene_t, **nonlayer_t}
+
+
+def _teacher_stages(sizes: list[int], teacher_depth: int) -> list[int]:
+    """The auxiliary network's stages (layer counts at aux depth) carried over to the teacher's
+    depth: teacher layer j joins the stage that holds relative depth (j + 1/2) / teacher_depth.
+    At equal depth the list is the auxiliary network's own (1,5,1 fits layers 0 | 1-5 | 6)."""
+    depth = sum(sizes)
+    if teacher_depth == depth:
+        return list(sizes)
+    ends = [sum(sizes[:s + 1]) / depth for s in range(len(sizes))]
+    out = [0] * len(sizes)
+    for j in range(teacher_depth):
+        centre = (j + 0.5) / teacher_depth
+        out[next(s for s, e in enumerate(ends) if centre < e or s == len(ends) - 1)] += 1
+    if 0 in out:
+        raise SpecError(f"init='fit': stages {','.join(map(str, sizes))} over {depth} layers leave stage "
+                        f"{out.index(0)} without a layer of the {teacher_depth}-layer teacher at the same "
+                        f"relative depth; use fewer stages or init='random'")
+    return out
 
 
 def _from_student_init(aux: _Auxiliary, recipe: _Recipe) -> dict[str, torch.Tensor]:
@@ -312,11 +460,36 @@ def _in_eval_mode(student: nn.Module, teacher: nn.Module) -> Iterator[None]:
         teacher.train(was_training[1])
 
 
+def _no_decay(name: str, tensor: torch.Tensor, student: nn.Module) -> bool:
+    """decay_1d=False leaves out what timm's `param_groups_weight_decay` leaves out (the authors'
+    optimizer): 1-D tensors, biases and the model's `no_weight_decay()` names."""
+    named = getattr(student, "no_weight_decay", None)
+    extra = set(named()) if callable(named) else set()
+    leaf = _suffix_of(name) if name.startswith("gene.") else name
+    return (tensor.ndim <= 1 or name.endswith(".bias") or leaf in extra
+            or leaf.split(".")[-1] in NO_DECAY_NAMES)
+
+
+def _param_groups(leaves: dict[str, torch.Tensor], recipe: _Recipe, student: nn.Module) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: every leaf decayed, or (decay_1d=False) two groups, the second
+    without weight decay."""
+    if recipe.decay_1d:
+        return [{"params": list(leaves.values()), "weight_decay": recipe.weight_decay, "names": list(leaves)}]
+    skip = {n for n, t in leaves.items() if _no_decay(n, t, student)}
+    return [{"params": [t for n, t in leaves.items() if n not in skip], "weight_decay": recipe.weight_decay,
+             "names": [n for n in leaves if n not in skip]},
+            {"params": [t for n, t in leaves.items() if n in skip], "weight_decay": 0.0,
+             "names": [n for n in leaves if n in skip]}]
+
+
 def _optimize(aux: _Auxiliary, distill: _Distillation, recipe: _Recipe, total: int,
               progress: bool) -> list[float]:
-    """`total` AdamW steps on the leaves, cosine-decayed lr, shuffled batches; the loss per step."""
-    lr = recipe.lr
-    opt = torch.optim.AdamW(list(aux.leaves.values()), lr=lr, weight_decay=recipe.weight_decay)
+    """`total` AdamW steps on the leaves (lr from `lr_at`), shuffled batches; the loss per step."""
+    assert recipe.lr is not None
+    groups = _param_groups(aux.leaves, recipe, aux.student)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups if g["params"]],
+                            lr=recipe.lr, weight_decay=recipe.weight_decay)
+    warmup = recipe.warmup_steps(len(distill.data))
     gen = torch.Generator().manual_seed(recipe.seed)
     order: list[int] = []
     history: list[float] = []
@@ -327,17 +500,19 @@ def _optimize(aux: _Auxiliary, distill: _Distillation, recipe: _Recipe, total: i
         bar = tqdm(total=total, desc=f"learngene {recipe.mode}", unit="step")
     try:
         for step in range(total):
-            for group in opt.param_groups:  # cosine decay, no warm-up
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            lr = lr_at(step, total, lr=recipe.lr, warmup_steps=warmup, warmup_lr=recipe.warmup_lr,
+                       min_lr=recipe.min_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
             if not order:
                 order.extend(torch.randperm(len(distill.data), generator=gen).tolist())
             loss, _, _ = distill.losses(*distill.forward(aux.adapter, aux.compose(), distill.data[order.pop(0)]))
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteError(f"train_gene: the loss is {float(loss.detach())} at step {step + 1} of "
-                                     f"{total}; lower lr (now {lr:g}) or the temperature")
+                                     f"{total}; lower lr (now {recipe.lr:g}) or the temperature")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if recipe.clip is not None:
+            if recipe.clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(aux.leaves.values()), recipe.clip)
             opt.step()
             history.append(round(float(loss.detach()), 6))
@@ -374,11 +549,13 @@ def _train_report(recipe: _Recipe, before: dict[str, Any], after: dict[str, Any]
         "kd_start": before["kd"], "kd_end": after["kd"], "ce_start": before["ce"], "ce_end": after["ce"],
         "acc_start": before["acc"], "acc_end": after["acc"], "chance": chance,
         "at_chance": after["acc"] <= CHANCE_MARGIN * chance,
+        "preset": recipe.preset,
         "steps": total, "epochs": (recipe.epochs or DEFAULT_EPOCHS) if recipe.steps is None else None,
-        "batches": len(data),
+        "batches": len(data), "batch_size": recipe.batch_size,
         "examples": sum(int(next(iter(b.values())).shape[0]) for b in data),
-        "lr": recipe.lr, "weight_decay": recipe.weight_decay, "clip": recipe.clip,
-        "temperature": recipe.temperature, "alpha": recipe.alpha,
+        "lr": recipe.lr, "weight_decay": recipe.weight_decay, "decay_1d": recipe.decay_1d, "clip": recipe.clip,
+        "warmup_steps": recipe.warmup_steps(len(data)), "warmup_lr": recipe.warmup_lr, "min_lr": recipe.min_lr,
+        "temperature": recipe.temperature, "alpha": recipe.alpha, "kd_reduction": recipe.kd_reduction,
         "init": recipe.init, "seed": recipe.seed, "schedule": "cosine", "optimizer": "adamw",
         "seconds": round(time.perf_counter() - t_start, 3),
     }
