@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError, SpecError
+from weightspace.files import read_json_object
 from weightspace.ir import WeightSpace
 from weightspace.merges.learngene.layout import DENOMINATORS, MODES
 from weightspace.merges.learngene.stack import _Stack
@@ -219,11 +220,8 @@ def load_gene(path: str | Path) -> Gene:
     if not gf.is_file():
         raise InputError(f"{d}: not a learngene directory (no {GENE_FILE}); write one with save_gene or "
                          f"`wsmerge learngene fit` / `wsmerge learngene train`")
-    try:
-        meta = json.loads(gf.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise InputError(f"{gf}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(gf)
+    if meta.get("format") != FORMAT:
         raise InputError(f"{gf}: not a learngene file (format {FORMAT!r} expected)")
     if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
         raise InputError(f"{gf}: format version {meta.get('version')!r} is newer than this weightspace "
@@ -231,12 +229,7 @@ def load_gene(path: str | Path) -> Gene:
     cf = d / SOURCE_CONFIG_FILE
     config = None
     if cf.is_file():
-        try:
-            config = json.loads(cf.read_text(encoding="utf-8"))
-        except (ValueError, OSError) as e:
-            raise InputError(f"{cf}: not valid JSON ({e})") from None
-        if not isinstance(config, dict):
-            raise InputError(f"{cf}: expected a JSON object")
+        config = read_json_object(cf)
     meta["config"] = config
     space = load_local(d)
     space.meta["source"] = str(d)
