@@ -62,6 +62,8 @@ from weightspace.methods import MergeMethod, Param, TensorParams, register
 from weightspace.safetensors_io import read_header
 
 GRAM_KIND = "gram"
+# eigenvalues of the summed Gram below n_inputs * this times the largest count as 0 (rank-deficient)
+RCOND_PER_INPUT = 1e-13
 # relative asymmetry |G - G^T|_max / |G|_max a Gram companion may have (float32 rounding)
 SYMMETRY_TOL = 1e-4
 
@@ -339,14 +341,18 @@ def regmean_solve(
     scale = float(a.diagonal().abs().max())
     chol, info = torch.linalg.cholesky_ex(a)
     d = chol.diagonal()
-    well_posed = scale > 0 and int(info) == 0 and float((d.min() / d.max()) ** 2) > a.shape[0] * 1e-13
+    rcond = a.shape[0] * RCOND_PER_INPUT
+    well_posed = scale > 0 and int(info) == 0 and float((d.min() / d.max()) ** 2) > rcond
     if well_posed:
         delta = torch.cholesky_solve(rhs, chol)
     elif scale == 0:
         delta = torch.zeros_like(rhs)  # no data reached this layer in any model
     else:
-        # rank-deficient: gelsd (SVD) exists on CPU only
-        delta = torch.linalg.lstsq(a.cpu(), rhs.cpu(), driver="gelsd").solution.to(a.device)
+        # rank-deficient: gelsd (SVD) exists on CPU only. Directions whose eigenvalue is below
+        # rcond * the largest are rounding, not data (the same boundary as the Cholesky test
+        # above); with lstsq's own rcond (eps * n) a duplicated input's Gram, whose entries
+        # differ by the summation order's rounding, came out rank 2 or 1 from run to run.
+        delta = torch.linalg.lstsq(a.cpu(), rhs.cpu(), rcond=rcond, driver="gelsd").solution.to(a.device)
     return (avg + delta.T).to(weights_[0].dtype)
 
 

@@ -505,6 +505,27 @@ def test_singular_sum_falls_back_to_least_squares_keeping_the_average_off_the_da
     torch.testing.assert_close(regmean_solve(ws, [zero, zero], [1.0, 1.0], 1.0), avg)
 
 
+def test_a_duplicated_input_with_rounding_in_its_gram_is_still_rank_deficient():
+    """Two equal inputs give Gram entries that agree only to the summation's rounding (which
+    depends on the BLAS path, so it changed from run to run). Such a Gram must be solved as the
+    rank-1 matrix it is: the average stays in the direction x0 - x1 that no data reaches.
+    With lstsq's default rcond (eps * 3) a 1e-14 relative difference made it rank 2 and moved
+    that direction by O(1)."""
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(30, 1, generator=g, dtype=torch.float64)
+    x = torch.cat([t, t], 1)
+    exact = gram_of(x)
+    rounded = exact.clone()
+    rounded[1, 1] *= 1 + 1e-14                     # a few ulps, as another summation order gives
+    assert torch.linalg.svdvals(rounded)[1] / torch.linalg.svdvals(rounded)[0] > 2 * 2.2e-16
+    ws = [torch.randn(2, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+    avg = (ws[0] + ws[1]) / 2
+    null = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    for grams in ([exact, exact], [rounded, exact]):
+        got = regmean_solve(ws, grams, [1.0, 1.0], 1.0)
+        torch.testing.assert_close(got @ null, avg @ null, rtol=1e-6, atol=1e-6)
+
+
 def test_an_input_zero_in_every_example_leaves_the_shrunk_gram_singular_for_any_alpha():
     """The README once said any alpha < 1 makes every shrunk Gram positive definite. An input
     that is 0 in every example (digits' corner pixels) gives a zero row and column for every
