@@ -11,8 +11,18 @@ import torch.nn.functional as F
 
 from weightspace.errors import InputError, SpecError
 from weightspace.zoo.data import Split, load_task
-from weightspace.zoo.gen.diffusion import LatentDDPM, linear_beta_schedule
-from weightspace.zoo.gen.setenc import DatasetEncoder, class_samples, contrastive_loss, embed_task
+from weightspace.zoo.gen.diffusion import (
+    LatentDDPM,
+    linear_beta_schedule,
+    sqrt_linear_beta_schedule,
+)
+from weightspace.zoo.gen.setenc import (
+    DatasetEncoder,
+    SupportSets,
+    class_samples,
+    contrastive_loss,
+    embed_task,
+)
 
 CENTERS = torch.tensor([[2.0, 2.0], [-2.0, -2.0]])
 
@@ -68,6 +78,64 @@ def test_schedule_and_alpha_bar_match_the_product_formula():
         assert float(m.alphas[t]) == pytest.approx(1.0 - expected_betas[t], rel=1e-6)
         prev = 1.0 if t == 0 else float(m.alpha_bar[t - 1])
         assert float(m.alpha_bar_prev[t]) == pytest.approx(prev, rel=1e-6)
+
+
+def test_sqrt_linear_schedule_is_latent_diffusions_linear():
+    """D2NWG's schedule (make_beta_schedule("linear") in its stage2/modules/util.py, linear_start
+    0.0015, linear_end 0.0155, 1024 steps): the square roots of the betas are evenly spaced."""
+    T, b0, b1 = 1024, 0.0015, 0.0155
+    betas = sqrt_linear_beta_schedule(T)
+    expected = [(math.sqrt(b0) + t / (T - 1) * (math.sqrt(b1) - math.sqrt(b0))) ** 2 for t in range(T)]
+    assert betas.dtype == torch.float64 and betas.tolist() == pytest.approx(expected, rel=1e-12)
+    m = LatentDDPM(3, timesteps=T, schedule="sqrt_linear")
+    assert (m.beta_start, m.beta_end) == (b0, b1)
+    assert m.betas.tolist() == pytest.approx(expected, rel=1e-6)
+    assert float(m.alpha_bar[-1]) == pytest.approx(math.prod(1 - b for b in expected), rel=1e-4)
+    # the linear schedule stays Ho et al.'s default
+    assert LatentDDPM(3, timesteps=10).betas.tolist() == pytest.approx(linear_beta_schedule(10).tolist())
+    with pytest.raises(SpecError, match="schedule must be one of linear, sqrt_linear"):
+        LatentDDPM(3, schedule="cosine")
+
+
+def test_fit_trains_a_learned_condition_with_the_diffusion_loss():
+    """`condition_params` are optimized by the denoising loss itself (D2NWG's cond_stage_trainable):
+    one full-batch AdamW step moves every parameter by about lr against the sign of d loss / d param,
+    with the loss replayed here from the same seeded draws."""
+    z = torch.randn(8, 2, generator=gen(0))
+    feats = torch.randn(8, 3, generator=gen(1))
+
+    def build():
+        torch.manual_seed(0)
+        m = LatentDDPM(2, cond_dim=2, hidden=16, depth=1, timesteps=50)
+        torch.nn.init.normal_(m.out.weight, std=0.3)   # it starts at zero: no gradient would reach cond
+        torch.manual_seed(1)
+        return m, torch.nn.Linear(3, 2)
+
+    m, enc = build()
+    before = [p.detach().clone() for p in enc.parameters()]
+    lr = 1e-4
+    m.fit(z, epochs=1, batch_size=8, lr=lr, seed=3, condition=lambda idx, g: enc(feats[idx]),
+          condition_params=list(enc.parameters()))
+    after = [p.detach() for p in enc.parameters()]
+
+    ref, ref_enc = build()
+    ref.set_normalization(z)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randperm(8, generator=g)
+    loss = ref.loss(z[idx], ref_enc(feats[idx]), generator=g)
+    grads = torch.autograd.grad(loss, list(ref_enc.parameters()))
+    for b, a, gr in zip(before, after, grads):
+        step = (a - b) / lr
+        moved = gr.abs() > 1e-6
+        assert moved.any()
+        assert torch.allclose(step[moved], -torch.sign(gr[moved]), atol=0.05)
+    # without condition_params the encoder stays as it was
+    m2, enc2 = build()
+    frozen = [p.detach().clone() for p in enc2.parameters()]
+    m2.fit(z, epochs=2, batch_size=8, seed=3, condition=lambda idx, g: enc2(feats[idx]).detach())
+    assert all(torch.equal(a, b) for a, b in zip(frozen, enc2.parameters()))
+    with pytest.raises(InputError, match="either cond or condition"):
+        m2.fit(z, feats[:, :2], condition=lambda idx, g: feats[idx, :2])
 
 
 def test_q_sample_written_out():
@@ -303,6 +371,35 @@ def test_class_samples_are_per_class_seeded_and_flattened():
     big = class_samples(x, y, k=8, num_classes=3, seed=0)
     assert big.shape == (3, 8, 4)
     assert {tuple(r.tolist()) for r in big[1]} <= {tuple(r.tolist()) for r in flat[y == 1]}
+
+
+def test_support_sets_are_fresh_distinct_per_class_and_seeded():
+    """D2NWG conditions every training row and every sample on its own draw of 5 examples per class."""
+    x = torch.arange(12 * 4, dtype=torch.float32).reshape(12, 1, 2, 2)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 0, 2, 0, 1])
+    sets = SupportSets(Split(x, y))
+    assert sets.classes == [0, 1, 2]
+    s = sets.draw(200, k=3, generator=gen(0))
+    assert s.shape == (200, 3, 3, 4)
+    flat = x.reshape(12, 4)
+    for c in range(3):
+        members = {tuple(r.tolist()) for r in flat[y == c]}
+        for b in range(0, 200, 37):
+            rows = [tuple(r.tolist()) for r in s[b, c]]
+            assert set(rows) <= members and len(set(rows)) == 3      # k distinct examples of class c
+    # fresh: the 200 draws of class 0 (5 examples, 3 each) are not all the same subset, and every
+    # example turns up about 3/5 of the time
+    firsts = {tuple(sorted(r[0] for r in s[b, 0].tolist())) for b in range(200)}
+    assert len(firsts) == math.comb(5, 3)
+    counts = torch.stack([(s[:, 0, :, 0] == flat[i, 0]).any(1) for i in torch.nonzero(y == 0).flatten()])
+    assert counts.float().mean(1).tolist() == pytest.approx([0.6] * 5, abs=0.12)
+    assert torch.equal(s, sets.draw(200, k=3, generator=gen(0)))
+    # class 1 has 4 examples: k=5 draws every class with replacement, still within the class
+    big = sets.draw(3, k=5, generator=gen(1))
+    assert big.shape == (3, 3, 5, 4)
+    assert {tuple(r.tolist()) for r in big[:, 1].reshape(-1, 4)} <= {tuple(r.tolist()) for r in flat[y == 1]}
+    with pytest.raises(SpecError, match="k must be"):
+        sets.draw(1, k=0)
 
 
 @pytest.mark.parametrize("y, k, num_classes, err, match", [

@@ -23,6 +23,7 @@ comes from the `torch.Generator` passed in, so a seed fixes the result.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,24 @@ def linear_beta_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 2e-
     if not 0.0 < beta_start <= beta_end < 1.0:
         raise SpecError(f"diffusion: need 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def sqrt_linear_beta_schedule(T: int, beta_start: float = 1.5e-3, beta_end: float = 1.55e-2
+                              ) -> torch.Tensor:
+    """Latent diffusion's "linear" schedule: betas whose square roots are evenly spaced, float64.
+
+        betas = sqrt_linear_beta_schedule(1024)      # D2NWG: linear_start 0.0015, linear_end 0.0155
+
+    beta_t = (sqrt(beta_start) + t / (T - 1) (sqrt(beta_end) - sqrt(beta_start)))^2, as
+    `make_beta_schedule("linear", ...)` in the D2NWG repository (stage2/modules/util.py,
+    github:sorobedio/DNNWG, from latent diffusion) computes it; the defaults are that
+    repository's stage2/configs/base_config.yaml.
+    """
+    linear_beta_schedule(T, beta_start, beta_end)                  # the same checks
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+
+
+SCHEDULES = {"linear": linear_beta_schedule, "sqrt_linear": sqrt_linear_beta_schedule}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM, max_period: float = 10000.0
@@ -83,15 +102,23 @@ class LatentDDPM(nn.Module):
         ddpm.sample(100, torch.tensor([1.0, 0.0]), steps=50, generator=g)   # (100, 2)
 
     Buffers: `betas`, `alphas`, `alpha_bar`, `alpha_bar_prev` (float32, computed in
-    float64) and the latent standardisation `z_shift`, `z_scale`. `cond_drop` is the
-    probability, in training, of replacing a condition by the null (zero) condition, which
-    enables `sample(..., guidance=w)`.
+    float64) and the latent standardisation `z_shift`, `z_scale`. `schedule` is "linear"
+    (Ho et al.; betas 1e-4 to 0.02 unless given) or "sqrt_linear" (latent diffusion's and
+    D2NWG's; betas 0.0015 to 0.0155 unless given). `cond_drop` is the probability, in
+    training, of replacing a condition by the null (zero) condition, which enables
+    `sample(..., guidance=w)`.
     """
 
     def __init__(self, latent_dim: int, cond_dim: int = 0, hidden: int = 256, depth: int = 3,
-                 timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
-                 *, cond_drop: float = 0.0):
+                 timesteps: int = 1000, beta_start: float | None = None, beta_end: float | None = None,
+                 *, schedule: str = "linear", cond_drop: float = 0.0):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise SpecError(f"diffusion: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        defaults = {"linear": (1e-4, 2e-2), "sqrt_linear": (1.5e-3, 1.55e-2)}[schedule]
+        beta_start = defaults[0] if beta_start is None else beta_start
+        beta_end = defaults[1] if beta_end is None else beta_end
+        self.schedule, self.beta_start, self.beta_end = schedule, float(beta_start), float(beta_end)
         for name, value, lo in (("latent_dim", latent_dim, 1), ("cond_dim", cond_dim, 0),
                                 ("hidden", hidden, 1), ("depth", depth, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -101,7 +128,7 @@ class LatentDDPM(nn.Module):
         self.latent_dim, self.cond_dim, self.timesteps = latent_dim, cond_dim, timesteps
         self.cond_drop = float(cond_drop)
 
-        betas = linear_beta_schedule(timesteps, beta_start, beta_end)
+        betas = SCHEDULES[schedule](timesteps, beta_start, beta_end)
         alphas = 1.0 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
@@ -199,15 +226,28 @@ class LatentDDPM(nn.Module):
 
     def fit(self, z: torch.Tensor, cond: torch.Tensor | None = None, *, epochs: int = 300,
             batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-            normalize: bool = True, progress: bool = False) -> list[float]:
+            normalize: bool = True, progress: bool = False,
+            condition: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+            condition_params: Iterable[nn.Parameter] = ()) -> list[float]:
         """Train with AdamW on latents `z` (N, D) and conditions `cond` (N, C); per-epoch mean losses.
 
-        `normalize` first sets the latent standardisation from `z`. Shuffling and all
-        noise come from a generator seeded with `seed`; the initial weights come from
-        torch's global RNG when the model was built.
+            ddpm.fit(z, cond, epochs=300)                                  # fixed conditions
+            ddpm.fit(z, condition=lambda idx, g: enc(sets(idx, g)),        # a learned condition
+                     condition_params=enc.parameters())
+
+        `condition` (instead of `cond`) computes the (B, C) conditions of the rows `idx`
+        of every batch, with gradients, from the same generator; `condition_params` are
+        optimized together with the denoiser by the same loss. That is D2NWG's
+        `cond_stage_trainable: True` (`LatentDiffusion.configure_optimizers` in
+        stage2/models/ddpm.py of github:sorobedio/DNNWG adds the condition encoder's
+        parameters to the denoiser's). `normalize` first sets the latent standardisation
+        from `z`. Shuffling and all noise come from a generator seeded with `seed`; the
+        initial weights come from torch's global RNG when the model was built.
         """
         z = self._check_z(z)
-        cond = self._check_cond(cond, z.shape[0])
+        if condition is not None and cond is not None:
+            raise InputError("diffusion: pass either cond or condition, not both")
+        cond = None if condition is not None else self._check_cond(cond, z.shape[0])
         if epochs < 1 or batch_size < 1:
             raise SpecError(f"diffusion: epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
         if normalize:
@@ -215,7 +255,8 @@ class LatentDDPM(nn.Module):
         device = self.betas.device
         z = z.detach().to(device=device, dtype=self.betas.dtype)
         g = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+        params = [*self.parameters(), *condition_params]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         history: list[float] = []
         epochs_iter = range(epochs)
         if progress:
@@ -227,10 +268,11 @@ class LatentDDPM(nn.Module):
             total, count = 0.0, 0
             for start in range(0, z.shape[0], batch_size):
                 idx = perm[start:start + batch_size]
-                loss = self.loss(z[idx], None if cond is None else cond[idx], generator=g)
+                c = condition(idx, g) if condition is not None else None if cond is None else cond[idx]
+                loss = self.loss(z[idx], c, generator=g)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(self.parameters(), 1.0)
+                nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 total += loss.item() * len(idx)
                 count += len(idx)

@@ -131,6 +131,54 @@ def class_samples(x: torch.Tensor, y: torch.Tensor, k: int, num_classes: int, se
     return _per_class(x, y, k, list(range(num_classes)), seed)
 
 
+class SupportSets:
+    """Random per-class support sets of one split, drawn in batches: (B, C, k, D).
+
+        sets = SupportSets(load_task("digits:rotate=90"))          # its train split
+        sets.draw(40, k=5, generator=torch.Generator().manual_seed(0)).shape   # (40, 10, 5, 64)
+
+    D2NWG draws a fresh set of `num_sample` (5) examples per class for every training
+    example (`ZooDataset.__getitem__` in zoodatasets/sampler.py of the authors'
+    repository, github:sorobedio/DNNWG) and for every generated model (`sample_cond` in
+    mlp_sampling.py); this is that draw, vectorised. Within a set the k examples of a
+    class are distinct; if a class has fewer than k examples, every class is drawn with
+    replacement. The classes are the split's own, in sorted order.
+    """
+
+    def __init__(self, task_or_split):
+        split = getattr(task_or_split, "train", task_or_split)
+        if not hasattr(split, "x") or not hasattr(split, "y"):
+            raise InputError(f"support sets: expected a TaskData or a Split, got {type(task_or_split).__name__}")
+        _check_xy("support sets", split.x, split.y, 1)
+        y = split.y.to("cpu")
+        self.classes = sorted(torch.unique(y).tolist())
+        if not self.classes:
+            raise InputError("support sets: the split has no examples")
+        flat = split.x.reshape(split.x.shape[0], -1).to("cpu", torch.float32)
+        per = [torch.nonzero(y == c).flatten() for c in self.classes]
+        self.counts = torch.tensor([len(i) for i in per])
+        width = int(self.counts.max())
+        # (C, width) example indices, padded with each class's first index (never drawn: masked)
+        self.index = torch.stack([torch.cat([i, i[:1].expand(width - len(i))]) for i in per])
+        self.x = flat
+
+    def draw(self, n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n independent support sets, (n, C, k, D) float32 on the CPU."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise SpecError(f"support sets: k must be an integer >= 1, got {k!r}")
+        c, width = self.index.shape
+        if int(self.counts.min()) >= k:
+            # k distinct examples per class: the k smallest of uniform keys, padding keyed out
+            keys = torch.rand((n, c, width), generator=generator)
+            keys = keys.masked_fill(torch.arange(width) >= self.counts[:, None], 2.0)
+            pos = keys.topk(k, dim=-1, largest=False).indices                  # (n, C, k)
+        else:
+            u = torch.rand((n, c, k), generator=generator)
+            pos = (u * self.counts[:, None]).long().clamp_max(self.counts[:, None] - 1)
+        rows = torch.gather(self.index.expand(n, c, width), 2, pos)              # (n, C, k)
+        return self.x[rows]
+
+
 def embed_task(encoder: DatasetEncoder, task_or_split, k: int = 16, seed: int = 0, *,
                grad: bool = False) -> torch.Tensor:
     """The embedding (out_dim,) of a zoo task (its train split) or of one Split.
