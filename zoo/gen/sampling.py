@@ -26,6 +26,9 @@ from weightspace.files import atomic_dir
 from weightspace.ir import WeightSpace
 from weightspace.zoo.gen.store import ZOO_MODEL_TYPE, Generator, load_generator, task_classes
 
+# the support sets of a sample run are drawn from their own stream, not the DDPM noise's
+SUPPORT_SEED_OFFSET = 1_000_003
+
 
 def check_data(gen: Generator, data: str) -> tuple[Any, dict[str, Any] | None, list[str]]:
     """The task of `data`, the training task it is (or None) and notes; refuses data the
@@ -79,11 +82,21 @@ def _ranges(values: Sequence[int]) -> str:
 def _diffusion_latents(gen: Generator, task, n: int, *, seed: int, steps: int | None,
                        eta: float) -> tuple[torch.Tensor, str]:
     """d2nwg: n latents from the DDPM conditioned on the task's standardized embedding, mapped back
-    from principal coordinates (clipped to the zoo's widened range) to the VAE's latent space."""
-    from weightspace.zoo.gen.setenc import embed_task
+    from principal coordinates (clipped to the zoo's widened range) to the VAE's latent space.
+
+    Every sample is conditioned on its own support set of k examples per class, drawn from
+    the task's train split with `seed`, as the authors' `sample_cond` (mlp_sampling.py of
+    github:sorobedio/DNNWG) draws one per generated model. A generator written before that
+    (no "support" in its encoder settings) embeds one fixed draw, as it was trained."""
+    from weightspace.zoo.gen.setenc import SupportSets, embed_task
 
     e = gen.meta["encoder"]
-    raw = embed_task(gen.encoder, task, k=e["k"], seed=e["seed"])
+    if e.get("support") == "fresh":
+        sets = SupportSets(task).draw(n, e["k"], torch.Generator().manual_seed(seed + SUPPORT_SEED_OFFSET))
+        with torch.no_grad():
+            raw = gen.encoder(sets)
+    else:
+        raw = embed_task(gen.encoder, task, k=e["k"], seed=e["seed"])
     cond = (raw - torch.tensor(e["cond_shift"])) / e["cond_scale"]
     g = torch.Generator().manual_seed(seed)
     if steps is None:
@@ -165,9 +178,12 @@ def _sample_config(meta: dict[str, Any], gen_dir: str | Path, data: str, *, seed
     """config.json of one sample: a zoo checkpoint's, plus `generated_by` (and the zoo's `train`)."""
     config = {"model_type": ZOO_MODEL_TYPE, "arch": meta["arch"], "input_shape": meta["input_shape"],
               "num_classes": meta["num_classes"], "dataset": data,
-              "generated_by": {"generator": str(Path(gen_dir)), "method": meta["method"], "seed": seed,
+              "generated_by": {"generator": str(Path(gen_dir).resolve()), "method": meta["method"], "seed": seed,
                                "index": index, "sampler": sampler,
-                               "zoo": meta.get("zoo"), "generated_tensors": meta["generated_tensors"]}}
+                               "zoo": meta.get("zoo"), "generated_tensors": meta["generated_tensors"],
+                               # what the generator learned from: `evaluate` checks copying against it
+                               "train_tasks": [t["dataset"] for t in meta["tasks"]],
+                               "checkpoints": meta.get("checkpoints", "final")}}
     if meta.get("train"):
         config["train"] = meta["train"]
     return config

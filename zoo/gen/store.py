@@ -142,7 +142,9 @@ def _load_d2nwg(gen: Generator) -> None:
         e, dd = meta["encoder"], meta["diffusion"]
         gen.encoder = DatasetEncoder(e["input_dim"], hidden=e["hidden"], out_dim=e["out_dim"], seed=None)
         gen.ddpm = LatentDDPM(dd["latent_dim"], cond_dim=dd["cond_dim"], hidden=dd["hidden"],
-                              depth=dd["depth"], timesteps=dd["timesteps"])
+                              depth=dd["depth"], timesteps=dd["timesteps"],
+                              schedule=dd.get("schedule", "linear"), beta_start=dd.get("beta_start"),
+                              beta_end=dd.get("beta_end"))
     except (KeyError, TypeError) as err:
         raise InputError(f"{d / GENERATOR_FILE}: incomplete ({err!r})") from None
     _load_module(gen.encoder, d / "encoder.safetensors")
@@ -157,9 +159,11 @@ def _load_d2nwg(gen: Generator) -> None:
 def _load_kde(gen: Generator) -> None:
     """One KDE sampler per set of anchor latents."""
     kde_meta = gen.meta.get("kde") or {}
+    # a generator written before the anchor sampler existed drew every dimension on its own
+    sampler = kde_meta.get("sampler", "independent")
     for key, anchors in _load_safetensors(gen.path / "kde.safetensors").items():
-        gen.samplers[key] = KDESampler(kde_meta.get("fraction", 0.3),
-                                       kde_meta.get("bandwidth", "scott")).fit_anchors(anchors.double().numpy())
+        gen.samplers[key] = KDESampler(kde_meta.get("fraction", 0.3), kde_meta.get("bandwidth"),
+                                       sampler=sampler).fit_anchors(anchors.double().numpy())
 
 
 def load_generator(path: str | Path) -> Generator:

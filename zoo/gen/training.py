@@ -32,7 +32,7 @@ import torch
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.zoo.gen.chunking import WeightChunker
-from weightspace.zoo.gen.kde import KDESampler
+from weightspace.zoo.gen.kde import KDE_SAMPLERS, KDESampler
 from weightspace.zoo.gen.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -106,11 +106,11 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
                     checkpoints: str = "final", chunk: int = 64, latent_dim: int = 16,
                     vae_hidden: int = 512, vae_epochs: int = 500, vae_lr: float = 2e-3,
                     diffusion_epochs: int = 1000, diffusion_hidden: int = 256, diffusion_depth: int = 3,
-                    diffusion_lr: float = 1e-3, timesteps: int = 1000, pca_dim: int | None = 64,
-                    embed_dim: int = 32,
-                    embed_k: int = 16, contrastive_epochs: int = 0, fraction: float = 0.3,
-                    bandwidth: str | float = "scott", seed: int = 0, overwrite: bool = False,
-                    progress: bool = False) -> Path:
+                    diffusion_lr: float = 1e-3, timesteps: int = 1024, schedule: str = "sqrt_linear",
+                    pca_dim: int | None = 64, encoder: str = "joint", embed_dim: int = 32,
+                    embed_k: int = 5, contrastive_epochs: int = 0, fraction: float = 0.3,
+                    kde_sampler: str = "anchor", bandwidth: str | float | None = None, seed: int = 0,
+                    vae_from: str | Path | None = None, overwrite: bool = False, progress: bool = False) -> Path:
     """Train a weight generator on the zoo at `zoo_dir` and write it to `out_dir` (atomically).
 
         train_generator("zoo/", "gen/", method="d2nwg", tasks=["digits:classes=0-4"])
@@ -121,12 +121,29 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     at sampling time. `tasks` restricts training to these dataset references
     (default: every dataset of the zoo). `checkpoints="all"` learns from every
     trained checkpoint (epoch > 0), not only each model's last.
+
+    The defaults are the authors' where the miniature can follow them (README,
+    "Weight generators"): d2nwg trains its dataset encoder with the diffusion loss
+    (`encoder="joint"`; "random" keeps it the seeded random map), conditions on
+    `embed_k=5` examples per class redrawn for every row and every sample, and uses
+    latent diffusion's sqrt-linear schedule over 1024 steps; kde samples near the
+    anchors (`kde_sampler="anchor"`, bandwidth 0.002) as the hyper-representation code
+    does, "independent" is per-dimension sampling (bandwidth "scott" by default).
+
+    `vae_from` reuses the chunk VAE of a generator trained on the same models (same
+    zoo, tasks, checkpoints and subset), so that several generators differ only in
+    what comes after the autoencoder, as the hyper-representation authors compare
+    their samplers on one representation.
     """
     from weightspace.sink import check_output
     from weightspace.zoo.data import load_task
 
     if method not in METHODS:
         raise SpecError(f"--method: unknown method {method!r}; choose {' or '.join(METHODS)}")
+    if encoder not in ENCODER_MODES:
+        raise SpecError(f"--encoder: must be one of {', '.join(ENCODER_MODES)}, got {encoder!r}")
+    if kde_sampler not in KDE_SAMPLERS:
+        raise SpecError(f"--kde-sampler: must be one of {', '.join(KDE_SAMPLERS)}, got {kde_sampler!r}")
     out = Path(out_dir)
     check_output(out, overwrite)
     t0 = time.perf_counter()
@@ -145,10 +162,14 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     # fine-tuning a sample (evaluate, zoo.train init=) reuses the training settings of the best model
     best_train = (spaces[_best(range(len(rows)), scores)].meta.get("config") or {}).get("train")
 
-    torch.manual_seed(seed)
-    vae = ChunkVAE(chunker.n_chunks, chunker.chunk, latent_dim=latent_dim, hidden=vae_hidden)
-    vae_hist = vae.fit(tokens, epochs=vae_epochs, lr=vae_lr, seed=seed, progress=progress,
-                       weight=tensor_weights(chunker))
+    if vae_from is not None:
+        vae, vae_hist, settings = _shared_vae(vae_from, chunker)
+        latent_dim, vae_epochs, vae_lr = settings["latent_dim"], settings["vae_epochs"], settings["vae_lr"]
+    else:
+        torch.manual_seed(seed)
+        vae = ChunkVAE(chunker.n_chunks, chunker.chunk, latent_dim=latent_dim, hidden=vae_hidden)
+        vae_hist = vae.fit(tokens, epochs=vae_epochs, lr=vae_lr, seed=seed, progress=progress,
+                           weight=tensor_weights(chunker))
     latents = vae.encode_models(tokens)
     recon = float(((vae.decode_models(latents) - tokens)[:, chunker.mask()] ** 2).mean())
 
@@ -164,18 +185,33 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
         "history": {"vae_loss": [vae_hist[0], vae_hist[-1]] if vae_hist else [],
                     "vae_reconstruction_mse": recon},
     }
+    if vae_from is not None:
+        meta["vae_from"] = str(Path(vae_from).resolve())
     if method == "d2nwg":
         files.update(_train_d2nwg(meta, rows, latents, task_data, embed_dim=embed_dim, embed_k=embed_k,
-                                  contrastive_epochs=contrastive_epochs, hidden=diffusion_hidden,
-                                  depth=diffusion_depth, timesteps=timesteps, pca_dim=pca_dim,
-                                  epochs=diffusion_epochs,
+                                  encoder_mode=encoder, contrastive_epochs=contrastive_epochs,
+                                  hidden=diffusion_hidden, depth=diffusion_depth, timesteps=timesteps,
+                                  schedule=schedule, pca_dim=pca_dim, epochs=diffusion_epochs,
                                   lr=diffusion_lr, seed=seed, progress=progress))
     else:
-        files.update(_train_kde(meta, rows, latents, scores, task_info, fraction, bandwidth))
+        files.update(_train_kde(meta, rows, latents, scores, task_info, fraction, kde_sampler, bandwidth))
     if kept_names:
         files.update(_kept_tensors(meta, rows, spaces, task_info, kept_names))
     meta["seconds"] = round(time.perf_counter() - t0, 2)
     return write_generator(out, files, meta, overwrite)
+
+
+def _shared_vae(gen_dir: str | Path, chunker: WeightChunker) -> tuple[ChunkVAE, list[float], dict[str, Any]]:
+    """The chunk VAE of the generator at `gen_dir`, its loss history and settings; refused unless its
+    chunker (tensor names, shapes, zoo statistics) is the one fitted now."""
+    from weightspace.zoo.gen.store import load_generator
+
+    other = load_generator(gen_dir)
+    if other.chunker.state_dict() != chunker.state_dict():
+        raise InputError(f"--vae-from {gen_dir}: that generator was trained on other models (its tensors or "
+                         f"their zoo statistics differ); train it with the same zoo, tasks, checkpoints "
+                         f"and subset")
+    return other.vae, list(other.meta["history"]["vae_loss"]), other.meta["settings"]
 
 
 def _best(indices, scores: torch.Tensor) -> int:
@@ -230,34 +266,56 @@ def condition_stats(embeddings: torch.Tensor) -> tuple[torch.Tensor, float]:
     return shift, rms
 
 
-def _train_d2nwg(meta: dict, rows: list[dict], latents: torch.Tensor, task_data: dict, *, embed_dim: int,
-                 embed_k: int, contrastive_epochs: int, hidden: int, depth: int, timesteps: int,
-                 pca_dim: int | None,
-                 epochs: int, lr: float, seed: int, progress: bool) -> Files:
-    """d2nwg's modules: the dataset encoder, the latent DDPM conditioned on its embeddings, and the
-    latents' principal coordinates the DDPM works in; their settings and losses go into `meta`."""
-    from weightspace.zoo.gen.diffusion import LatentDDPM
-    from weightspace.zoo.gen.setenc import DatasetEncoder
+ENCODER_MODES = ("joint", "random")
 
+
+def _train_d2nwg(meta: dict, rows: list[dict], latents: torch.Tensor, task_data: dict, *, embed_dim: int,
+                 embed_k: int, encoder_mode: str, contrastive_epochs: int, hidden: int, depth: int,
+                 timesteps: int, schedule: str, pca_dim: int | None, epochs: int, lr: float, seed: int,
+                 progress: bool) -> Files:
+    """d2nwg's modules: the dataset encoder, the latent DDPM conditioned on its embeddings, and the
+    latents' principal coordinates the DDPM works in; their settings and losses go into `meta`.
+
+    encoder_mode "joint" (the authors' `cond_stage_trainable: True`): the dataset encoder is
+    trained with the denoiser by the diffusion loss. "random": it stays the seeded random
+    map it starts as. Either way every row of every batch is conditioned on a fresh support
+    set of `embed_k` examples per class of its dataset, as the authors draw them."""
+    from weightspace.zoo.gen.diffusion import LatentDDPM
+    from weightspace.zoo.gen.setenc import DatasetEncoder, SupportSets
+
+    if encoder_mode not in ENCODER_MODES:
+        raise SpecError(f"--encoder: must be one of {', '.join(ENCODER_MODES)}, got {encoder_mode!r}")
     input_dim = math.prod(meta["input_shape"])
     encoder = DatasetEncoder(input_dim, hidden=64, out_dim=embed_dim, seed=seed)
     con_hist: list[float] = []
     if contrastive_epochs > 0:
         con_hist = _align_encoder(encoder, rows, latents, task_data, k=embed_k, epochs=contrastive_epochs,
                                   seed=seed)
-    encoder.eval()
-    cond, shift, scale = _conditions(encoder, rows, task_data, k=embed_k, seed=seed)
+    refs = sorted(task_data)
+    sets = {ref: SupportSets(task_data[ref]) for ref in refs}
+    shift, scale = _condition_scale(encoder, sets, k=embed_k, seed=seed)
+    row_task = [r["dataset"] for r in rows]
+    condition = _row_conditions(encoder, sets, row_task, k=embed_k, shift=shift, scale=scale)
     pca = latent_pca(latents, pca_dim)
     coords = (latents - pca["mean"]) @ pca["components"].T
     torch.manual_seed(seed)
-    ddpm = LatentDDPM(coords.shape[1], cond_dim=embed_dim, hidden=hidden, depth=depth, timesteps=timesteps)
-    hist = ddpm.fit(coords, cond, epochs=epochs, batch_size=64, lr=lr, seed=seed, progress=progress)
+    ddpm = LatentDDPM(coords.shape[1], cond_dim=embed_dim, hidden=hidden, depth=depth, timesteps=timesteps,
+                      schedule=schedule)
+    joint = encoder_mode == "joint"
+    encoder.train(joint)
+    encoder.requires_grad_(joint)
+    hist = ddpm.fit(coords, epochs=epochs, batch_size=64, lr=lr, seed=seed, progress=progress,
+                    condition=condition, condition_params=list(encoder.parameters()) if joint else [])
+    encoder.requires_grad_(True)
+    encoder.eval()
     ddpm.eval()
     meta["encoder"] = {"input_dim": input_dim, "hidden": 64, "out_dim": embed_dim, "k": embed_k,
-                       "seed": seed, "contrastive_epochs": contrastive_epochs,
+                       "seed": seed, "training": encoder_mode, "support": "fresh",
+                       "contrastive_epochs": contrastive_epochs,
                        "cond_shift": shift.tolist(), "cond_scale": scale}
     meta["diffusion"] = {"latent_dim": coords.shape[1], "cond_dim": embed_dim, "hidden": hidden,
-                         "depth": depth, "timesteps": timesteps, "epochs": epochs, "lr": lr,
+                         "depth": depth, "timesteps": timesteps, "schedule": schedule,
+                         "beta_start": ddpm.beta_start, "beta_end": ddpm.beta_end, "epochs": epochs, "lr": lr,
                          "pca": {"components": coords.shape[1], "of": latents.shape[1],
                                  "variance_kept": pca["variance_kept"], "clip_margin": CLIP_MARGIN}}
     meta["history"]["diffusion_loss"] = [hist[0], hist[-1]] if hist else []
@@ -267,17 +325,33 @@ def _train_d2nwg(meta: dict, rows: list[dict], latents: torch.Tensor, task_data:
             "latent_pca.safetensors": _pca_state(pca, coords)}
 
 
-def _conditions(encoder, rows: list[dict], task_data: dict, *, k: int, seed: int
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(N, E) DDPM condition of every row, its dataset's embedding standardized over the training
-    tasks (`condition_stats`), with the shift and scale that sampling applies to a requested dataset."""
-    from weightspace.zoo.gen.setenc import embed_task
+def _condition_scale(encoder, sets: dict, *, k: int, seed: int, draws: int = 8) -> tuple[torch.Tensor, float]:
+    """`condition_stats` of the training tasks' embeddings by the encoder as it starts (each task's
+    mean over `draws` support sets): the fixed shift and scale between encoder and denoiser."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        raw = torch.stack([encoder(s.draw(draws, k, g)).mean(0) for s in sets.values()])
+    return condition_stats(raw)
 
-    refs = sorted(task_data)
-    raw = torch.stack([embed_task(encoder, task_data[ref], k=k, seed=seed) for ref in refs])
-    shift, scale = condition_stats(raw)
-    emb = dict(zip(refs, (raw - shift) / scale))
-    return torch.stack([emb[r["dataset"]] for r in rows]), shift, scale
+
+def _row_conditions(encoder, sets: dict, row_task: list[str], *, k: int, shift: torch.Tensor, scale: float):
+    """The DDPM's `condition`: for rows idx, one fresh support set each from its dataset, embedded
+    (with gradients when the encoder trains) and standardized with the fixed shift and scale."""
+    refs = list(sets)
+    task_of = torch.tensor([refs.index(t) for t in row_task])
+
+    def condition(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        tasks = task_of[idx.cpu()]
+        parts, where = [], []
+        for j, ref in enumerate(refs):        # tasks may differ in their classes: one encoder call each
+            mine = torch.nonzero(tasks == j).flatten()
+            if len(mine):
+                parts.append(encoder(sets[ref].draw(len(mine), k, g)))
+                where.append(mine)
+        emb = torch.cat(parts)[torch.argsort(torch.cat(where))]
+        return (emb - shift) / scale
+
+    return condition
 
 
 def _pca_state(pca: dict[str, Any], coords: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -341,7 +415,7 @@ def _align_encoder(encoder, rows: list[dict], latents: torch.Tensor, task_data: 
 # ---------------------------------------------------------------- kde
 
 def _train_kde(meta: dict, rows: list[dict], latents: torch.Tensor, scores: torch.Tensor,
-               task_info: list[dict], fraction: float, bandwidth: str | float
+               task_info: list[dict], fraction: float, sampler: str, bandwidth: str | float | None
                ) -> Files:
     """kde: the anchor latents of a pooled sampler and, with several tasks, one per task."""
     anchors: dict[str, torch.Tensor] = {}
@@ -351,10 +425,13 @@ def _train_kde(meta: dict, rows: list[dict], latents: torch.Tensor, scores: torc
             samplers[t["key"]] = [i for i, r in enumerate(rows) if r["dataset"] == t["dataset"]]
     report = {}
     for key, idx in samplers.items():
-        kde = KDESampler(fraction=fraction, bandwidth=bandwidth).fit(latents[idx], scores[idx])
+        kde = KDESampler(fraction=fraction, sampler=sampler, bandwidth=bandwidth).fit(latents[idx], scores[idx])
         anchors[key] = torch.from_numpy(kde.anchors).float()
+        spread = kde.anchors.std(axis=0, ddof=1) if kde.anchors.shape[0] > 1 else kde.anchors[0] * 0
         report[key] = {"anchors": int(kde.anchors.shape[0]), "of": len(idx),
-                       "median_bandwidth": float(sorted(kde.h)[len(kde.h) // 2])}
-    meta["kde"] = {"fraction": fraction, "bandwidth": bandwidth, "per_task": len(task_info) > 1,
-                   "samplers": report, "clip": "anchor range per dimension"}
+                       "median_bandwidth": float(sorted(kde.h)[len(kde.h) // 2]),
+                       "median_anchor_std": float(sorted(spread)[len(spread) // 2])}
+    meta["kde"] = {"fraction": fraction, "sampler": sampler, "bandwidth": kde.bandwidth,
+                   "per_task": len(task_info) > 1, "samplers": report,
+                   "clip": "anchor range per dimension" if sampler == "independent" else None}
     return {"kde.safetensors": anchors}
