@@ -19,9 +19,10 @@ def generate() -> None:
     \b
     d2nwg  latent diffusion conditioned on a dataset embedding (Soro et al., ICLR 2025):
            weights -> chunks -> VAE latents -> DDPM over them, given an embedding of
-           the dataset's examples; an unseen dataset with seen classes gets weights too
-    kde    kernel densities on the VAE latents of the zoo's best 30 % (Schurholt et al.,
-           NeurIPS 2022); per task when the zoo has several
+           the dataset's examples by an encoder trained with it; an unseen dataset
+           with seen classes gets weights too
+    kde    samples next to the VAE latents of the zoo's best 30 % (Schurholt et al.,
+           NeurIPS 2022, their sampler); per task when the zoo has several
     One generator per architecture. Samples are zoo checkpoints: inspect, merge,
     fine-tune or open them like any other model.
 
@@ -72,23 +73,36 @@ def _int_list(text: str, option: str) -> list[int]:
               help="VAE latent size per chunk.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.3, show_default=True,
               help="kde: the share of the zoo (best by validation accuracy) the densities are fitted on.")
+@click.option("--encoder", "encoder_mode", type=click.Choice(["joint", "random"]), default="joint",
+              show_default=True,
+              help="d2nwg: train the dataset encoder with the diffusion loss (the authors' setting), or "
+                   "keep it a seeded random feature map.")
 @click.option("--contrastive-epochs", type=click.IntRange(min=0), default=0, show_default=True,
-              help="d2nwg: align the dataset encoder with the weight latents first (CLIP-style); "
-                   "0 keeps it a seeded random feature map.")
+              help="d2nwg: align the dataset encoder with the weight latents first (CLIP-style).")
+@click.option("--kde-sampler", type=click.Choice(["anchor", "independent"]), default="anchor", show_default=True,
+              help="kde: next to one anchor, all dimensions together (the authors' sampler), or every "
+                   "latent dimension on its own.")
+@click.option("--bandwidth", default=None, metavar="H|scott|silverman",
+              help="kde: kernel bandwidth in latent units, or a rule. Default: 0.002 (the authors') for "
+                   "anchor, scott for independent.")
+@click.option("--vae-from", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="GEN",
+              help="Reuse the chunk VAE of this generator (trained on the same zoo, tasks and subset).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds every stage.")
 @click.option("--overwrite", is_flag=True, help="Replace the generator directory if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the generator's description as JSON.")
 def train(zoo_dir: Path, out: Path, method: str, subset: str | None, tasks: tuple[str, ...], checkpoints: str,
-          epochs: str, chunk: int, latent_dim: int, fraction: float, contrastive_epochs: int, seed: int,
+          epochs: str, chunk: int, latent_dim: int, fraction: float, encoder_mode: str, contrastive_epochs: int,
+          kde_sampler: str, bandwidth: str | None, vae_from: Path | None, seed: int,
           overwrite: bool, no_progress: bool, as_json: bool) -> None:
     """Train a weight generator on the checkpoints of ZOO.
 
     Every checkpoint is flattened per tensor, normalized with the zoo's
     per-tensor mean and std, and cut into chunks; a VAE compresses the chunks.
     d2nwg then trains a DDPM on the models' latents conditioned on an
-    embedding of each model's dataset; kde fits per-dimension kernel densities
-    to the latents of the best models. The zoo must hold one architecture.
+    embedding of each model's dataset (5 examples per class, redrawn every
+    step), training the dataset encoder with it; kde keeps the latents of the
+    best models and samples next to them. The zoo must hold one architecture.
 
     \b
     Examples (after `wsmerge zoo build examples/zoo/digits-tasks.yaml -o runs/zoo-tasks`):
@@ -98,14 +112,25 @@ def train(zoo_dir: Path, out: Path, method: str, subset: str | None, tasks: tupl
     from weightspace.zoo.gen.generator import train_generator
 
     values = _int_list(epochs, "--epochs")
+    band: str | float | None = bandwidth
+    if bandwidth is not None and bandwidth not in ("scott", "silverman"):
+        try:
+            band = float(bandwidth)
+        except ValueError:
+            raise click.BadParameter(f"expected a positive number, scott or silverman, got {bandwidth!r}",
+                                     param_hint="--bandwidth") from None
+        if not band > 0:
+            raise click.BadParameter(f"expected a positive number, got {bandwidth!r}", param_hint="--bandwidth")
     if len(values) > 2 or 0 in values:
         raise click.BadParameter(f"expected VAE[,DIFFUSION] epochs >= 1, got {epochs!r}", param_hint="--epochs")
     vae_epochs, diffusion_epochs = values[0], values[-1]
     t0 = time.perf_counter()
     path = train_generator(zoo_dir, out, method=method, subset=subset, tasks=list(tasks) or None,
                            checkpoints=checkpoints, chunk=chunk, latent_dim=latent_dim, vae_epochs=vae_epochs,
-                           diffusion_epochs=diffusion_epochs, contrastive_epochs=contrastive_epochs,
-                           fraction=fraction, seed=seed, overwrite=overwrite, progress=_progress(no_progress))
+                           diffusion_epochs=diffusion_epochs, encoder=encoder_mode,
+                           contrastive_epochs=contrastive_epochs, fraction=fraction, kde_sampler=kde_sampler,
+                           bandwidth=band, vae_from=vae_from, seed=seed, overwrite=overwrite,
+                           progress=_progress(no_progress))
     meta = json.loads((path / "generator.json").read_text())
     if as_json:
         click.echo(json.dumps({k: v for k, v in meta.items() if k != "tokenizer"}, indent=2))
@@ -124,10 +149,13 @@ def train(zoo_dir: Path, out: Path, method: str, subset: str | None, tasks: tupl
         pca = meta["diffusion"]["pca"]
         click.echo(f"  diffusion  loss {h['diffusion_loss'][0]:.4g} -> {h['diffusion_loss'][-1]:.4g} on "
                    f"{pca['components']} principal coordinates ({pca['variance_kept']:.1%} of latent variance)")
+        click.echo(f"  encoder    {meta['encoder']['training']} ({meta['encoder']['k']} examples per class, "
+                   f"redrawn every step)")
     else:
+        click.echo(f"  kde        sampler {meta['kde']['sampler']}")
         for key, s in meta["kde"]["samplers"].items():
             click.echo(f"  kde        {key}: {s['anchors']} of {s['of']} models, median bandwidth "
-                       f"{s['median_bandwidth']:.3g}")
+                       f"{s['median_bandwidth']:.3g} (anchors' median std {s['median_anchor_std']:.3g})")
     for t in meta["tasks"]:
         acc = t["best_val_acc"]
         best = f", best val acc {acc:.3f}" if acc is not None else ""
@@ -205,9 +233,11 @@ def eval_(samples: Path, data: str, zoo_dir: Path | None, epochs: str, seed: int
 
     Accuracy on DATA's test split, zero-shot and after K epochs of fine-tuning
     with the zoo's training settings, for the samples and for as many random
-    inits trained the same way. Memorization: each sample's nearest zoo model
-    (RMS distance in units of the zoo's per-tensor std) and the overlap of
-    their errors (Jaccard), next to the same numbers between zoo neighbours.
+    inits trained the same way. Memorization: each sample's nearest training
+    model (RMS distance in units of the zoo's per-tensor std) and how alike
+    their errors are (error consistency normalized by chance and by the most
+    the accuracies allow: 1 as alike as possible), next to the same between zoo
+    neighbours and between a training model and its autoencoder copy.
 
     \b
     Example (after the `wsmerge generate --help` examples):
@@ -246,16 +276,21 @@ def eval_(samples: Path, data: str, zoo_dir: Path | None, epochs: str, seed: int
     if m is None:
         click.echo("memorization: no zoo to compare with (pass --zoo)")
         return
-    ref = m["zoo_reference"]
-    click.echo(f"memorization vs {m['zoo_models']} zoo models:")
-    click.echo(f"  nearest-model distance  median {m['distance']['median']:.3f}  min {m['distance']['min']:.3f}"
-               + (f"   (zoo neighbours: median {ref['distance_median']:.3f})" if ref["distance_median"] is not None
-                  else ""))
-    click.echo(f"  error overlap (Jaccard) median {m['jaccard']['median']:.3f}  max {m['jaccard']['max']:.3f}"
-               + (f"   (zoo neighbours: median {ref['jaccard_median']:.3f})" if ref["jaccard_median"] is not None
-                  else ""))
-    click.echo("  distance: RMS in units of each tensor's std over the zoo (0 = a copy); smaller than "
-               "between zoo neighbours, with a higher error overlap, means near-copies")
+    ref, copy = m["zoo_reference"], m.get("autoencoder_copy")
+    click.echo(f"memorization vs {m['zoo_models']} zoo models ({m['reference']}):")
+    click.echo(f"{'':<29}{'distance':>10}{'consistency':>13}")
+
+    def mem_line(label: str, dist: float | None, cons: float | None) -> None:
+        cells = "".join(f"{'-' if v is None else f'{v:.3f}':>{w}}" for v, w in ((dist, 10), (cons, 13)))
+        click.echo(f"  {label:<27}{cells}")
+
+    mem_line("samples (median)", m["distance"]["median"], m["consistency"]["median"])
+    mem_line("zoo neighbours (median)", ref["distance_median"], ref["consistency_median"])
+    if copy is not None:
+        mem_line("autoencoder copy (median)", copy["distance_median"], copy["consistency_median"])
+    click.echo("  distance: to the nearest training model, in units of each tensor's std over the zoo (0: a copy)")
+    click.echo("  consistency: of their errors on DATA (0: chance, 1: as alike as the accuracies allow)")
+    click.echo("  near the autoencoder copy: copies; near zoo neighbours: as new as a retrained model")
 
 
 def _cells(s: dict | None) -> str:

@@ -16,16 +16,29 @@ Accuracy (test split of DATA), best / mean / median over models:
   checkpoints at the epochs asked for, when it saved them).
 
 Memorization: a generator that returns its training models is no generator.
-For every sample, its nearest zoo model (same architecture) by the RMS
-distance over the generated tensors in units of each tensor's standard
-deviation over the zoo, ((s - z) / std_t) -- 0 is a copy, about sqrt(2) is two
-independent draws from the zoo's weight distribution -- and the Jaccard
-overlap of the two models' error sets on DATA's test split (1: they get the
-same examples wrong). Both are read against `zoo_reference`: the same two
-numbers between every zoo model and its nearest other zoo model. A sample far
-closer than that, or with a much higher error overlap, is a near-copy.
-Weight distance does not see permutations of hidden units; the error overlap
-does, which is why both are reported.
+The reference models are the zoo checkpoints the generator learned from (its
+tasks, named in every sample's `generated_by`). For every sample:
+
+- its nearest reference model by the RMS distance over the generated tensors in
+  units of each tensor's standard deviation over the reference models,
+  ((s - z) / std_t): 0 is a copy, about sqrt(2) two independent draws from the
+  zoo's weight distribution;
+- how alike their mistakes are on DATA's test split: error consistency normalized
+  by chance and by the most the two accuracies allow (`error_consistency`: 0 no
+  more alike than chance, 1 as alike as possible, so a noisy copy scores 1 even
+  when it is much weaker). The Jaccard overlap of error sets, which this replaces,
+  cannot exceed the smaller error set over the larger one, so a weak copy of a
+  strong model looked "new".
+
+Both are read against two references on the same data: `zoo_reference`, every
+reference model of DATA's task (all of them for a task the generator did not see)
+against its nearest other reference model (independently trained neighbours), and
+`autoencoder_copy`, the same models against their reconstruction by the
+generator's autoencoder (a copy that went through it; only when the generator
+directory is still where the samples say). A sample as close and as alike as an
+autoencoder copy is a copy; one as far and as different as zoo neighbours is as
+new as a retrained model. Weight distance does not see permutations of hidden
+units; the consistency does, which is why both are reported.
 """
 
 from __future__ import annotations
@@ -99,18 +112,6 @@ def _train_config(cfg: dict[str, Any], epochs: list[int]):
     base = dict(cfg.get("train") or {})
     base.update({"epochs": max(epochs), "checkpoints": tuple(epochs), "warmup_epochs": 0})
     return TrainConfig.model_validate(base)
-
-
-def _test_errors(module: torch.nn.Module, tensors: dict[str, torch.Tensor], task) -> torch.Tensor:
-    """Bool (N_test,): True where the model is wrong."""
-    with torch.no_grad():
-        logits = torch.func.functional_call(module, tensors, (task.test.x,))
-    return logits.argmax(-1) != task.test.y
-
-
-def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = int((a | b).sum())
-    return 1.0 if union == 0 else int((a & b).sum()) / union
 
 
 def _flat_std(tensors: dict[str, torch.Tensor], names: list[str], std: dict[str, float]) -> torch.Tensor:
@@ -195,11 +196,69 @@ def evaluate_samples(samples: str | Path | Sequence[str | Path], data: str, *,
     return report
 
 
+def error_consistency(right_a: torch.Tensor, right_b: torch.Tensor) -> dict[str, float | None]:
+    """How alike two models' mistakes are (bool (N,) "right" masks), against chance and the most possible.
+
+        error_consistency(pred_a == y, pred_b == y)["normalized"]     # 1: as alike as possible
+
+    Error consistency (Geirhos et al., "Beyond accuracy: quantifying trial-by-trial
+    behaviour of CNNs and humans by measuring error consistency", NeurIPS 2020), divided
+    by its maximum: with accuracies a and b,
+    observed c = share of examples both get right or both get wrong;
+    chance c_exp = a b + (1 - a)(1 - b), two independent models with those accuracies;
+    most c_max = 1 - |a - b|, what the two accuracies allow (all of the weaker model's
+    right answers among the stronger one's);
+    normalized = (c - c_exp) / (c_max - c_exp): 0 is no more alike than chance, 1 as alike
+    as the accuracies allow -- a noisy copy, right only where its original is right, is 1
+    even when it is much weaker. (The Jaccard overlap of error sets cannot show this: it is
+    at most the smaller error set over the larger one.) None when c_max = c_exp (one of
+    the models is always right or always wrong).
+    """
+    ra, rb = right_a.bool(), right_b.bool()
+    a, b = float(ra.double().mean()), float(rb.double().mean())
+    c = float((ra == rb).double().mean())
+    c_exp = a * b + (1 - a) * (1 - b)
+    c_max = 1 - abs(a - b)
+    norm = (c - c_exp) / (c_max - c_exp) if c_max - c_exp > 1e-12 else None
+    return {"observed": c, "chance": c_exp, "most": c_max, "normalized": norm}
+
+
+def _predictions(module: torch.nn.Module, tensors: dict[str, torch.Tensor], task) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.func.functional_call(module, tensors, (task.test.x,)).argmax(-1)
+
+
+def _consistency(pred_a: torch.Tensor, pred_b: torch.Tensor, task) -> dict[str, float | None]:
+    """error_consistency of two models' test predictions, and the share of equal labels."""
+    return {**error_consistency(pred_a == task.test.y, pred_b == task.test.y),
+            "same_label": float((pred_a == pred_b).double().mean())}
+
+
+def _reference_rows(zoo, generated_by: dict[str, Any]) -> tuple[list[dict], str]:
+    """The zoo checkpoints the generator learned from (its tasks and checkpoints), else all final ones."""
+    tasks = generated_by.get("train_tasks")
+    if not tasks:
+        return list(zoo.final_rows()), "all final zoo models (the samples do not name their training tasks)"
+    rows = zoo.final_rows() if generated_by.get("checkpoints", "final") == "final" else \
+        [r for r in zoo.rows if int(r["epoch"]) > 0]
+    return [r for r in rows if r["dataset"] in set(tasks)], "the generator's training models"
+
+
+def _median(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return statistics.median(v) if v else None
+
+
 def _memorization(paths: list[Path], cfg: dict[str, Any], zoo, data: str, task, load_space,
                   model_from_config) -> dict[str, Any] | None:
+    """Is every sample a copy of a model the generator learned from? Distance and agreement to its
+    nearest training model, next to the same between training models and their nearest other one,
+    and between training models and their own autoencoder reconstruction (a copy, as far as the
+    generator's autoencoder can copy)."""
     module = model_from_config(cfg, str(paths[0]))
     shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
-    rows = [r for r in zoo.final_rows()]
+    generated_by = cfg.get("generated_by") or {}
+    rows, reference = _reference_rows(zoo, generated_by)
     spaces, keep = [], []
     for r in rows:
         s = zoo.load(r)
@@ -208,7 +267,7 @@ def _memorization(paths: list[Path], cfg: dict[str, Any], zoo, data: str, task, 
             keep.append(r)
     if not keep:
         return None
-    names = list((cfg.get("generated_by") or {}).get("generated_tensors") or shapes)
+    names = list(generated_by.get("generated_tensors") or shapes)
     std = {}
     for n in names:
         v = torch.stack([s[n].double() for s in spaces])
@@ -216,35 +275,75 @@ def _memorization(paths: list[Path], cfg: dict[str, Any], zoo, data: str, task, 
         std[n] = sd if sd > 1e-12 else max(float(v.abs().mean()), 1e-12)
     zoo_flat = torch.stack([_flat_std(s, names, std) for s in spaces])
     numel = zoo_flat.shape[1]
-    zoo_err = [_test_errors(module, s, task) for s in spaces]
+    zoo_pred = [_predictions(module, s, task) for s in spaces]
+
+    def dist_to_zoo(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (zoo_flat - _flat_std(t, names, std)).pow(2).sum(1).div(numel).sqrt()
+
     per_sample = []
     for p in paths:
         t = load_space(p).materialize(dtype=torch.float32)
-        d = (zoo_flat - _flat_std(t, names, std)).pow(2).sum(1).div(numel).sqrt()
+        d = dist_to_zoo(t)
         j = int(d.argmin())
-        err = _test_errors(module, t, task)
+        pred = _predictions(module, t, task)
         per_sample.append({"sample": p.name, "nearest": keep[j]["model_id"], "nearest_dataset": keep[j]["dataset"],
-                           "distance": float(d[j]), "jaccard": _jaccard(err, zoo_err[j]),
-                           "accuracy": 1.0 - float(err.float().mean())})
+                           "distance": float(d[j]), "consistency": _consistency(pred, zoo_pred[j], task),
+                           "accuracy": float((pred == task.test.y).double().mean())})
     ref_idx = [i for i, r in enumerate(keep) if r["dataset"] == data] or list(range(len(keep)))
-    ref_d, ref_j = [], []
+    neighbours = []
     if len(keep) > 1:
         dist = torch.cdist(zoo_flat, zoo_flat) / numel ** 0.5
         dist.fill_diagonal_(float("inf"))
         for i in ref_idx:
             j = int(dist[i].argmin())
-            ref_d.append(float(dist[i, j]))
-            ref_j.append(_jaccard(zoo_err[i], zoo_err[j]))
+            neighbours.append({"distance": float(dist[i, j]),
+                               "consistency": _consistency(zoo_pred[i], zoo_pred[j], task)})
+    copies = _autoencoder_copies(generated_by, [spaces[i] for i in ref_idx], names, std, module, task,
+                                 [zoo_pred[i] for i in ref_idx])
+
+    def summary(items: list[dict]) -> dict[str, Any]:
+        if not items:
+            return {"distance_median": None, "same_label_median": None, "consistency_median": None,
+                    "models": 0}
+        return {"distance_median": statistics.median(x["distance"] for x in items),
+                "same_label_median": statistics.median(x["consistency"]["same_label"] for x in items),
+                "consistency_median": _median([x["consistency"]["normalized"] for x in items]),
+                "models": len(items)}
+
     ds = [s["distance"] for s in per_sample]
-    js = [s["jaccard"] for s in per_sample]
+    norms = [s["consistency"]["normalized"] for s in per_sample]
     return {
-        "metric": "RMS of (sample - zoo model) / per-tensor zoo std over the generated tensors; "
-                  "Jaccard of test-set error sets with that nearest model",
-        "zoo_models": len(keep), "tensors": len(names),
+        "metric": "distance: RMS of (sample - model) / per-tensor std over the reference models, over the "
+                  "generated tensors (0: a copy); consistency: error consistency on DATA's test split, "
+                  "normalized = (observed - chance) / (most the accuracies allow - chance), 1: as alike as "
+                  "possible; same_label: share of test examples given the same label",
+        "reference": reference, "zoo_models": len(keep), "tensors": len(names),
         "distance": {"min": min(ds), "median": statistics.median(ds)},
-        "jaccard": {"max": max(js), "median": statistics.median(js)},
-        "zoo_reference": {"distance_median": statistics.median(ref_d) if ref_d else None,
-                          "jaccard_median": statistics.median(ref_j) if ref_j else None,
-                          "models": len(ref_idx)},
+        "same_label": {"median": statistics.median(s["consistency"]["same_label"] for s in per_sample)},
+        "consistency": {"median": _median(norms), "max": max((x for x in norms if x is not None), default=None)},
+        "zoo_reference": summary(neighbours),
+        "autoencoder_copy": summary(copies) if copies is not None else None,
         "per_sample": per_sample,
     }
+
+
+def _autoencoder_copies(generated_by: dict[str, Any], spaces: list[dict[str, torch.Tensor]], names: list[str],
+                        std: dict[str, float], module, task, preds: list[torch.Tensor]) -> list[dict] | None:
+    """Each model against its reconstruction by the generator's autoencoder, if the generator is
+    still where the samples say: how far and how alike a copy that passed through it is."""
+    from weightspace.zoo.gen.store import GENERATOR_FILE, load_generator
+
+    where = generated_by.get("generator")
+    if not where or not (Path(where) / GENERATOR_FILE).is_file() or not spaces:
+        return None
+    gen = load_generator(where)
+    if list(gen.chunker.names) != list(names):
+        return None
+    full = [{**s} for s in spaces]
+    recon = gen.chunker.decode_many(gen.vae.decode_models(gen.vae.encode_models(gen.chunker.encode_many(full))))
+    out = []
+    for s, r, pred in zip(spaces, recon, preds):
+        copy = {**s, **r}
+        d = float((_flat_std(copy, names, std) - _flat_std(s, names, std)).pow(2).mean().sqrt())
+        out.append({"distance": d, "consistency": _consistency(_predictions(module, copy, task), pred, task)})
+    return out
