@@ -2,6 +2,7 @@
 
     python examples/generate_digits.py                    # 3 seeds: table on stdout
     python examples/generate_digits.py --json benchmarks/results/generate_digits.json --plot docs/generate-digits.png
+    python examples/generate_digits.py --from-json benchmarks/results/generate_digits.json   # its tables again
 
 The zoo is examples/zoo/digits-tasks.yaml (one 16-wide MLP architecture, six digit
 tasks: identity, three rotations, two flips; ten seeds each). Every generator
@@ -166,7 +167,32 @@ def format_tables(result: dict[str, Any]) -> str:
             lines.append(f"| {cell['method']} | {cell['group']} | " + " | ".join(vals) + " |")
         return lines
 
-    return "\n".join(table(COLUMNS[:6]) + [""] + table(COLUMNS[6:]))
+    return "\n".join(table(COLUMNS[:6]) + [""] + table(COLUMNS[6:]) + [""] + held_out_table(result))
+
+
+def held_out_table(result: dict[str, Any]) -> list[str]:
+    """d2nwg on the held-out flips, per task over the seeds: where the condition lands (distance to the
+    nearest seen task's, over the median distance between two seen tasks' conditions: 0 is on a seen
+    task, 1 as far as two seen tasks are apart) and which training task the samples' nearest training
+    models come from (counts over all seeds' samples)."""
+    lines = ["| method | held-out task | condition to nearest seen task | nearest seen task (seeds) | "
+             "samples' nearest training model from |", "| --- | --- | ---: | --- | --- |"]
+    for method in dict.fromkeys(r["method"] for r in result["rows"]):
+        for data in HELD_OUT:
+            mine = [r for r in result["rows"] if r["method"] == method and r["data"] == data and r["condition"]]
+            if not mine:
+                continue
+            d = [r["condition"]["to_nearest_seen"] for r in mine]
+            spread = statistics.stdev(d) if len(d) > 1 else 0.0
+            seen_near = [r["condition"]["nearest_seen"] for r in mine]
+            counts: dict[str, int] = {}
+            for r in mine:
+                for t, c in r["nearest training task"].items():
+                    counts[t] = counts.get(t, 0) + c
+            near = ", ".join(f"`{t}` {seen_near.count(t)}" for t in sorted(set(seen_near)))
+            models = ", ".join(f"`{t}` {c}" for t, c in sorted(counts.items(), key=lambda x: -x[1]))
+            lines.append(f"| {method} | `{data}` | {statistics.fmean(d):.2f} ± {spread:.2f} | {near} | {models} |")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -205,7 +231,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--from-json", type=Path, default=None, metavar="JSON",
+                    help="print the tables (and --plot) of a results JSON this script wrote; no training")
     args = ap.parse_args()
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+        print(format_tables(res))
+        if args.plot:
+            plot(res, args.plot)
+        return
     if args.plot:
         from weightspace.extras import pyplot
 
