@@ -25,11 +25,14 @@ import hashlib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
 from weightspace.errors import SpecError
+
+if TYPE_CHECKING:
+    from weightspace.ir import WeightSpace
 
 BaseUse = Literal["required", "optional", "none"]
 
@@ -203,6 +206,13 @@ class MergeMethod:
         """Raise SpecError when the parameters resolved for one tensor do not fit together
         (`where[i]` names model i's parameters in the spec). Called while planning, before any
         data is read; the range of a single value is its Param's business."""
+
+    def check_models(self, params: TensorParams, base: WeightSpace | None, models: list[WeightSpace],
+                     where: list[str]) -> None:
+        """Raise InputError when the models themselves do not fit the parameters (aTLAS: a
+        coefficients file learned for other models, or for these in another order). Called at
+        plan time, once per slice and distinct global parameter values, with the models'
+        spaces in the spec's order (base apart) and `where[i]` naming model i in the spec."""
 
     def companion_shape(self, companion: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...] | None:
         """Shape of `companion`'s tensor for the model tensor `name` (of `shape`), or None when

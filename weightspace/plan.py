@@ -196,6 +196,7 @@ class _Planner(TensorSteps):
         self.companions: dict[str, WeightSpace] = {}
         self.companions_used: set[str] = set()
         self.vocab_orders: dict[str, tuple] = {}  # re-ordered vocabulary tensors (see vocab_refs)
+        self.models_checked: set[tuple] = set()  # (slice, parameter values) MergeMethod.check_models saw
 
     def plan(self) -> MergePlan:
         self.resolve_method()

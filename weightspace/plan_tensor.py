@@ -61,11 +61,22 @@ class TensorSteps:
                                    cast_inputs=False, info={"copied_from": order[0]}))
             return
         params = self.tensor_params(out_name, slice_idx, others, name_of, t, layer)
+        self.check_models(sb, others, params, slice_idx)
         comp_refs, present = self.companion_refs(others, params.per_model, name_of, first)
         fn = merge_fn(self.method, out_name, sb is not None, len(others), params,
                        list(self.method.companions), present)
         self.emit(out_name, refs, comp_refs, params, fn, sb is not None,
                   {"t": t, "layer": layer, "models": order})
+
+    def check_models(self, sb: str | None, others: list[Source], params: TensorParams, slice_idx: int) -> None:
+        """The method's check of the models themselves (MergeMethod.check_models): once per
+        slice and distinct global parameter values."""
+        key = (slice_idx, repr(sorted(params.values.items())))
+        if key in self.models_checked:
+            return
+        self.models_checked.add(key)
+        self.method.check_models(params, self.spaces[sb] if sb else None,
+                                 [self.spaces[s.ref] for s in others], [self.where_of[s.ref] for s in others])
 
     def input_refs(self, order: list[str], name_of: dict[str, str], out_name: str,
                    srcs: list[Source], slice_idx: int) -> list[TensorRef]:
