@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -36,10 +37,16 @@ def atlas() -> None:
 @click.option("--data", required=True, help="Zoo dataset reference, or a JSONL file for transformers models.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output coefficients (.safetensors), written atomically.")
-@click.option("--objective", type=click.Choice(["supervised", "entropy", "pseudo-label"]), default="supervised",
-              show_default=True, help="supervised: cross-entropy on labels (task addition, few-shot); "
-                                      "entropy: unsupervised test-time adaptation (AdaMerging); "
-                                      "pseudo-label: cross-entropy on confident predictions only.")
+@click.option("--objective", type=click.Choice(["supervised", "entropy", "pseudo-label", "ufm"]),
+              default="supervised", show_default=True,
+              help="supervised: cross-entropy on labels (task addition, few-shot); without labels: ufm, "
+                   "the paper's test-time objective (fixed zero-shot pseudo-labels, trusted examples, weak "
+                   "and strong views; zoo image data), entropy (AdaMerging), pseudo-label (the model's own "
+                   "confident argmax).")
+@click.option("--preset", type=click.Choice(["authors"]), default=None,
+              help="The authors' run for this objective: --epochs 20 (task addition) or 10 (few-shot, "
+                   "ufm), --batch-size 128, --select-split val; few-shot examples repeated to 10 batches "
+                   "an epoch and augmented (crop-flip). Options given explicitly win.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True,
               help="Split of a zoo dataset the coefficients learn from.")
 @click.option("--shots", type=click.IntRange(1, 16), default=None,
@@ -47,7 +54,20 @@ def atlas() -> None:
 @click.option("--n-examples", type=click.IntRange(min=1), default=None, help="Use at most this many examples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Optimizer steps.")
-@click.option("--lr", type=float, default=None, help="Learning rate (default 1e-3; 1e-1 with --shots).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Passes over the data instead of --steps (a ufm epoch: one pass over the untrusted examples).")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate (default 1e-3; 1e-1 with --shots, as the authors).")
+@click.option("--schedule", type=click.Choice(["auto", "constant", "cosine"]), default="auto", show_default=True,
+              help="auto: constant for supervised task addition, cosine decay for few-shot and test-time (the authors').")
+@click.option("--select-split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Keep the coefficients of the epoch with the best accuracy on this split of the zoo "
+                   "dataset (the authors select on val, starting from the zero-shot accuracy).")
+@click.option("--select-data", default=None,
+              help="Labelled data to select the best epoch on, if not DATA (a zoo reference with "
+                   "--select-split, or a JSONL file).")
+@click.option("--augment", type=click.Choice(["crop-flip"]), default=None,
+              help="Augment each step's images (random resized crop + flip; the strong view of ufm).")
 @click.option("--partition", "partitions", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split each tensor's entries into P seeded random groups, one coefficient each.")
 @click.option("--blockwise/--no-blockwise", default=True, show_default=True,
@@ -56,26 +76,35 @@ def atlas() -> None:
               help="Keep only the B task vectors (or B per block) with the largest |dL/dlambda| at 0.")
 @click.option("--budget-mode", type=click.Choice(["vectors", "blocks"]), default="vectors", show_default=True)
 @click.option("--gradient-free", is_flag=True, help="No backward pass: a derivative-free optimizer.")
-@click.option("--threshold", type=float, default=0.9, show_default=True, help="Confidence for pseudo-labels.")
-@click.option("--penalty", type=click.Choice(["l1", "l2"]), default=None, help="Penalty on the coefficients.")
-@click.option("--penalty-weight", type=float, default=0.0, show_default=True)
+@click.option("--threshold", type=float, default=None,
+              help="Confidence a pseudo-label needs (default 0.99 for ufm, the authors'; 0.9 for pseudo-label).")
+@click.option("--penalty", type=click.Choice(["l1", "l2"]), default=None,
+              help="Penalty: the mean over blocks of the coefficients' l1 / l2 norm across task vectors.")
+@click.option("--penalty-weight", type=float, default=0.5, show_default=True)
 @device_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective: str, split: str,
-          shots: int | None, n_examples: int | None, batch_size: int, steps: int, lr: float | None,
-          partitions: int, blockwise: bool, budget: int | None, budget_mode: str, gradient_free: bool,
-          threshold: float, penalty: str | None, penalty_weight: float, device: str, seed: int,
-          overwrite: bool, no_progress: bool) -> None:
+def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective: str, preset: str | None,
+          split: str, shots: int | None, n_examples: int | None, batch_size: int, steps: int,
+          epochs: int | None, lr: float | None, schedule: str, select_split: str | None,
+          select_data: str | None, augment: str | None, partitions: int, blockwise: bool,
+          budget: int | None, budget_mode: str, gradient_free: bool, threshold: float | None,
+          penalty: str | None, penalty_weight: float, device: str, seed: int, overwrite: bool,
+          no_progress: bool) -> None:
     """Learn aTLAS coefficients for task vectors (FT - BASE) on DATA.
 
     \b
-    Example (from the repository root; few-shot, 4 labelled digits per class):
+    Examples (from the repository root):
+      # few-shot, 4 labelled digits per class, as the authors run it
       wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
-          examples/digits/ft1 --data digits --shots 4 --steps 50 -o runs/atlas-4shot.coeffs.safetensors
+          examples/digits/ft1 --data digits --shots 4 --preset authors -o runs/atlas-4shot.coeffs.safetensors
+      # test-time adaptation on the unlabelled test inputs, best epoch on val
+      wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
+          examples/digits/ft1 --data digits --split test --objective ufm --preset authors \\
+          -o runs/atlas-ufm.coeffs.safetensors
     """
-    from weightspace.errors import InputError
+    from weightspace.errors import InputError, SpecError
     from weightspace.merges.atlas import learn_coefficients, save_coefficients
     from weightspace.sources import load_space
     from weightspace.zoo.bind import open_batches, open_model
@@ -84,31 +113,68 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
         raise InputError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix != ".safetensors":
         raise click.UsageError(f"-o {out}: the output is a .safetensors file")
+    ctx = click.get_current_context()
+    given = {name for name in ("steps", "epochs", "batch_size", "select_split", "augment")
+             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    if {"steps", "epochs"} <= given:
+        raise click.UsageError("--steps and --epochs: give one of them")
+    zoo_data = Path(data).suffix not in (".jsonl", ".txt")
+    if preset == "authors":
+        if not given & {"steps", "epochs"}:
+            epochs = 20 if objective == "supervised" and shots is None else 10
+        if "batch_size" not in given:
+            batch_size = 128
+        if "select_split" not in given and select_data is None and zoo_data:
+            select_split = "val"
     adapter = open_model(base)
     base_space = load_space(base)
     fts = [load_space(f) for f in finetuned]
     if shots is not None:
-        batches = _few_shot_batches(data, adapter, split, shots, seed, batch_size)
+        batches = _few_shot_batches(data, adapter, split, shots, seed, batch_size, oversample=preset == "authors")
+        if preset == "authors" and "augment" not in given and batches[0]["x"].dim() == 4:
+            augment = "crop-flip"
     else:
         batches = open_batches(data, adapter, split=split, batch_size=batch_size, n_examples=n_examples,
                                tokenizer=base if Path(base).is_dir() else None)
+    select = None
+    if select_split is not None or select_data is not None:
+        ref = select_data or data
+        if Path(ref).suffix not in (".jsonl", ".txt") and select_split is None:
+            raise SpecError("--select-data: a zoo dataset needs --select-split too")
+        select = open_batches(ref, adapter, split=select_split or "val", batch_size=512,
+                              tokenizer=base if Path(base).is_dir() else None)
     t0 = time.perf_counter()
-    coeffs = learn_coefficients(
-        adapter, base_space, fts, batches, objective=objective, steps=steps, lr=lr,
-        blockwise=blockwise, partitions=partitions, budget=budget, budget_mode=budget_mode,
-        gradient_free=gradient_free, threshold=threshold, penalty=penalty, penalty_weight=penalty_weight,
-        device=device, seed=seed, progress=not no_progress and sys.stderr.isatty(),
-        task_names=list(finetuned), few_shot=shots is not None,
-    )
-    coeffs.meta.update({"data": data, "split": split, "shots": shots, "base": base})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coeffs = learn_coefficients(
+            adapter, base_space, fts, batches, objective=objective, steps=steps, epochs=epochs, lr=lr,
+            schedule=schedule, blockwise=blockwise, partitions=partitions, budget=budget,
+            budget_mode=budget_mode, gradient_free=gradient_free, threshold=threshold, penalty=penalty,
+            penalty_weight=penalty_weight, augment=augment, select=select, device=device, seed=seed,
+            progress=not no_progress and sys.stderr.isatty(), task_names=list(finetuned),
+            few_shot=shots is not None,
+        )
+    if coeffs.meta["steps_taken"] == 0:
+        why = next((str(w.message) for w in caught if "took no optimizer step" in str(w.message)),
+                   "learn_coefficients took no optimizer step")
+        raise InputError(f"{why}; {out} was not written")
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    coeffs.meta.update({"data": data, "split": split, "shots": shots, "base": base, "preset": preset,
+                        "select_split": select_split, "select_data": select_data})
     save_coefficients(coeffs, out)
+    chosen = coeffs.meta["selection"]
+    picked = (f"; kept epoch {chosen['best_epoch']} of {len(chosen['scores']) - 1} (accuracy "
+              f"{chosen['best_score']:.3f}, {chosen['scores'][0]:.3f} before)" if chosen else "")
     click.echo(f"{out}: {objective} coefficients, {tuple(coeffs.values.shape)} (tasks x blocks"
-               f"{' x partitions' if coeffs.partitions > 1 else ''}) in {time.perf_counter() - t0:.1f} s")
+               f"{' x partitions' if coeffs.partitions > 1 else ''}), {coeffs.meta['steps']} steps in "
+               f"{time.perf_counter() - t0:.1f} s{picked}")
 
 
-def _few_shot_batches(data: str, adapter, split: str, k: int, seed: int, batch_size: int):
+def _few_shot_batches(data: str, adapter, split: str, k: int, seed: int, batch_size: int, oversample: bool):
     from weightspace.errors import SpecError
     from weightspace.merges.atlas import few_shot
+    from weightspace.merges.atlas.data import oversampled_batches
     from weightspace.zoo.data import load_task
 
     if Path(data).suffix in (".jsonl", ".txt"):
@@ -116,6 +182,8 @@ def _few_shot_batches(data: str, adapter, split: str, k: int, seed: int, batch_s
                         "with k examples per label and no --shots)")
     s = load_task(data).split(split)
     x, y = few_shot(s.x, s.y, k, seed)
+    if oversample:  # the authors' few-shot loader: repeated to more than 10 batches an epoch
+        return oversampled_batches(x, y, batch_size, seed)
     return [{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, len(y), batch_size)]
 
 
@@ -137,15 +205,18 @@ def show(coefficients: Path, plot: Path | None, as_json: bool) -> None:
     c = load_coefficients(coefficients)
     values = c.values if c.values.dim() == 2 else c.values.mean(-1)
     if as_json:
-        click.echo(json.dumps({"tasks": c.tasks, "blocks": c.blocks, "partitions": c.partitions,
-                               "values": c.values.tolist(), "meta": c.meta}, indent=2, default=str))
+        click.echo(json.dumps({"tasks": c.tasks, "models": c.models, "blocks": c.blocks,
+                               "partitions": c.partitions, "values": c.values.tolist(), "meta": c.meta},
+                              indent=2, default=str))
     else:
         w = max(len(b) for b in c.blocks)
         click.echo(f"{'block'.ljust(w)}  " + "  ".join(f"task{i:<4}" for i in range(len(c.tasks))))
         for j, b in enumerate(c.blocks):
             click.echo(f"{b.ljust(w)}  " + "  ".join(f"{float(values[i, j]):>8.4f}" for i in range(len(c.tasks))))
         for i, t in enumerate(c.tasks):
-            click.echo(f"task{i}: {t}")
+            ident = c.models[i] if c.models else None
+            click.echo(f"task{i}: {t}" + (f"  ({ident['path'] or 'in memory'}, fingerprint "
+                                          f"{ident['fingerprint']})" if ident else ""))
     if plot is not None:
         plot_coefficients(c, plot)
         click.echo(f"heat map: {plot}", err=as_json)

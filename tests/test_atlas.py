@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -203,27 +204,76 @@ def test_atlas_method_refuses_coefficients_for_another_model(tiny_models, run_cl
         assert not (tiny_models.root / f"out-{name}").exists()
 
 
-def test_models_the_file_names_by_path_must_come_in_its_order(tmp_path):
-    """apply_coefficients refuses fine-tunes in another order, or another fine-tune, where the
-    file names them by absolute path; labels, vanished paths and in-memory tensors pass."""
+def test_apply_refuses_other_models_or_another_order(tmp_path):
+    """The file records each task vector's model (path and content fingerprint); applying it to
+    the models in another order, or to another model, is refused naming both lists, whether they
+    come from disk or memory. A copy elsewhere passes (same content); files that record no models
+    (built by hand) are checked by absolute task-name paths only, as before."""
+    import shutil
+
     adapter, base, fts, batches = _tiny(tasks=3)
     paths = [WeightSpace.from_tensors(t).save(tmp_path / name) for t, name in
              zip([base, *fts], ["base", "a", "b", "c"])]
     base_ws, a, b, other = (load_space(p) for p in paths)
     c = learn_coefficients(adapter, base_ws, [a, b], batches, steps=2)
     assert c.tasks == [str(paths[1].resolve()), str(paths[2].resolve())]
+    assert [m["path"] for m in c.models] == c.tasks and len({m["fingerprint"] for m in c.models}) == 2
     want = apply_coefficients(c, base_ws, [a, b])
-    with pytest.raises(InputError, match=r"learned for the task vectors \[.*/a', .*/b'\] in this order, "
-                                         r"but the models are \[.*/b', .*/a'\]: task vector 0 .* is given as model 1"):
+    with pytest.raises(InputError, match=r"learned for the task vectors \[0: .*/a \(fingerprint \w+\); 1: .*/b .*\] in "
+                                         r"this order, but the models are \[0: .*/b .*; 1: .*/a .*\]: model 0 is task vector 1"):
         apply_coefficients(c, base_ws, [b, a])
-    with pytest.raises(InputError, match=r"model 1 is .*/c, not task vector 1 \(.*/b\)"):
+    with pytest.raises(InputError, match=r"model 1 \(.*/c\) is none of the task vectors it was learned for"):
         apply_coefficients(c, base_ws, [a, other])
-    labelled = Coefficients(c.values, c.blocks, ["first", "second"])          # labels: not checked
-    assert all(torch.equal(apply_coefficients(labelled, base_ws, [a, b])[n], want[n]) for n in want)
+    with pytest.raises(InputError, match=r"model 0 is task vector 1"):              # tensors in memory too
+        apply_coefficients(c, base, [fts[1], fts[0]])
+    assert all(torch.equal(apply_coefficients(c, base, fts[:2])[n], want[n]) for n in want)
+    shutil.copytree(paths[1], tmp_path / "moved" / "a")                     # same content, elsewhere
+    apply_coefficients(c, base_ws, [load_space(tmp_path / "moved" / "a"), b])
+    apply_coefficients(c, base_ws, [b, a], check_models=False)              # the escape hatch
+    back = load_coefficients(save_coefficients(c, tmp_path / "c.safetensors"))
+    assert back.models == c.models
+    labelled = Coefficients(c.values, c.blocks, ["first", "second"])          # no models, labels: not checked
     apply_coefficients(labelled, base_ws, [b, a])
-    moved = Coefficients(c.values, c.blocks, [str(tmp_path / "gone"), c.tasks[1]])
-    apply_coefficients(moved, base_ws, [other, b])                      # the recorded path is gone
-    apply_coefficients(c, base, [fts[1], fts[0]])                       # tensors in memory: no paths
+    by_path = Coefficients(c.values, c.blocks, c.tasks)                       # no models, absolute paths
+    with pytest.raises(InputError, match="task vector 0 .* is given as model 1"):
+        apply_coefficients(by_path, base_ws, [b, a])
+
+
+def test_run_refuses_a_spec_whose_models_differ_from_the_files(tmp_path, run_cli, write_spec, monkeypatch):
+    """`wsmerge atlas learn` records --task-vectors as typed (relative); `wsmerge run` checks the
+    spec's models against the file's fingerprints through the planner's check_models hook, before
+    anything is written, and names both lists."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("base", "ft0", "ft1", "ft2"):
+        shutil.copytree(repo / "examples/digits" / name, tmp_path / "d" / name)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("atlas", "learn", "--base", "d/base", "--task-vectors", "d/ft0", "d/ft1",
+                             "--data", "digits", "--steps", "3", "-o", "c.safetensors", "--no-progress")
+    assert code == 0, err
+    c = load_coefficients(tmp_path / "c.safetensors")
+    assert c.tasks == ["d/ft0", "d/ft1"] and c.models[0]["path"] == str((tmp_path / "d/ft0").resolve())
+
+    def run(models: list[str], extra: str = "") -> tuple[int, str]:
+        spec = write_spec("merge_method: atlas\nbase_model: d/base\nmodels:\n"
+                          + "".join(f"  - model: {m}\n" for m in models)
+                          + f"parameters: {{coefficients: c.safetensors{extra}}}\n")
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        code, _, err = run_cli("run", str(spec), str(tmp_path / "out"), "--no-progress")
+        assert (tmp_path / "out").exists() == (code == 0)
+        return code, err
+
+    assert run(["d/ft0", "d/ft1"]) == (0, "")
+    code, err = run(["d/ft1", "d/ft0"])
+    assert code == 1 and "learned for the task vectors [0: d/ft0 at " in err
+    assert re.search(r"but the models are \[0: .*/d/ft1 \(fingerprint \w+\); 1: .*/d/ft0 .*\]: model 0 is "
+                     r"task vector 1 \(d/ft1\)", err), err
+    code, err = run(["d/ft0", "d/ft2"])
+    assert code == 1 and "model 1 (" in err and "is none of the task vectors it was learned for" in err
+    shutil.copytree(tmp_path / "d/ft0", tmp_path / "copy-of-ft0")             # moved: same fingerprint
+    assert run(["copy-of-ft0", "d/ft1"])[0] == 0
+    assert run(["d/ft1", "d/ft0"], ", check_models: false")[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,12 +380,27 @@ def test_pseudo_label_loss_masks_low_confidence_predictions():
     assert supervised_loss(logits, torch.full((4, 1), -100)) is None
 
 
-def test_a_batch_without_confident_predictions_gives_no_gradient():
+def test_no_step_taken_is_said_in_the_api_and_refused_by_the_cli(tmp_path, run_cli):
+    """No prediction passes the threshold: the coefficients stay as they were, and that is said
+    (a warning, meta["steps_taken"] == 0), not returned silently; the CLI exits 1, writing nothing."""
     adapter, base, fts, batches = _tiny()
-    c = learn_coefficients(adapter, base, fts, [{"x": b["x"]} for b in batches], objective="pseudo-label",
-                           threshold=1.0, steps=6, lr=0.1, init=0.25)
+    unlabelled = [{"x": b["x"]} for b in batches]
+    with pytest.warns(UserWarning, match=r"took no optimizer step: none of the 6 steps .* threshold 1"):
+        c = learn_coefficients(adapter, base, fts, unlabelled, objective="pseudo-label", threshold=1.0,
+                               steps=6, lr=0.1, init=0.25)
     assert torch.equal(c.values, torch.full_like(c.values, 0.25))   # not even weight decay moved them
-    assert c.meta["history"] == [None] * 6
+    assert c.meta["history"] == [None] * 6 and c.meta["steps_taken"] == 0
+    with pytest.warns(UserWarning, match=r"^2 of 4 steps had no prediction that counts"):  # some skipped
+        padding = {"x": batches[1]["x"], "y": torch.full_like(batches[1]["y"], -100)}
+        half = learn_coefficients(adapter, base, fts, [batches[0], padding], steps=4, lr=0.1)
+    assert half.meta["steps_taken"] == 2
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "c.safetensors"
+    code, _, err = run_cli("atlas", "learn", "--base", repo / "examples/digits/base", "--task-vectors",
+                           repo / "examples/digits/ft0", "--data", "digits", "--objective", "pseudo-label",
+                           "--threshold", "1.0", "--steps", "3", "-o", out, "--no-progress")
+    assert code == 1 and "took no optimizer step" in err and f"{out} was not written" in err, err
+    assert not out.exists()
 
 
 def test_budget_keeps_the_best_task_vectors():
@@ -351,6 +416,171 @@ def test_budget_keeps_the_best_task_vectors():
     b = learn_coefficients(adapter, base, fts, batches, steps=10, lr=0.05, budget=1, budget_mode="blocks")
     assert b.values.ne(0).sum(0).tolist() == [1, 1, 1, 1]           # one task vector per block
     assert [[int(b.values[:, j].ne(0).nonzero())] for j in range(4)] == b.meta["budget"]["selected_per_block"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' settings (github.com/fredzzhang/atlas): penalty, schedule, best epoch, UFM
+
+
+def test_penalty_is_the_authors_norm_across_task_vectors():
+    """lp_reg in src/learn_task_addition.py: gamma * torch.norm(coef, p, dim=0).mean(), gamma 0.5;
+    not gamma * sum(lambda^2) / blocks as before."""
+    from weightspace.merges.atlas.learn import _penalty_of
+
+    lam = torch.tensor([[3.0, -1.0], [4.0, 2.0]]).unsqueeze(-1)          # 2 task vectors x 2 blocks
+    l2 = 0.5 * (math.sqrt(3 ** 2 + 4 ** 2) + math.sqrt(1 ** 2 + 2 ** 2)) / 2
+    l1 = 0.5 * ((3 + 4) + (1 + 2)) / 2
+    assert float(_penalty_of("l2", 0.5)(lam)) == pytest.approx(l2)
+    assert float(_penalty_of("l1", 0.5)(lam)) == pytest.approx(l1)
+    assert float(_penalty_of("l2", 0.5)(lam)) != pytest.approx(0.5 * float(lam.square().sum()) / 2)
+    adapter, base, fts, batches = _tiny()
+    c = learn_coefficients(adapter, base, fts, batches, steps=1, penalty="l2")
+    assert c.meta["penalty_weight"] == 0.5                             # the authors' gamma, by default
+
+
+def _lr_per_step(monkeypatch) -> list[float]:
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    return seen
+
+
+def test_task_addition_keeps_the_learning_rate_constant_few_shot_and_test_time_decay_it(monkeypatch):
+    """The authors: no scheduler in learn_task_addition.py (lr 1e-3 throughout); cosine_lr without
+    warm-up in learn_few_shots.py (lr 1e-1) and learn_ufm.py (lr 1e-3)."""
+    adapter, base, fts, batches = _tiny()
+    seen = _lr_per_step(monkeypatch)
+    c = learn_coefficients(adapter, base, fts, batches, steps=8)
+    assert c.meta["schedule"] == "constant" and seen == [1e-3] * 8
+    seen.clear()
+    c = learn_coefficients(adapter, base, fts, batches, steps=8, few_shot=True)
+    assert c.meta["schedule"] == "cosine"
+    assert seen == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)])
+    seen.clear()
+    images = [{"x": torch.rand(16, 1, 4, 2), "y": b["y"]} for b in batches]
+    flat = nn.Sequential(nn.Flatten(), *adapter.module)
+    c = learn_coefficients(ClassifierAdapter(flat), _prefixed(base), [_prefixed(f) for f in fts], images,
+                           objective="ufm", steps=8)
+    assert c.meta["schedule"] == "cosine" and c.meta["lr"] == 1e-3
+    assert seen == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * t / 8)) for t in range(8)])
+
+
+def _prefixed(tensors: dict) -> dict:
+    """A Sequential's tensor names after an nn.Flatten is put in front ("0.weight" -> "1.weight")."""
+    return {f"{int(k.split('.')[0]) + 1}.{k.split('.', 1)[1]}": v for k, v in tensors.items()}
+
+
+def test_best_epoch_is_kept_starting_from_the_initial_coefficients():
+    """As the authors: score before the first step (zero-shot), after every epoch; a strictly
+    better score replaces the kept coefficients; none better keeps the initial ones."""
+    adapter, base, fts, batches = _tiny()
+    scores = iter([0.5, 0.4, 0.7, 0.6, 0.7])      # epoch 0 (initial), then epochs 1..4
+    seen = []
+
+    def score(params):
+        seen.append({n: params[n].detach().clone() for n in base})
+        return next(scores)
+
+    c = learn_coefficients(adapter, base, fts, batches, epochs=4, lr=0.05, select=score, tv_dtype=torch.float32)
+    assert c.meta["steps"] == 16 and c.meta["selection"]["scores"] == [0.5, 0.4, 0.7, 0.6, 0.7]
+    assert c.meta["selection"]["best_epoch"] == 2                  # the first 0.7: ties do not replace it
+    merged = apply_coefficients(c, base, fts)
+    assert all(torch.allclose(merged[n], seen[2][n], atol=1e-6) for n in base)
+    worse = iter([0.9, 0.1, 0.2])
+    c0 = learn_coefficients(adapter, base, fts, batches, epochs=2, lr=0.05, select=lambda p: next(worse))
+    assert c0.meta["selection"]["best_epoch"] == 0 and torch.equal(c0.values, torch.zeros_like(c0.values))
+    acc = learn_coefficients(adapter, base, fts, batches, epochs=3, lr=0.05, select=batches)
+    right = [_accuracy(adapter, base, batches)]                         # accuracy on labelled batches
+    assert acc.meta["selection"]["scores"][0] == pytest.approx(right[0])
+
+
+def test_ufm_loss_is_the_authors_two_view_objective():
+    """ssl_loss_trusted (src/learn_ufm.py): soft target = softmax(weak) without gradient, the
+    one-hot fixed pseudo-label for trusted examples; counted where the target's max > threshold;
+    sum of cross-entropies of the strong view over the counted, divided by their number."""
+    from weightspace.merges.atlas import ufm_loss
+
+    weak = torch.tensor([[6.0, 0.0, 0.0], [0.2, 0.1, 0.0], [0.0, 0.0, 0.1], [0.0, 8.0, 0.0]])
+    strong = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.3, 0.0, 0.0], [0.0, 0.0, 2.0]],
+                          requires_grad=True)
+    pseudo = torch.tensor([0, 0, 2, 1])
+    trusted = torch.tensor([False, False, True, False])
+    loss = ufm_loss(weak, strong, pseudo, trusted, threshold=0.99)
+
+    def softmax(v):
+        e = [math.exp(a) for a in v]
+        return [a / sum(e) for a in e]
+
+    def ce(logits, target):
+        logp = [math.log(p) for p in softmax(logits)]
+        return -sum(t * lp for t, lp in zip(target, logp))
+
+    t0, t3 = softmax([6.0, 0.0, 0.0]), softmax([0.0, 8.0, 0.0])  # max 0.995 and 0.9993: counted
+    # example 1 is unsure (max 0.37): left out; example 2 is trusted: its fixed label 2, one-hot
+    want = (ce([1.0, 0.5, 0.0], t0) + ce([0.3, 0.0, 0.0], [0, 0, 1]) + ce([0.0, 0.0, 2.0], t3)) / 3
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    loss.backward()
+    assert strong.grad[1].abs().sum() == 0 and strong.grad[[0, 2, 3]].abs().sum() > 0
+    assert ufm_loss(weak[1:2], strong[1:2], pseudo[1:2], trusted[1:2]) is None
+
+
+def test_ufm_takes_fixed_zero_shot_pseudo_labels_trusted_per_class_and_never_the_labels():
+    from weightspace.merges.atlas.ufm import UFMBatches, trusted_count, trusted_per_class
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(300, 3, generator=g) * 3, -1)
+    assert trusted_count(300, 3) == 10 and trusted_count(30000, 3) == 100 and trusted_count(12, 3) == 1
+    trusted = trusted_per_class(probs, 10)
+    for c in range(3):                                   # the 10 most probable examples of each class
+        assert set(torch.argsort(probs[:, c])[-10:].tolist()) <= set(trusted.tolist())
+    x = torch.arange(300.0).reshape(300, 1, 1, 1)
+    stream = UFMBatches.from_zero_shot(probs, x, batch_size=32, augment=lambda v, gen: v + 1000, gen=g)
+    assert stream.epoch_length == len(stream.untrusted) // 24
+    seen = []
+    for _ in range(stream.epoch_length):
+        _, b = stream.next()
+        idx = b["x"].flatten().long()
+        assert len(idx) == 32 and b["trusted"].tolist() == [False] * 24 + [True] * 8
+        assert set(idx[:24].tolist()).isdisjoint(trusted.tolist()) and set(idx[24:].tolist()) <= set(trusted.tolist())
+        assert torch.equal(b["pseudo"], probs.argmax(-1)[idx]) and torch.equal(b["x_strong"], b["x"] + 1000)
+        seen += idx[:24].tolist()
+    assert len(set(seen)) == len(seen)                     # one epoch: each untrusted example once
+    adapter, base, fts, batches = _tiny()
+    flat = ClassifierAdapter(nn.Sequential(nn.Flatten(), *adapter.module))
+    images = [{"x": b["x"].reshape(16, 1, 4, 2), "y": b["y"]} for b in batches]
+    c = learn_coefficients(flat, _prefixed(base), [_prefixed(f) for f in fts], images, objective="ufm",
+                           epochs=3, lr=0.05, tv_dtype=torch.float32)
+    shuffled = [{"x": b["x"], "y": b["y"].flip(0)} for b in images]        # other labels: same result
+    again = learn_coefficients(flat, _prefixed(base), [_prefixed(f) for f in fts], shuffled, objective="ufm",
+                               epochs=3, lr=0.05, tv_dtype=torch.float32)
+    assert torch.equal(c.values, again.values) and c.values.abs().sum() > 0
+    assert c.meta["threshold"] == 0.99 and c.meta["augment"] == "crop-flip"
+    assert c.meta["ufm"]["trusted_per_class"] == 2 and c.meta["steps"] == 3 * c.meta["epoch_length"]
+
+
+def test_crop_flip_and_the_authors_few_shot_oversampling():
+    from weightspace.merges.atlas.data import crop_flip, oversampled_batches
+
+    x = torch.rand(3, 2, 5, 7, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    same = crop_flip(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0)   # the whole image, unflipped
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(crop_flip(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0), x.flip(-1),
+                               atol=1e-5, rtol=0)
+    crops = crop_flip(x, torch.Generator().manual_seed(0))
+    assert crops.shape == x.shape and not torch.allclose(crops, x)
+    assert torch.equal(crops, crop_flip(x, torch.Generator().manual_seed(0)))     # seeded
+    y = torch.arange(10)
+    batches = oversampled_batches(torch.zeros(10, 1), y, batch_size=128, seed=0)
+    repeat = int(10 / (10 / 128)) + 1                                # r = 10 / 128 < 10: 129 times
+    assert sum(len(b["y"]) for b in batches) == 10 * repeat == 1290 and len(batches) == 11
+    assert torch.bincount(torch.cat([b["y"] for b in batches])).tolist() == [repeat] * 10
+    assert len(oversampled_batches(torch.zeros(2000, 1), torch.arange(2000) % 10, 128)) == 16   # r >= 10
 
 
 # ---------------------------------------------------------------------------------------------

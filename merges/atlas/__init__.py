@@ -69,7 +69,12 @@ from weightspace.merges.atlas.coefficients import is_coefficients_file as is_coe
 from weightspace.merges.atlas.data import few_shot
 from weightspace.merges.atlas.learn import learn_coefficients
 from weightspace.merges.atlas.method import Atlas, apply_coefficients  # registers `atlas`
-from weightspace.merges.atlas.objectives import entropy_loss, pseudo_label_loss, supervised_loss
+from weightspace.merges.atlas.objectives import (
+    entropy_loss,
+    pseudo_label_loss,
+    supervised_loss,
+    ufm_loss,
+)
 
 # is_coefficients_file (how `wsmerge inspect` recognises a coefficients file) is reachable
 # here too, outside __all__
@@ -88,4 +93,5 @@ __all__ = [
     "pseudo_label_loss",
     "save_coefficients",
     "supervised_loss",
+    "ufm_loss",
 ]

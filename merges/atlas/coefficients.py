@@ -5,8 +5,10 @@
     save_coefficients(c, "copy.safetensors")
 
 One safetensors file holds the tensor "coefficients"; its `__metadata__` names the blocks,
-the tasks, the partitions, the partition seed and how the values were learned. The checks
-a merge runs against a file (`check_fits`, `check_task_order`) live here too.
+the tasks, the partitions, the partition seed, how the values were learned, and which models
+the task vectors came from (`models`: resolved path and content fingerprint, see
+merges/atlas/identity.py). The checks a merge runs against a file (`check_fits`,
+`check_task_order`) live here too.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ class Coefficients:
 
     `blocks` are tensor names in the IR's order, `tasks` the task vectors' names (the
     fine-tuned models, in the order a spec must list them), `partitions` 1 (none) or P,
-    `seed` the partition seed, `meta` how they were learned (objective, settings, history).
+    `seed` the partition seed, `meta` how they were learned (objective, settings, history),
+    `models` per task vector {"name", "path", "fingerprint"} of the model it came from
+    (`learn_coefficients` records them; None: unknown, and then a merge cannot check them).
     """
 
     values: torch.Tensor
@@ -45,6 +49,7 @@ class Coefficients:
     partitions: int = 1
     seed: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    models: list[dict[str, Any]] | None = None
     _index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +58,11 @@ class Coefficients:
         problem = _shape_problem(self.values, len(self.tasks), len(self.blocks), self.partitions)
         if problem:
             raise InputError(f"coefficients: {problem}")
+        if self.models is not None and not (
+                isinstance(self.models, list) and len(self.models) == len(self.tasks)
+                and all(isinstance(m, dict) and isinstance(m.get("fingerprint"), str) for m in self.models)):
+            raise InputError(f"coefficients: models must list one {{name, path, fingerprint}} per task "
+                             f"vector ({len(self.tasks)})")
         if len(set(self.blocks)) != len(self.blocks):
             dup = next(b for b in self.blocks if self.blocks.count(b) > 1)
             raise InputError(f"coefficients: block {dup!r} is listed twice")
@@ -95,7 +105,7 @@ def save_coefficients(c: Coefficients, path: str | Path) -> Path:
         save_coefficients(coeffs, "coeffs.safetensors")
 
     The tensor is "coefficients"; `__metadata__` holds format, blocks, tasks, partitions,
-    seed (JSON) and meta (JSON).
+    seed, meta (JSON) and, when known, models (JSON: each task vector's path and fingerprint).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -109,6 +119,8 @@ def save_coefficients(c: Coefficients, path: str | Path) -> Path:
         "seed": str(c.seed),
         "meta": json.dumps(c.meta, sort_keys=True, default=str),
     }
+    if c.models is not None:
+        metadata["models"] = json.dumps(c.models)
     return save_safetensors_atomic({"coefficients": c.values.to(torch.float32)}, path, metadata)
 
 
@@ -137,6 +149,7 @@ def load_coefficients(path: str | Path) -> Coefficients:
         partitions = int(meta["partitions"])
         seed = int(meta["seed"])
         info = json.loads(meta.get("meta", "{}"))
+        models = json.loads(meta["models"]) if "models" in meta else None
     except (KeyError, ValueError) as e:
         raise InputError(f"{where}: corrupt metadata ({e})") from None
     if not (isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)
@@ -148,7 +161,7 @@ def load_coefficients(path: str | Path) -> Coefficients:
     if problem:
         raise InputError(f"{where}: {problem}")
     try:
-        return Coefficients(values.float(), blocks, tasks, partitions, seed, info)
+        return Coefficients(values.float(), blocks, tasks, partitions, seed, info, models)
     except InputError as e:
         raise InputError(f"{where}: {str(e).removeprefix('coefficients: ')}") from None
 
@@ -173,8 +186,10 @@ def check_fits(c: Coefficients, name: str, n_models: int, where: str) -> None:
 
 
 def check_task_order(c: Coefficients, models: Sequence[str | Path | None], where: str) -> None:
-    """Refuse models that are not, in order, the task vectors `c` was learned for, where the
-    file's task names tell for certain.
+    """For a file that records no model fingerprints (`c.models` None: written before they
+    were recorded, or built by hand): refuse models that are not, in order, the task vectors
+    `c` was learned for, where the file's task names tell for certain. Files with
+    fingerprints are checked by `identity.check_identities` instead.
 
         check_task_order(c, [ft.meta.get("location") for ft in fts], "the coefficients")
 

@@ -8,10 +8,13 @@
 `apply_coefficients` computes the same merge in memory, for small models.
 
 The spec must list the fine-tuned models in the file's task order (`wsmerge atlas show`
-prints it). `wsmerge run` checks their number against the file but not which models they
-are: a merge method receives each tensor, not the paths of the models it comes from.
-`apply_coefficients`, which has the models, also refuses those the file names by absolute
-path in another order or identity (`check_task_order`).
+prints it). A file `learn_coefficients` wrote records each task vector's model (resolved
+path and content fingerprint, merges/atlas/identity.py); `wsmerge run` (through the
+planner's `check_models` hook, before any tensor is merged) and `apply_coefficients` refuse
+models that differ from those, or come in another order, naming both lists.
+`check_models: false` skips that check (the same models saved again in another dtype).
+Files without fingerprints (older ones, or built by hand) are checked by number only, and
+by absolute path where they name one (`check_task_order`).
 """
 
 from __future__ import annotations
@@ -28,26 +31,32 @@ from weightspace.merges.atlas.coefficients import (
     check_fits,
     check_task_order,
 )
+from weightspace.merges.atlas.identity import check_identities
 from weightspace.merges.atlas.task_vectors import as_space
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams, register
 
 
 def apply_coefficients(c: Coefficients, base: WeightSpace | Mapping[str, torch.Tensor],
                        finetuned: Sequence[WeightSpace | Mapping[str, torch.Tensor]], *,
-                       device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                       device: str | torch.device = "cpu", check_models: bool = True) -> dict[str, torch.Tensor]:
     """The merged model's tensors, in memory: what `merge_method: atlas` writes.
 
         params = apply_coefficients(c, load_space("base"), [load_space("ft0"), load_space("ft1")])
         adapter.logits(params, batch)                 # evaluate learned coefficients directly
 
     For small models (everything is held at once); large ones stream through `wsmerge run`.
-    Non-floating tensors are the base's. Fine-tunes opened from disk are checked against the
-    task vectors the coefficients name by absolute path (`check_task_order`).
+    Non-floating tensors are the base's. The fine-tunes must be the models the coefficients
+    were learned for, in their order: by fingerprint where `c.models` records them, else by
+    absolute path where the task names are such paths (`check_task_order`);
+    `check_models=False` skips this.
     """
     base_ws = as_space(base, "the base tensors")
     fts = [as_space(f, f"fine-tuned model {i}") for i, f in enumerate(finetuned)]
-    if len(c.tasks) == len(fts):  # another number is refused below, naming the tensor
-        check_task_order(c, [f.meta.get("location") for f in fts], "the coefficients")
+    if check_models and len(c.tasks) == len(fts):  # another number is refused below, naming the tensor
+        if c.models is not None:
+            check_identities(c.models, fts, "the coefficients")
+        else:
+            check_task_order(c, [f.meta.get("location") for f in fts], "the coefficients")
     out = {}
     for n, ref in base_ws.items():
         b = ref.load(device)
@@ -73,7 +82,23 @@ class Atlas(MergeMethod):
         Param("coefficients", required=True, kind=str, path=True,
               doc="learned coefficients (learn_coefficients + save_coefficients, or `wsmerge atlas "
                   "learn`); the models are the fine-tunes in the file's task order"),
+        Param("check_models", default=True, kind=bool,
+              doc="refuse models other than the ones the file was learned for, or in another "
+                  "order (by content fingerprint); false skips the check"),
     )
+
+    def check_models(self, params: TensorParams, base, models, where) -> None:
+        """The spec's fine-tunes must be the file's task vectors, in its order (fingerprints)."""
+        if not params["check_models"]:
+            return
+        path = params["coefficients"]
+        c = cached_coefficients(path)
+        if len(c.tasks) != len(models):
+            return  # refused by check_fits with the tensor named
+        if c.models is not None:
+            check_identities(c.models, models, f"coefficients file {path!r}")
+        else:
+            check_task_order(c, [m.meta.get("location") for m in models], f"coefficients file {path!r}")
 
     def _coefficients(self, name: str, n_models: int, params: TensorParams) -> Coefficients:
         path = params["coefficients"]
