@@ -45,8 +45,9 @@ def atlas() -> None:
                    "confident argmax).")
 @click.option("--preset", type=click.Choice(["authors"]), default=None,
               help="The authors' run for this objective: --epochs 20 (task addition) or 10 (few-shot, "
-                   "ufm), --batch-size 128, --select-split val; few-shot examples repeated to 10 batches "
-                   "an epoch and augmented (crop-flip). Options given explicitly win.")
+                   "ufm), --batch-size 128, --select-split val; few-shot examples drawn from --split "
+                   "train, repeated to 10 batches an epoch and augmented (crop-flip). Options given "
+                   "explicitly win.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True,
               help="Split of a zoo dataset the coefficients learn from.")
 @click.option("--shots", type=click.IntRange(1, 16), default=None,
@@ -114,7 +115,7 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
     if out.suffix != ".safetensors":
         raise click.UsageError(f"-o {out}: the output is a .safetensors file")
     ctx = click.get_current_context()
-    given = {name for name in ("steps", "epochs", "batch_size", "select_split", "augment")
+    given = {name for name in ("steps", "epochs", "batch_size", "select_split", "augment", "split")
              if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
     if {"steps", "epochs"} <= given:
         raise click.UsageError("--steps and --epochs: give one of them")
@@ -126,6 +127,8 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
             batch_size = 128
         if "select_split" not in given and select_data is None and zoo_data:
             select_split = "val"
+        if shots is not None and "split" not in given:  # the authors draw the k shots from train
+            split = "train"
     adapter = open_model(base)
     base_space = load_space(base)
     fts = [load_space(f) for f in finetuned]

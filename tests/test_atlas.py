@@ -583,6 +583,30 @@ def test_crop_flip_and_the_authors_few_shot_oversampling():
     assert len(oversampled_batches(torch.zeros(2000, 1), torch.arange(2000) % 10, 128)) == 16   # r >= 10
 
 
+def test_preset_authors_few_shot_draws_the_shots_from_train_and_selects_on_val(tmp_path, run_cli):
+    """The authors (src/learn_few_shots.py) sample the k shots from the training split and pick the
+    best epoch on the validation split; drawing the shots from val (the CLI's --split default)
+    would select the epoch on the very examples it trained on."""
+    from weightspace.merges.atlas import few_shot, load_coefficients
+    from weightspace.zoo.data import load_task
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "c.safetensors"
+    code, _, err = run_cli("atlas", "learn", "--base", repo / "examples/digits/base", "--task-vectors",
+                           repo / "examples/digits/ft0", "--data", "digits", "--shots", "1", "--preset", "authors",
+                           "--epochs", "1", "-o", out, "--no-progress")
+    assert code == 0, err
+    meta = load_coefficients(out).meta
+    assert meta["split"] == "train" and meta["select_split"] == "val" and meta["epochs"] == 1
+    assert meta["examples"] == int(10 / (10 / 128) + 1) * 10        # 10 shots, oversampled as the authors
+    train = load_task("digits").split("train")
+    assert len(few_shot(train.x, train.y, 1, 0)[1]) == 10
+    code, _, err = run_cli("atlas", "learn", "--base", repo / "examples/digits/base", "--task-vectors",
+                           repo / "examples/digits/ft0", "--data", "digits", "--shots", "1", "--preset", "authors",
+                           "--epochs", "1", "--split", "val", "-o", tmp_path / "v.safetensors", "--no-progress")
+    assert code == 0 and load_coefficients(tmp_path / "v.safetensors").meta["split"] == "val"   # given wins
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 
