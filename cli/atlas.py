@@ -46,8 +46,8 @@ def atlas() -> None:
 @click.option("--preset", type=click.Choice(["authors"]), default=None,
               help="The authors' run for this objective: --epochs 20 (task addition) or 10 (few-shot, "
                    "ufm), --batch-size 128, --select-split val; few-shot examples drawn from --split "
-                   "train, repeated to 10 batches an epoch and augmented (crop-flip). Options given "
-                   "explicitly win.")
+                   "train, repeated to 10 batches an epoch and augmented (crop-flip); ufm on --split "
+                   "test. Options given explicitly win.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True,
               help="Split of a zoo dataset the coefficients learn from.")
 @click.option("--shots", type=click.IntRange(1, 16), default=None,
@@ -102,7 +102,7 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
           examples/digits/ft1 --data digits --shots 4 --preset authors -o runs/atlas-4shot.coeffs.safetensors
       # test-time adaptation on the unlabelled test inputs, best epoch on val
       wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
-          examples/digits/ft1 --data digits --split test --objective ufm --preset authors \\
+          examples/digits/ft1 --data digits --objective ufm --preset authors \\
           -o runs/atlas-ufm.coeffs.safetensors
     """
     from weightspace.errors import InputError, SpecError
@@ -129,6 +129,8 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
             select_split = "val"
         if shots is not None and "split" not in given:  # the authors draw the k shots from train
             split = "train"
+        if objective == "ufm" and "split" not in given:  # and adapt to the unlabelled test inputs
+            split = "test"
     adapter = open_model(base)
     base_space = load_space(base)
     fts = [load_space(f) for f in finetuned]

@@ -583,10 +583,11 @@ def test_crop_flip_and_the_authors_few_shot_oversampling():
     assert len(oversampled_batches(torch.zeros(2000, 1), torch.arange(2000) % 10, 128)) == 16   # r >= 10
 
 
-def test_preset_authors_few_shot_draws_the_shots_from_train_and_selects_on_val(tmp_path, run_cli):
+def test_preset_authors_draws_few_shots_from_train_and_ufm_inputs_from_test(tmp_path, run_cli):
     """The authors (src/learn_few_shots.py) sample the k shots from the training split and pick the
     best epoch on the validation split; drawing the shots from val (the CLI's --split default)
-    would select the epoch on the very examples it trained on."""
+    would select the epoch on the very examples it trained on. UFM (src/learn_ufm.py) adapts to
+    the test split's inputs."""
     from weightspace.merges.atlas import few_shot, load_coefficients
     from weightspace.zoo.data import load_task
 
@@ -605,6 +606,11 @@ def test_preset_authors_few_shot_draws_the_shots_from_train_and_selects_on_val(t
                            repo / "examples/digits/ft0", "--data", "digits", "--shots", "1", "--preset", "authors",
                            "--epochs", "1", "--split", "val", "-o", tmp_path / "v.safetensors", "--no-progress")
     assert code == 0 and load_coefficients(tmp_path / "v.safetensors").meta["split"] == "val"   # given wins
+    code, _, err = run_cli("atlas", "learn", "--base", repo / "examples/digits/base", "--task-vectors",
+                           repo / "examples/digits/ft0", "--data", "digits", "--objective", "ufm", "--preset",
+                           "authors", "--epochs", "1", "-o", tmp_path / "u.safetensors", "--no-progress")
+    assert code == 0, err                                   # learn_ufm.py adapts on the test inputs
+    assert load_coefficients(tmp_path / "u.safetensors").meta["split"] == "test"
 
 
 # ---------------------------------------------------------------------------------------------
