@@ -40,7 +40,8 @@ class Coefficients:
     fine-tuned models, in the order a spec must list them), `partitions` 1 (none) or P,
     `seed` the partition seed, `meta` how they were learned (objective, settings, history),
     `models` per task vector {"name", "path", "fingerprint"} of the model it came from
-    (`learn_coefficients` records them; None: unknown, and then a merge cannot check them).
+    (`learn_coefficients` records them; None: unknown, and then a merge cannot check them;
+    the file records each path relative to its own folder).
     """
 
     values: torch.Tensor
@@ -120,8 +121,20 @@ def save_coefficients(c: Coefficients, path: str | Path) -> Path:
         "meta": json.dumps(c.meta, sort_keys=True, default=str),
     }
     if c.models is not None:
-        metadata["models"] = json.dumps(c.models)
+        metadata["models"] = json.dumps([{**m, "path": _relative(m.get("path"), path)} for m in c.models])
     return save_safetensors_atomic({"coefficients": c.values.to(torch.float32)}, path, metadata)
+
+
+def _relative(model: str | None, file: Path) -> str | None:
+    """A model's path as the file records it: relative to the file's folder, so that a file
+    committed or shared with its models names no folder of the machine it was learned on
+    (only messages show it; models are matched by fingerprint)."""
+    if model is None or not Path(model).is_absolute():
+        return model
+    try:
+        return os.path.relpath(model, file.expanduser().resolve().parent)
+    except ValueError:  # another drive (Windows): keep it absolute
+        return model
 
 
 def is_coefficients_file(path: str | Path) -> bool:
