@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError
-from weightspace.files import atomic_dir
+from weightspace.files import atomic_dir, read_json_object
 from weightspace.zoo.gen.chunking import WeightChunker
 from weightspace.zoo.gen.kde import KDESampler
 from weightspace.zoo.gen.vae import ChunkVAE
@@ -120,11 +120,8 @@ def _read_meta(d: Path) -> dict[str, Any]:
         what = "does not exist" if not d.exists() else f"has no {GENERATOR_FILE}"
         raise InputError(f"{d}: not a weight generator ({what}); train one with "
                          f"`wsmerge generate train ZOO -o {d}`")
-    try:
-        meta = json.loads(gf.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{gf}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(gf)
+    if meta.get("format") != FORMAT:
         raise InputError(f"{gf}: not a generator file (format {FORMAT!r} expected)")
     if meta.get("version") != FORMAT_VERSION or meta.get("method") not in METHODS:
         raise InputError(f"{gf}: version {meta.get('version')} / method {meta.get('method')!r} "
