@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("atlas_digits", REPO / "examples" / "atlas_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _examples import load_example
 
 
 @pytest.mark.slow
@@ -27,7 +16,7 @@ def test_atlas_miniature_claims(tmp_path):
     import torch
 
     torch.set_num_threads(1)
-    r = _example().run_seed(tmp_path, 0)
+    r = load_example("atlas_digits").run_seed(tmp_path, 0)
     ta = {x["method"]: x["avg"] for x in r["task_addition"]}
     assert ta["aTLAS, 300 epochs (4500 steps)"] > ta["task arithmetic"] + 0.05
     # the authors' 20 epochs are too few here (README): below the long run

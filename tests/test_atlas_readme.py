@@ -4,38 +4,20 @@ from the committed numbers. Fast: nothing is trained."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _examples import committed_results, load_example, readme_section
+
 SECTION = "## aTLAS: learned anisotropic scaling of task vectors"
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("atlas_digits", REPO / "examples" / "atlas_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _section() -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    start = text.index(SECTION)
-    return text[start:text.index("\n## ", start + len(SECTION))]
-
-
-def _committed() -> dict:
-    return json.loads((REPO / "benchmarks" / "results" / "atlas_digits.json").read_text())
-
-
 def test_readme_tables_are_the_scripts_tables_of_the_committed_results():
-    mod = _example()
-    committed = _committed()
+    mod = load_example("atlas_digits")
+    committed = committed_results("atlas_digits")
     summary = mod.summarise(committed["per_seed"])
     assert json.loads(json.dumps(summary)) == committed["summary"]      # the JSON is self-consistent
-    section = _section()
+    section = readme_section(SECTION)
     for part in ("task_addition", "test_time"):
         assert mod.format_table(summary[part]) in section, part
     assert mod.format_gaps(mod.paired_gaps(committed["per_seed"])) in section
@@ -43,9 +25,9 @@ def test_readme_tables_are_the_scripts_tables_of_the_committed_results():
 
 def test_readme_few_shot_table_is_the_summary():
     """The few-shot table (k as columns) holds the summary's five-target means for each k."""
-    mod = _example()
-    rows = {r["method"]: r["avg"] for r in mod.summarise(_committed()["per_seed"])["few_shot"]}
-    section = _section()
+    mod = load_example("atlas_digits")
+    rows = {r["method"]: r["avg"] for r in mod.summarise(committed_results("atlas_digits")["per_seed"])["few_shot"]}
+    section = readme_section(SECTION)
     for label in ("best epoch on val", "last epoch"):
         line = re.search(rf"^\| aTLAS, {label} \| (.+) \|$", section, flags=re.M)
         assert line, label

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _examples import committed_results, load_example
 
 from weightspace.binding import ClassifierAdapter
 from weightspace.errors import InputError, SpecError
@@ -145,16 +146,6 @@ def test_cli_run_search(finetunes, run_cli):
     assert code == 2 and "--data is only used with --search" in err
 
 
-def _merge_digits():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "merge_digits.py"
-    spec = importlib.util.spec_from_file_location("merge_digits", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _joint(result) -> dict[str, float]:
     return {r["method"]: r["joint"] for r in result["rows"]}
 
@@ -169,14 +160,14 @@ def _joint(result) -> dict[str, float]:
 def test_data_aware_merges_beat_averaging(tmp_path, family):
     """The README's claims on seeds 0-2 of each family (~10-40 s), with margins, and the rows
     equal to the committed results JSON (the table is the script's output as committed)."""
-    md = _merge_digits()
+    md = load_example("merge_digits")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the script runs
     try:
         runs = [md.run_family(family, tmp_path / str(s), s) for s in range(3)]
     finally:
         torch.set_num_threads(threads)
-    committed = json.loads((REPO / "benchmarks/results/merge_digits.json").read_text())
+    committed = committed_results("merge_digits")
     for run in runs:
         ref = next(s for s in committed["families"][family]["per_seed"] if s["seed"] == run["seed"])
         assert [r["method"] for r in run["rows"]] == [r["method"] for r in ref["rows"]]
@@ -191,7 +182,7 @@ def test_data_aware_merges_beat_averaging(tmp_path, family):
 
 
 def test_merge_digits_summary_is_mean_and_sample_std():
-    md = _merge_digits()
+    md = load_example("merge_digits")
     per_seed = [{"seed": s, "rows": [{"method": "average", "a": a, "joint": a},
                                      {"method": "x", "a": b, "joint": b}]}
                 for s, (a, b) in enumerate([(0.5, 0.6), (0.4, 0.7), (0.6, 0.5)])]

@@ -4,23 +4,15 @@ drift from the committed numbers. Fast: nothing is trained."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _examples import REPO, committed_results, load_example
+
 FAMILIES = ("classes", "rotations")
 # README row label -> the script's method name
 ALIASES = {"task arithmetic (λ on val)": "task arithmetic", "regmean α=0.1": "regmean alpha=0.1",
            "regmean α=1": "regmean alpha=1"}
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("merge_digits", REPO / "examples" / "merge_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _signed(x: float) -> str:
@@ -28,8 +20,8 @@ def _signed(x: float) -> str:
 
 
 def test_readme_table_is_the_committed_summary():
-    mod = _example()
-    committed = json.loads((REPO / "benchmarks" / "results" / "merge_digits.json").read_text())
+    mod = load_example("merge_digits")
+    committed = committed_results("merge_digits")
     summaries = {}
     for fam in FAMILIES:
         got = mod.summarize(committed["families"][fam]["per_seed"])

@@ -3,29 +3,18 @@ it reruns and pins the claims (about 75 s: run with -m slow)."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("gd", REPO / "examples" / "generate_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _examples import REPO, committed_results, load_example
 
 
 def test_readme_tables_are_the_scripts_tables_of_the_committed_json():
     """The README section shows what `generate_digits.py --from-json` prints for the committed results:
     4 generators x 6 tasks x 3 seeds."""
-    mod = _example()
-    res = json.loads((REPO / "benchmarks/results/generate_digits.json").read_text())
+    mod = load_example("generate_digits")
+    res = committed_results("generate_digits")
     assert res["seeds"] == [0, 1, 2] and res["n"] == 10
     assert len(res["rows"]) == len(mod.CONFIGS) * 6 * 3
     assert {(r["method"], r["data"], r["seed"]) for r in res["rows"]} == {
@@ -50,7 +39,7 @@ def test_generator_miniature_claims(tmp_path):
     autoencoder copies (0.05) and zoo neighbours (1.19). The authors' KDE: 0.96 zero-shot on seen
     tasks, at distance 0.05 / 0.04, as close as an autoencoder copy."""
     torch.set_num_threads(1)
-    mod = _example()
+    mod = load_example("generate_digits")
     configs = {k: mod.CONFIGS[k] for k in ("d2nwg", "kde")}
     rows = mod.generate_digits(tmp_path, seeds=(0,), configs=configs)["rows"]
     assert len(rows) == 12

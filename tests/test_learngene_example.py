@@ -19,29 +19,18 @@ The assertions keep margins of a few test examples (1/360 each) to a few percent
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-
 import pytest
+from _examples import committed_results, load_example
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 INITS = ("random", "tleg", "random + tleg's stem/norm/head", "sws", "random + sws's stem/norm/head",
          "tleg fitted", "identity + teacher's stem/norm/head")
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("learngene_digits", REPO / "examples" / "learngene_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_learngene_miniature_seed_1(tmp_path):
-    mod = _example()
-    committed = json.loads((REPO / "benchmarks" / "results" / "learngene_digits.json").read_text())
+    mod = load_example("learngene_digits")
+    committed = committed_results("learngene_digits")
     lrs = committed["summary"]["lr_choice"]["lr"]
     assert lrs == {"random": 0.003, "tleg": 0.001, "random + tleg's stem/norm/head": 0.003, "sws": 0.001,
                    "random + sws's stem/norm/head": 0.003, "tleg fitted": 0.01,

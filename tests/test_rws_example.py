@@ -7,48 +7,31 @@ miniature itself, seed 1, ~10 s): the claims the README reports, with margins.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import re
-from pathlib import Path
 
 import pytest
+from _examples import committed_results, load_example, readme_section
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Robust weight signatures: robustness as a patch"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("rws_digits", REPO / "examples" / "rws_digits.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _section() -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    start = text.index(SECTION)
-    end = text.index("\n## ", start + len(SECTION))
-    return text[start:end]
 
 
 def test_readme_tables_are_the_scripts_tables_of_the_committed_results():
     """Every table the script prints from benchmarks/results/rws_digits.json is in the README
     section as printed, so the section cannot drift from the committed numbers."""
-    mod = _example()
-    results = json.loads((REPO / "benchmarks" / "results" / "rws_digits.json").read_text())
+    mod = load_example("rws_digits")
+    results = committed_results("rws_digits")
     assert [r["seed"] for r in results] == list(mod.SEEDS)
-    section = _section()
+    section = readme_section(SECTION)
     for name, md in mod.tables(results).items():
         assert md in section, f"README table {name!r} differs from the script's output"
 
 
 def test_docstring_and_readme_name_the_corruptions_the_script_runs():
     """Regression test: the docstring once named a severity the script did not use."""
-    mod = _example()
+    mod = load_example("rws_digits")
     pattern = re.compile(r"\b([a-z_]+@\d)\b")
     assert set(pattern.findall(mod.__doc__)) == set(mod.CORRUPTIONS)
-    assert set(pattern.findall(_section())) == set(mod.CORRUPTIONS)
+    assert set(pattern.findall(readme_section(SECTION))) == set(mod.CORRUPTIONS)
     assert set(mod.COMPOSED) <= set(mod.CORRUPTIONS)
 
 
@@ -59,7 +42,7 @@ def test_miniature_claims_on_seed_1(tmp_path):
     +0.272; the three signatures with the authors' scaling at alpha 2 raise contrast@3,
     blur@5 and pixelate@5 by +0.391, +0.297, +0.078; the 4-bit file is 13.4x smaller than
     the checkpoint file with contrast@3 RA 0.747 (float32 0.747)."""
-    mod = _example()
+    mod = load_example("rws_digits")
     r = mod.rws_digits(tmp_path, 1, alphas=(0.0, 0.5, 1.0), authors_alphas=(2.0,), bits=(None, 4),
                        layer_choices=("first:2",))
     patch = {x["corruption"]: x for x in r["patch"]}
