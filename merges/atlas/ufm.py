@@ -65,7 +65,8 @@ class UFMBatches:
                        gen: torch.Generator) -> UFMBatches:
         """From the zero-shot model's probabilities (N, C) on the pooled inputs x (N, ...)."""
         n, classes = probs.shape
-        trusted = trusted_per_class(probs, trusted_count(n, classes))
+        # indices stay on the CPU (with the CPU generator's draws) whatever device the data is on
+        trusted = trusted_per_class(probs, trusted_count(n, classes)).cpu()
         is_trusted = torch.zeros(n, dtype=torch.bool)
         is_trusted[trusted] = True
         untrusted = torch.nonzero(~is_trusted).flatten()
