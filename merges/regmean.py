@@ -414,8 +414,10 @@ class RegMean(MergeMethod):
                 info = json.loads(read_header(path)[1].get("weightspace_gram", "{}"))
             except (ValueError, OSError):
                 continue
-            skipped = info.get("skipped") or {}
-            if skipped:
+            skipped = info.get("skipped") if isinstance(info, dict) else None
+            # a note only: metadata of another shape says nothing (the Grams are checked when merged)
+            if isinstance(skipped, dict) and skipped and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in skipped.items()):
                 by_skipped.setdefault(json.dumps(skipped, sort_keys=True), []).append(path.name)
         return [f"regmean: {', '.join(files)} hold no Gram for " + "; ".join(describe_skipped(json.loads(k)))
                 + "; those weights are the weighted average" for k, files in by_skipped.items()]

@@ -381,6 +381,15 @@ def test_layers_without_gram_are_named_by_wsmerge_gram_and_in_the_merge_notes(tm
     merged, a, b = (load_space(p) for p in (tmp_path / "out", *dirs))
     torch.testing.assert_close(merged["layers.0.weight"].load(),
                                (a["layers.0.weight"].load() + b["layers.0.weight"].load()) / 2)
+    # the note reads metadata of another shape as saying nothing, not as a traceback
+    from safetensors.torch import load_file, save_file
+
+    for i, meta in enumerate(("[1]", '{"skipped": [1]}')):
+        f = tmp_path / f"cnn{i}.gram.safetensors"
+        save_file(load_file(f), f, metadata={"format": "pt", "weightspace_gram": meta})
+    code, out, err = run_cli("run", str(spec), str(tmp_path / "out2"), "--no-progress")
+    assert code == 0, err
+    assert "hold no Gram for" not in err
 
 
 # ---------------------------------------------------------------- (d) a real MiniLM
