@@ -163,7 +163,7 @@ def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth:
           --mode sws --aux-depth 3 --epochs 1 -o runs/digits-sws.gene
       wsmerge learngene expand runs/digits-sws.gene --depth 6 -o runs/digits-x6
       wsmerge learngene train --teacher examples/digits/base --data digits --preset authors \\
-          --aux-depth 4 --epochs 2 -o runs/digits-authors.gene
+          --aux-depth 4 --epochs 8 -o runs/digits-authors.gene
     """
     from weightspace.errors import SpecError
     from weightspace.merges.learngene import save_gene, train_gene
@@ -188,11 +188,13 @@ def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth:
 
     depth = aux_depth if aux_depth is not None else PRESETS[preset]["aux_depth"]
     depth = depth[mode] if isinstance(depth, dict) else depth
-    gene = train_gene(factory, adapter, batches, mode=mode, preset=preset, aux_depth=depth, stages=_stages(stages),
-                      denominator=denominator, temperature=temperature, alpha=alpha, kd_reduction=kd_reduction,
-                      epochs=epochs, steps=steps, lr=lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
-                      seed=seed, init=init, config={**cfg, "arch": {**arch, "depth": depth}}, device=device,
-                      progress=not no_progress and sys.stderr.isatty())
+    with warnings.catch_warnings():  # said below as a warning line, from the report
+        warnings.filterwarnings("ignore", message="train_gene: the warm-up")
+        gene = train_gene(factory, adapter, batches, mode=mode, preset=preset, aux_depth=depth, stages=_stages(stages),
+                          denominator=denominator, temperature=temperature, alpha=alpha, kd_reduction=kd_reduction,
+                          epochs=epochs, steps=steps, lr=lr, warmup_epochs=warmup_epochs, weight_decay=weight_decay,
+                          seed=seed, init=init, config={**cfg, "arch": {**arch, "depth": depth}}, device=device,
+                          progress=not no_progress and sys.stderr.isatty())
     gene.meta["provenance"].update({"teacher": teacher, "data": data, "split": split})
     save_gene(gene, out, overwrite=overwrite)
     r = gene.meta["report"]
@@ -203,6 +205,10 @@ def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth:
                f"{_fmt(r['kd_end'])}   cross-entropy {_fmt(r['ce_start'])} -> {_fmt(r['ce_end'])}")
     click.echo(f"accuracy {_fmt(r['acc_start'], '.3f')} -> {_fmt(r['acc_end'], '.3f')} on the training "
                f"data (chance {_fmt(r['chance'], '.3f')})")
+    if r.get("warmup_covers_run"):
+        click.echo(f"warning: the warm-up ({r['warmup_steps']} steps) is as long as the whole run "
+                   f"({r['steps']} steps), so the learning rate never reached {r['lr']:.3g}; give more "
+                   f"--epochs than the preset's warm-up, or a smaller --warmup-epochs", err=True)
     if r["at_chance"]:
         click.echo(f"warning: the auxiliary network is still at chance after {r['steps']} steps "
                    f"(accuracy {r['acc_end']:.3f}, chance {r['chance']:.3f}), so this gene will not "

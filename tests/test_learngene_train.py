@@ -240,6 +240,7 @@ def test_lr_at_is_timm_cosine_with_linear_warmup():
         [1e-3 * 0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)], rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:train_gene. the warm-up")  # runs of a step or two
 def test_authors_preset_warms_up_from_1e6():
     """One AdamW step moves an entry with a gradient by ~lr: 1e-6 at the start of the authors'
     warm-up, 1e-3 without one (our default)."""
@@ -253,6 +254,7 @@ def test_authors_preset_warms_up_from_1e6():
         assert float(moved) == pytest.approx(first_lr, rel=0.1), preset     # float32 rounding of ~0.3
 
 
+@pytest.mark.filterwarnings("ignore:train_gene. the warm-up")  # runs of a step or two
 def test_authors_preset_settings():
     from weightspace.zoo.arch import build_model
 
@@ -302,3 +304,25 @@ def test_cli_train_with_the_authors_preset(teacher, tmp_path, run_cli):
     assert "preset authors: lr 6.25e-05, T 1, alpha 1, KL mean, 10 warm-up steps" in out
     r = load_gene(tmp_path / "g").meta["report"]
     assert (r["preset"], r["steps"], r["alpha"]) == ("authors", 2, 1.0)
+    # one epoch of 2 steps is inside the preset's 5-epoch warm-up: said once, as a warning line
+    assert err.count("warning: the warm-up (10 steps) is as long as the whole run (2 steps)") == 1, err
+    assert "UserWarning" not in err
+
+
+def test_a_run_no_longer_than_its_warm_up_is_said():
+    """The authors' 5 warm-up epochs with epochs=2 never reach the preset's lr (and never decay):
+    the API warns, the report says so; with more epochs than the warm-up, nothing is said."""
+    import warnings
+
+    batches = _random_batches(n=3, size=16)
+    teacher = _resmlp(3)
+    with pytest.warns(UserWarning, match=r"the warm-up \(15 steps\) is as long as the whole run \(6 steps\)"):
+        gene = train_gene(lambda d: _resmlp(d), teacher, batches, preset="authors", aux_depth=3, epochs=2)
+    r = gene.meta["report"]
+    assert (r["warmup_steps"], r["steps"], r["warmup_covers_run"]) == (15, 6, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = train_gene(lambda d: _resmlp(d), teacher, batches, preset="authors", aux_depth=3, epochs=6).meta["report"]
+    assert (r["warmup_steps"], r["steps"], r["warmup_covers_run"]) == (15, 18, False)
+    r = train_gene(lambda d: _resmlp(d), teacher, batches, aux_depth=3, epochs=1).meta["report"]   # no warm-up
+    assert (r["warmup_steps"], r["warmup_covers_run"]) == (0, False)

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,6 +189,7 @@ def train_gene(
     with _in_eval_mode(aux.student, distill.teacher.module):
         before = distill.evaluate(aux.adapter, aux.compose)
         total = recipe.total_steps(len(distill.data))
+        _warn_if_warmup_covers_the_run(recipe.warmup_steps(len(distill.data)), total, recipe.lr)
         history = _optimize(aux, distill, recipe, total, progress)
         after = distill.evaluate(aux.adapter, aux.compose)
     refs, stack = _trained_tensors(aux, recipe)
@@ -262,6 +264,15 @@ class _Recipe:
 
     def warmup_steps(self, batches: int) -> int:
         return int(round(self.warmup_epochs * batches))
+
+
+def _warn_if_warmup_covers_the_run(warmup: int, total: int, lr: float) -> None:
+    """A run no longer than its warm-up never reaches `lr` and never decays (e.g. the authors'
+    5 warm-up epochs with epochs=2): say so rather than train at a fraction of the rate."""
+    if warmup > 0 and warmup >= total:
+        warnings.warn(f"train_gene: the warm-up ({warmup} steps) is as long as the whole run ({total} steps), "
+                      f"so the learning rate never reaches {lr:.3g}; train for more epochs than "
+                      f"warmup_epochs, or set warmup_epochs lower", stacklevel=3)
 
 
 def lr_at(step: int, total: int, *, lr: float, warmup_steps: int = 0, warmup_lr: float = 0.0,
@@ -555,6 +566,7 @@ def _train_report(recipe: _Recipe, before: dict[str, Any], after: dict[str, Any]
         "examples": sum(int(next(iter(b.values())).shape[0]) for b in data),
         "lr": recipe.lr, "weight_decay": recipe.weight_decay, "decay_1d": recipe.decay_1d, "clip": recipe.clip,
         "warmup_steps": recipe.warmup_steps(len(data)), "warmup_lr": recipe.warmup_lr, "min_lr": recipe.min_lr,
+        "warmup_covers_run": 0 < recipe.warmup_steps(len(data)) >= total,
         "temperature": recipe.temperature, "alpha": recipe.alpha, "kd_reduction": recipe.kd_reduction,
         "init": recipe.init, "seed": recipe.seed, "schedule": "cosine", "optimizer": "adamw",
         "seconds": round(time.perf_counter() - t_start, 3),
