@@ -52,11 +52,8 @@ def apply_coefficients(c: Coefficients, base: WeightSpace | Mapping[str, torch.T
     """
     base_ws = as_space(base, "the base tensors")
     fts = [as_space(f, f"fine-tuned model {i}") for i, f in enumerate(finetuned)]
-    if check_models and len(c.tasks) == len(fts):  # another number is refused below, naming the tensor
-        if c.models is not None:
-            check_identities(c.models, fts, "the coefficients")
-        else:
-            check_task_order(c, [f.meta.get("location") for f in fts], "the coefficients")
+    if check_models:
+        _check_models(c, fts, "the coefficients")
     out = {}
     for n, ref in base_ws.items():
         b = ref.load(device)
@@ -68,6 +65,18 @@ def apply_coefficients(c: Coefficients, base: WeightSpace | Mapping[str, torch.T
         out[n] = compose(b, [f[n].load(device) for f in fts],
                          [c.lambda_for(i, n) for i in range(len(fts))], ids)
     return out
+
+
+def _check_models(c: Coefficients, models: Sequence[WeightSpace], where: str) -> None:
+    """The fine-tunes must be c's task vectors in c's order: by fingerprint where the file
+    records them, else by absolute path where the task names are such paths. Another number of
+    models is left to `check_fits`, which names the tensor."""
+    if len(c.tasks) != len(models):
+        return
+    if c.models is not None:
+        check_identities(c.models, models, where)
+    else:
+        check_task_order(c, [m.meta.get("location") for m in models], where)
 
 
 @register
@@ -92,13 +101,7 @@ class Atlas(MergeMethod):
         if not params["check_models"]:
             return
         path = params["coefficients"]
-        c = cached_coefficients(path)
-        if len(c.tasks) != len(models):
-            return  # refused by check_fits with the tensor named
-        if c.models is not None:
-            check_identities(c.models, models, f"coefficients file {path!r}")
-        else:
-            check_task_order(c, [m.meta.get("location") for m in models], f"coefficients file {path!r}")
+        _check_models(cached_coefficients(path), models, f"coefficients file {path!r}")
 
     def _coefficients(self, name: str, n_models: int, params: TensorParams) -> Coefficients:
         path = params["coefficients"]
