@@ -274,7 +274,9 @@ def eval_(samples: Path, data: str, zoo_dir: Path | None, epochs: str, seed: int
         click.echo(f"zoo: no models trained on {data} in {report['zoo_dir']}")
     m = report["memorization"]
     if m is None:
-        click.echo("memorization: no zoo to compare with (pass --zoo)")
+        click.echo(f"memorization: the zoo at {report['zoo_dir']} holds none of the models the generator "
+                   f"learned from (with these tensor shapes)" if report.get("zoo_dir")
+                   else "memorization: no zoo to compare with (pass --zoo)")
         return
     ref, copy = m["zoo_reference"], m.get("autoencoder_copy")
     click.echo(f"memorization vs {m['zoo_models']} zoo models ({m['reference']}):")

@@ -459,7 +459,7 @@ def test_errors_empty_zoo_mixed_architectures_unseen_classes(tiny_zoo, kde_head,
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_train_sample_eval(tiny_zoo, tmp_path, run_cli):
+def test_cli_train_sample_eval(tiny_zoo, tmp_path, run_cli, monkeypatch):
     gen, out = tmp_path / "gen", tmp_path / "samples"
     code, stdout, err = run_cli("generate", "train", tiny_zoo, "-o", gen, "--tasks", TASK_A,
                                 "--epochs", "150,300", "--no-progress")
@@ -492,5 +492,13 @@ def test_cli_train_sample_eval(tiny_zoo, tmp_path, run_cli):
         assert text in stdout
     code, _, err = run_cli("generate", "eval", out, "--data", TASK_A, "--epochs", "one")
     assert code == 2
+    # a zoo that holds none of the generator's training models is named, not asked for again
+    import weightspace.zoo.gen.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_reference_rows", lambda zoo, generated_by: ([], "none"))
+    code, stdout, err = run_cli("generate", "eval", out, "--data", TASK_A, "--zoo", tiny_zoo, "--epochs", "0")
+    assert code == 0, err
+    assert f"memorization: the zoo at {tiny_zoo} holds none of the models the generator learned from" in stdout
+    assert "pass --zoo" not in stdout
     code, stdout, _ = run_cli("generate", "--help")
     assert code == 0 and "wsmerge generate sample" in stdout

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError, SpecError
+from weightspace.zoo.gen.training import checkpoint_rows
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -239,8 +240,7 @@ def _reference_rows(zoo, generated_by: dict[str, Any]) -> tuple[list[dict], str]
     tasks = generated_by.get("train_tasks")
     if not tasks:
         return list(zoo.final_rows()), "all final zoo models (the samples do not name their training tasks)"
-    rows = zoo.final_rows() if generated_by.get("checkpoints", "final") == "final" else \
-        [r for r in zoo.rows if int(r["epoch"]) > 0]
+    rows = checkpoint_rows(zoo, generated_by.get("checkpoints", "final"))
     return [r for r in rows if r["dataset"] in set(tasks)], "the generator's training models"
 
 

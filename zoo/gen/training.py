@@ -57,6 +57,12 @@ def _arch_key(cfg: dict[str, Any]) -> str:
                        "num_classes": cfg.get("num_classes")}, sort_keys=True)
 
 
+def checkpoint_rows(zoo: Any, checkpoints: str) -> list[dict]:
+    """The zoo's rows a generator learns from: each model's final checkpoint (`"final"`), or
+    every trained epoch (`"all"`); `evaluate` picks the same rows as a sample's references."""
+    return list(zoo.final_rows()) if checkpoints == "final" else [r for r in zoo.rows if int(r["epoch"]) > 0]
+
+
 def _zoo_rows(zoo_dir: str | Path, tasks: Sequence[str] | None, checkpoints: str) -> tuple[Any, list[dict]]:
     from weightspace.zoo.store import Zoo
 
@@ -67,7 +73,7 @@ def _zoo_rows(zoo_dir: str | Path, tasks: Sequence[str] | None, checkpoints: str
         raise InputError(f"{zoo_dir}: the zoo is empty (no checkpoints in its catalog); build it "
                          f"first with `wsmerge zoo build SPEC -o {zoo_dir}`")
     zoo.check_weights()
-    rows = zoo.final_rows() if checkpoints == "final" else [r for r in zoo.rows if int(r["epoch"]) > 0]
+    rows = checkpoint_rows(zoo, checkpoints)
     have = sorted({r["dataset"] for r in rows})
     if tasks:
         unknown = [t for t in tasks if t not in have]
