@@ -12,7 +12,7 @@ weight spaces and the module's own tensors are never modified in place.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -98,6 +98,17 @@ def load_into(module: nn.Module, space: WeightSpace | Mapping[str, torch.Tensor]
 IGNORE_INDEX = -100
 
 
+def top1_counts(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, counted): top-1 predictions of `logits` (..., C) equal to `labels` (...), counting
+    only labels that are not IGNORE_INDEX. Every accuracy in the project sums these.
+
+    >>> top1_counts(torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]), torch.tensor([0, 0, IGNORE_INDEX]))
+    (1, 2)
+    """
+    keep = labels != IGNORE_INDEX
+    return int(((logits.argmax(-1) == labels) & keep).sum()), int(keep.sum())
+
+
 class Adapter:
     """How a module turns a batch (a dict of tensors with a leading batch dim) into predictions.
 
@@ -129,6 +140,20 @@ class Adapter:
             return self.labels(batch)
         except KeyError:
             return None
+
+    def accuracy(self, params: Mapping[str, torch.Tensor], batches: Iterable[Mapping[str, torch.Tensor]]
+                 ) -> float | None:
+        """Top-1 accuracy of `params` over labelled `batches` (IGNORE_INDEX not counted), without
+        gradients; None when no example is labelled. A batch without labels is an InputError."""
+        right = total = 0
+        with torch.no_grad():
+            for b in batches:
+                y = self.labels_or_none(b)
+                if y is None:
+                    raise InputError(f"accuracy needs labelled batches; this one has keys {', '.join(b)}")
+                r, n = top1_counts(self.logits(params, b), y)
+                right, total = right + r, total + n
+        return right / total if total else None
 
     def token_mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """(B, T) 1 for real tokens, 0 for padding; None when inputs are not sequences."""

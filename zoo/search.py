@@ -20,8 +20,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from weightspace.errors import SpecError
 from weightspace.spec import MergeSpec
 
@@ -56,18 +54,11 @@ def accuracy(model_dir: str | Path, data: str, split: str = "val", batch_size: i
     from weightspace.zoo.bind import open_batches, open_model
 
     adapter = open_model(model_dir)
-    params = adapter.params()
-    correct = total = 0
-    with torch.no_grad():
-        for b in open_batches(data, adapter, split=split, batch_size=batch_size,
-                              tokenizer=model_dir):
-            lg, y = adapter.logits(params, b), adapter.labels(b)
-            keep = y != -100
-            correct += int(((lg.argmax(-1) == y) & keep).sum())
-            total += int(keep.sum())
-    if not total:
+    acc = adapter.accuracy(adapter.params(), open_batches(data, adapter, split=split, batch_size=batch_size,
+                                                          tokenizer=model_dir))
+    if acc is None:
         raise SpecError(f"--data {data}: no labelled examples in split {split!r}")
-    return correct / total
+    return acc
 
 
 def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str, split: str = "val",

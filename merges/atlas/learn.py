@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from weightspace.binding import IGNORE_INDEX, Adapter
+from weightspace.binding import Adapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.merges.atlas.budget import BUDGET_MODES, select_budget
@@ -346,18 +346,13 @@ def _selector(adapter: Adapter, tvs: TaskVectors, select: Any, select_data: list
         return lambda lam: float(select(tvs.params(lam)))
 
     def accuracy(lam: torch.Tensor) -> float:
-        params = tvs.params(lam)
-        right = total = 0
-        for b in select_data:
-            y = adapter.labels_or_none(b)
-            if y is None:
-                raise InputError(f"select: the batches need labels (keys: {', '.join(b)})")
-            keep = y != IGNORE_INDEX
-            right += int(((adapter.logits(params, b).argmax(-1) == y) & keep).sum())
-            total += int(keep.sum())
-        if not total:
+        try:
+            acc = adapter.accuracy(tvs.params(lam), select_data)
+        except InputError as e:
+            raise InputError(f"select: {e}") from None
+        if acc is None:
             raise InputError("select: the batches have no labelled examples")
-        return right / total
+        return acc
 
     return accuracy
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightspace.binding import IGNORE_INDEX, Adapter, ClassifierAdapter
+from weightspace.binding import IGNORE_INDEX, Adapter, ClassifierAdapter, top1_counts
 from weightspace.errors import InputError, SpecError
 
 KD_REDUCTIONS = ("batchmean", "mean")
@@ -120,9 +120,7 @@ def _targets(t_logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tenso
 
 def _hits(s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[int, int]:
     """(correct, counted) top-1 predictions of the student in one batch; IGNORE_INDEX is skipped."""
-    y = _targets(t_logits, labels)
-    keep = y != IGNORE_INDEX
-    return int((s_logits.argmax(-1) == y)[keep].sum()), int(keep.sum())
+    return top1_counts(s_logits, _targets(t_logits, labels))
 
 
 def _chance(targets: list[torch.Tensor]) -> float:
