@@ -192,6 +192,13 @@ def _few_shot_batches(data: str, adapter, split: str, k: int, seed: int, batch_s
     return [{"x": x[i:i + batch_size], "y": y[i:i + batch_size]} for i in range(0, len(y), batch_size)]
 
 
+def _recorded_path(recorded: str | None, file: Path) -> str:
+    """A model path as a coefficients file records it (relative to the file), as a path from here."""
+    if recorded is None:
+        return "in memory"
+    return recorded if Path(recorded).is_absolute() else str(file.parent / recorded)
+
+
 @atlas.command()
 @click.argument("coefficients", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -220,7 +227,7 @@ def show(coefficients: Path, plot: Path | None, as_json: bool) -> None:
             click.echo(f"{b.ljust(w)}  " + "  ".join(f"{float(values[i, j]):>8.4f}" for i in range(len(c.tasks))))
         for i, t in enumerate(c.tasks):
             ident = c.models[i] if c.models else None
-            click.echo(f"task{i}: {t}" + (f"  ({ident['path'] or 'in memory'}, fingerprint "
+            click.echo(f"task{i}: {t}" + (f"  ({_recorded_path(ident['path'], coefficients)}, fingerprint "
                                           f"{ident['fingerprint']})" if ident else ""))
     if plot is not None:
         plot_coefficients(c, plot)

@@ -261,6 +261,11 @@ def test_run_refuses_a_spec_whose_models_differ_from_the_files(tmp_path, run_cli
     assert code == 0, err
     c = load_coefficients(tmp_path / "c.safetensors")
     assert c.tasks == ["d/ft0", "d/ft1"] and c.models[0]["path"] == str(Path("d") / "ft0")   # relative to the file
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")                     # `atlas show` prints them from here
+    code, out, err = run_cli("atlas", "show", "../c.safetensors")
+    assert code == 0 and f"task0: d/ft0  ({Path('..') / 'd' / 'ft0'}, fingerprint " in out, out + err
+    monkeypatch.chdir(tmp_path)
 
     def run(models: list[str], extra: str = "") -> tuple[int, str]:
         spec = write_spec("merge_method: atlas\nbase_model: d/base\nmodels:\n"
@@ -273,7 +278,8 @@ def test_run_refuses_a_spec_whose_models_differ_from_the_files(tmp_path, run_cli
 
     assert run(["d/ft0", "d/ft1"]) == (0, "")
     code, err = run(["d/ft1", "d/ft0"])
-    assert code == 1 and re.search(r"learned for the task vectors \[0: d/ft0 \(fingerprint \w+\); 1: d/ft1 ", err), err
+    assert code == 1 and re.search(r"learned for the task vectors \[0: d/ft0 \(relative to the file; fingerprint \w+\); "
+                                     r"1: d/ft1 ", err), err
     assert re.search(r"but the models are \[0: .*/d/ft1 \(fingerprint \w+\); 1: .*/d/ft0 .*\]: model 0 is "
                      r"task vector 1 \(d/ft1\)", err), err
     code, err = run(["d/ft0", "d/ft2"])

@@ -75,7 +75,8 @@ def model_identities(spaces: Sequence[WeightSpace], names: Sequence[str | None])
 def _describe(i: int, ident: dict[str, Any]) -> str:
     path, name = ident.get("path"), ident.get("name")
     label = f"{name} at " if name and name != path else ""
-    return f"{i}: {label}{path or 'in memory'} (fingerprint {ident['fingerprint']})"
+    where = "" if not path or Path(path).is_absolute() else "relative to the file; "  # as save_coefficients writes it
+    return f"{i}: {label}{path or 'in memory'} ({where}fingerprint {ident['fingerprint']})"
 
 
 def check_identities(recorded: list[dict[str, Any]] | None, models: Sequence[WeightSpace], where: str) -> None:
@@ -103,5 +104,5 @@ def check_identities(recorded: list[dict[str, Any]] | None, models: Sequence[Wei
         f"in this order, but the models are [{'; '.join(_describe(k, g) for k, g in enumerate(given))}]: "
         f"{problem}. List the fine-tuned models in the file's task order (`wsmerge atlas show` prints "
         f"it), or learn coefficients for these models; if they are the same models saved again in "
-        f"another dtype or format, set check_models false (spec parameters, or "
+        f"another dtype, set check_models false (spec parameters, or "
         f"apply_coefficients(check_models=False))")
