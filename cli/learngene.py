@@ -184,10 +184,9 @@ def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth:
         return build_model({**arch, "depth": depth}, shape, classes)
 
     batches = open_batches(data, adapter, split=split, batch_size=batch_size, n_examples=n_examples)
-    from weightspace.merges.learngene.train import PRESETS
+    from weightspace.merges.learngene.train import preset_setting
 
-    depth = aux_depth if aux_depth is not None else PRESETS[preset]["aux_depth"]
-    depth = depth[mode] if isinstance(depth, dict) else depth
+    depth = aux_depth if aux_depth is not None else preset_setting(preset, "aux_depth", mode)
     with warnings.catch_warnings():  # said below as a warning line, from the report
         warnings.filterwarnings("ignore", message="train_gene: the warm-up")
         gene = train_gene(factory, adapter, batches, mode=mode, preset=preset, aux_depth=depth, stages=_stages(stages),

@@ -212,14 +212,23 @@ def train_gene(
 # the steps of train_gene, in order
 
 
+def preset_setting(preset: str, name: str, mode: str) -> Any:
+    """What `preset` sets `name` to for a gene of `mode` (a PRESETS value, per mode where it differs).
+
+        preset_setting("authors", "aux_depth", "sws")     # 16
+    """
+    v = PRESETS[preset][name]
+    return v[mode] if isinstance(v, dict) and mode in v else v
+
+
 def _with_preset(preset: str, **given: Any) -> dict[str, Any]:
     """The arguments of train_gene with those left at None taken from `preset` (PRESETS)."""
     if preset not in PRESETS:
         raise SpecError(f"preset: unknown {preset!r}; use {' or '.join(PRESETS)}")
     out = dict(given, preset=preset)
-    for k, v in PRESETS[preset].items():
+    for k in PRESETS[preset]:
         if out.get(k) is None:
-            out[k] = v[given["mode"]] if isinstance(v, dict) and given["mode"] in v else v
+            out[k] = preset_setting(preset, k, given["mode"])
     if out["steps"] is not None and given["epochs"] is None:
         out["epochs"] = None      # steps given: the preset's epochs do not apply
     if preset == "authors" and given["mode"] == "sws" and out["stages"] is None and isinstance(out["aux_depth"], int):
