@@ -184,7 +184,7 @@ def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth:
         return build_model({**arch, "depth": depth}, shape, classes)
 
     batches = open_batches(data, adapter, split=split, batch_size=batch_size, n_examples=n_examples)
-    from weightspace.merges.learngene.train import preset_setting
+    from weightspace.merges.learngene.recipe import preset_setting
 
     depth = aux_depth if aux_depth is not None else preset_setting(preset, "aux_depth", mode)
     with warnings.catch_warnings():  # said below as a warning line, from the report

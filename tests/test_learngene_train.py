@@ -279,7 +279,8 @@ def test_authors_preset_settings():
     with pytest.raises(SpecError, match="preset: unknown 'paper'; use default or authors"):
         train_gene(lambda d: _resmlp(d), teacher, batches, preset="paper")
     # no weight decay on 1-D tensors, biases, pos_embed or cls_token (timm's param_groups_weight_decay)
-    from weightspace.merges.learngene.train import _check_recipe, _param_groups, _with_preset
+    from weightspace.merges.learngene.recipe import _check_recipe, _with_preset
+    from weightspace.merges.learngene.train import _param_groups
 
     vit = build_model({"arch": "vit", "width": 8, "depth": 2, "patch": 2, "heads": 2}, (1, 4, 4), 5)
     leaves = {"gene.A.attn.qkv.weight": torch.zeros(24, 8), "gene.B.norm1.weight": torch.zeros(8),

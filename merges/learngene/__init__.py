@@ -66,6 +66,7 @@ The package, a file per job (each imports only files above it):
     expand.py        expand, save_expanded, check_compatible
     summary.py       gene_summary (for `wsmerge learngene inspect`)
     distill.py       distillation_loss, the teacher and its data, accuracy against chance
+    recipe.py        the presets (ours, the authors'), the checked recipe, lr_at's schedule
     train.py         train_gene, in named steps
 """
 
@@ -94,8 +95,9 @@ from weightspace.merges.learngene.layout import (
     parse_stages,
     stage_sizes,
 )
+from weightspace.merges.learngene.recipe import PRESETS, lr_at
 from weightspace.merges.learngene.summary import gene_summary
-from weightspace.merges.learngene.train import PRESETS, lr_at, train_gene
+from weightspace.merges.learngene.train import train_gene
 
 __all__ = [
     "DENOMINATORS",
