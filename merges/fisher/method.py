@@ -110,9 +110,6 @@ class Fisher(MergeMethod):
         floor = params["fisher_floor"]
         if floor < 0 or not math.isfinite(floor):
             raise SpecError(f"parameters.fisher_floor: expected a finite number >= 0, got {floor}")
-        if params["floor_mode"] not in FLOOR_MODES:
-            raise SpecError(f"parameters.floor_mode: unknown {params['floor_mode']!r}; "
-                            f"use {' or '.join(FLOOR_MODES)}")
         if params["uncovered"] not in UNCOVERED:
             raise SpecError(f"parameters.uncovered: unknown {params['uncovered']!r}; "
                             f"use {' or '.join(UNCOVERED)}")

@@ -115,7 +115,7 @@ class _Recipe:
         return dataclasses.replace(self, lr=lr, batch_size=batch_size)
 
     def total_steps(self, batches: int) -> int:
-        return self.steps if self.steps is not None else (self.epochs or DEFAULT_EPOCHS) * batches
+        return self.steps if self.steps is not None else self.epochs * batches
 
     def warmup_steps(self, batches: int) -> int:
         return int(round(self.warmup_epochs * batches))

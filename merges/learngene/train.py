@@ -37,7 +37,6 @@ from weightspace.merges.learngene.layout import (
     layer_stages,
 )
 from weightspace.merges.learngene.recipe import (
-    DEFAULT_EPOCHS,
     _check_recipe,
     _Recipe,
     _warn_if_warmup_covers_the_run,
@@ -414,7 +413,7 @@ def _train_report(recipe: _Recipe, before: dict[str, Any], after: dict[str, Any]
         "acc_start": before["acc"], "acc_end": after["acc"], "chance": chance,
         "at_chance": after["acc"] <= CHANCE_MARGIN * chance,
         "preset": recipe.preset,
-        "steps": total, "epochs": (recipe.epochs or DEFAULT_EPOCHS) if recipe.steps is None else None,
+        "steps": total, "epochs": recipe.epochs if recipe.steps is None else None,
         "batches": len(data), "batch_size": recipe.batch_size,
         "examples": sum(int(next(iter(b.values())).shape[0]) for b in data),
         "lr": recipe.lr, "weight_decay": recipe.weight_decay, "decay_1d": recipe.decay_1d, "clip": recipe.clip,

@@ -289,8 +289,6 @@ def _train_d2nwg(meta: dict, rows: list[dict], latents: torch.Tensor, task_data:
     from weightspace.zoo.gen.diffusion import LatentDDPM
     from weightspace.zoo.gen.setenc import DatasetEncoder, SupportSets
 
-    if encoder_mode not in ENCODER_MODES:
-        raise SpecError(f"--encoder: must be one of {', '.join(ENCODER_MODES)}, got {encoder_mode!r}")
     input_dim = math.prod(meta["input_shape"])
     encoder = DatasetEncoder(input_dim, hidden=64, out_dim=embed_dim, seed=seed)
     con_hist: list[float] = []
