@@ -33,14 +33,16 @@ def align(a: str, b: str, out: Path, arch: str | None, max_iter: int, seed: int,
     Example (from the repository root):
       wsmerge align examples/digits/ft0 examples/digits/ft1 -o runs/ft1-aligned
     """
+    from weightspace.files import check_output
     from weightspace.merges.rebasin import align as align_spaces
-    from weightspace.sink import check_output, save_space
+    from weightspace.sink import inputs_of, save_space
     from weightspace.sources import load_space
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[a, b])
     space_a, space_b = load_space(a), load_space(b)
     aligned, report = align_spaces(space_a, space_b, arch=arch, max_iter=max_iter, seed=seed)
-    save_space(aligned, out, overwrite=overwrite, config=space_b.meta.get("config"))
+    save_space(aligned, out, overwrite=overwrite, config=space_b.meta.get("config"),
+               inputs=[*inputs_of(space_a), *inputs_of(space_b)])
     state = "converged" if report["converged"] else f"stopped at --max-iter {max_iter}"
     click.echo(f"aligned {b} to {a} ({report['arch']}): {report['iterations']} sweep(s), {state}")
     width = max(len("permutation"), *(len(p) for p in report["units"]))

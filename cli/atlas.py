@@ -106,14 +106,14 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
           -o runs/atlas-ufm.coeffs.safetensors
     """
     from weightspace.errors import InputError, SpecError
+    from weightspace.files import check_output_file
     from weightspace.merges.atlas import learn_coefficients, save_coefficients
     from weightspace.sources import load_space
     from weightspace.zoo.bind import open_batches, open_model
 
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix != ".safetensors":
         raise click.UsageError(f"-o {out}: the output is a .safetensors file")
+    check_output_file(out, overwrite, inputs=[base, *finetuned, data])
     ctx = click.get_current_context()
     given = {name for name in ("steps", "epochs", "batch_size", "select_split", "augment", "split")
              if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}

@@ -136,7 +136,7 @@ def run_demo(out: Path, device: str = "auto", overwrite: bool = False,
     note = check_demo_out(out, overwrite)
     if note:
         echo(note)
-    atomic_dir(out, True, lambda tmp: _write_demo(tmp, out, device, echo))
+    atomic_dir(out, True, lambda tmp: _write_demo(tmp, out, device, echo), inputs=())
     q = shlex.quote
     echo(f"\nspecs in {out / 'specs'}; rerun one with: wsmerge run {q(str(out / 'specs' / 'ties.yaml'))} "
          f"{q(str(out / 'ties-again'))}")

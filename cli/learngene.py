@@ -44,10 +44,10 @@ def _stages(text: str | None):
     return parse_stages(text)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    from weightspace.sink import check_output
+def _check_out(out: Path, overwrite: bool, *inputs: str | Path | None) -> None:
+    from weightspace.files import check_output
 
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=inputs)
 
 
 @learngene.command()
@@ -81,7 +81,7 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
     from weightspace.merges.learngene import fit_gene, save_gene
     from weightspace.sources import load_space
 
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, model)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -171,7 +171,7 @@ def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth:
     from weightspace.zoo.arch import build_model
     from weightspace.zoo.bind import open_batches, open_model
 
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, teacher, data)
     cfg = load_space(teacher).meta.get("config") or {}
     if cfg.get("model_type") != "weightspace-zoo":
         raise SpecError(f"--teacher {teacher}: `learngene train` takes a zoo checkpoint (config.json with "
@@ -254,7 +254,7 @@ def expand(gene: Path, depth: int, out: Path, stages: str | None, like: str | No
         save_expanded,
     )
 
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, gene, like, tokenizer_from)
     g = load_gene(gene)
     if like is not None:
         check_compatible(g, like)

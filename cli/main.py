@@ -9,9 +9,11 @@ shown only with -v or WSMERGE_DEBUG=1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import warnings
 
 import click
 
@@ -79,17 +81,33 @@ def show_click_error(e: click.ClickException) -> None:
     click.echo(f"error: {e.format_message()}", err=True)
 
 
+# a signal that ends a run the way Ctrl-C does: the temporary output removed, exit 130
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings on the command line: one `warning: ...` line, without the source line."""
+    with contextlib.suppress(OSError):
+        click.echo(f"warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point with our exit codes and error style."""
 
-    def _term(signum, frame):  # turn SIGTERM into a clean, atomic abort
+    def _term(signum, frame):  # SIGTERM, or SIGHUP (the terminal went away): a clean, atomic abort
         raise KeyboardInterrupt
 
     old_debug = os.environ.get(DEBUG_ENV)
-    try:
-        old_term = signal.signal(signal.SIGTERM, _term)
-    except ValueError:  # not the main thread (tests)
-        old_term = None
+    old_handlers = {}
+    for sig in _STOP_SIGNALS:
+        try:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # started under nohup: keep ignoring it
+                continue
+            old_handlers[sig] = signal.signal(sig, _term)
+        except ValueError:  # not the main thread (tests)
+            break
+    old_showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         # standalone_mode=False: click returns the code of a `ctx.exit(code)` / Exit(code) instead of
         # exiting, and the command's return value (None) otherwise
@@ -104,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(e.message, err=True)
         return e.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted; nothing was written", err=True)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            click.echo("interrupted; nothing was written", err=True)
         return Interrupted.exit_code
     except WeightspaceError as e:
         if _debug():
@@ -121,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for a traceback)", err=True)
         return 1
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
+        warnings.showwarning = old_showwarning
         if old_debug is None:
             os.environ.pop(DEBUG_ENV, None)
         else:

@@ -114,7 +114,7 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
     mk = MergekitFlags.of(ctx)
     device, shard_size = _mergekit_device_and_shards(ctx, mk, device, shard_size)
     out = _one_out(out, out_option)
-    _check_outputs(out, dry_run, overwrite, push_repo, private, revision, create_pr)
+    _check_outputs(out, dry_run, overwrite, push_repo, private, revision, create_pr, spec)
     from weightspace.multi import is_multi_stage
 
     if is_multi_stage(spec):
@@ -189,9 +189,10 @@ def _run_stages(spec: Path, out: Path | None, dry_run: bool, as_json: bool, mk: 
 
 
 def _check_outputs(out: Path | None, dry_run: bool, overwrite: bool, push_repo: str | None,
-                   private: bool, revision: str | None, create_pr: bool) -> None:
-    """Before the spec is read: OUT is given (unless --dry-run) and may be written, and the Hub
-    push, if asked for, can be made."""
+                   private: bool, revision: str | None, create_pr: bool, spec: Path) -> None:
+    """Before the spec is read: OUT is given (unless --dry-run), is not the spec nor holds it,
+    and may be written, and the Hub push, if asked for, can be made. (What the spec reads is
+    checked against OUT once the merge is planned, before anything is written.)"""
     if out is None and not dry_run:
         raise click.UsageError("missing OUT (the output directory: SPEC OUT or -o OUT); or pass --dry-run")
     if push_repo is None and (private or revision or create_pr):
@@ -203,9 +204,9 @@ def _check_outputs(out: Path | None, dry_run: bool, overwrite: bool, push_repo: 
 
         check_push(push_repo, revision=revision, create_pr=create_pr)  # before the merge, not after
     if out is not None and not dry_run:
-        from weightspace.sink import check_output
+        from weightspace.files import check_output
 
-        check_output(out, overwrite)
+        check_output(out, overwrite, inputs=[spec])
 
 
 def _searched(s, spec_dir: Path, search: str | None, data: str | None, split: str, dry_run: bool,

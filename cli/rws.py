@@ -70,20 +70,22 @@ def extract(pretrained: str, clean: str, robust: str, out: Path, layers: str, sh
           --robust examples/digits/ft1 -o runs/ft1-first2.rws.safetensors \\
           --layers first:2 --bits 4 --scheme log --per-row
     """
-    from weightspace.errors import InputError, SpecError
+    from weightspace.errors import SpecError
+    from weightspace.files import check_output_file
     from weightspace.merges.signatures import (
         extract_signature,
         layer_summary,
         save_signature,
         signature_size_report,
     )
+    from weightspace.sink import inputs_of
     from weightspace.sources import load_space
 
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix != ".safetensors":
         raise SpecError(f"-o {out}: a signature is a .safetensors file; name it *.rws.safetensors")
+    check_output_file(out, overwrite, inputs=[pretrained, clean, robust])
     pre, std, rob = load_space(pretrained), load_space(clean), load_space(robust)
+    check_output_file(out, overwrite, inputs=[*inputs_of(pre), *inputs_of(std), *inputs_of(rob)])
     sig = extract_signature(pre, std, rob, layers=layers, share=share, bits=bits, scheme=scheme,
                             granularity="row" if per_row else "tensor")
     save_signature(sig, out)
@@ -121,14 +123,16 @@ def _parse_sig_args(args: tuple[str, ...]) -> list[tuple[str, float]]:
 
 def _write(model: str, sigs: tuple[str, ...], out: Path, overwrite: bool, *, undo: bool,
            scaling: str = "linear", force: bool = False) -> None:
+    from weightspace.files import check_output
     from weightspace.merges.signatures import RECORD_KEY, patch, save_patched, unpatch
     from weightspace.merges.signatures.patching import APPLIED_KEY
-    from weightspace.sink import check_output
+    from weightspace.sink import inputs_of
     from weightspace.sources import load_space
 
-    check_output(out, overwrite)
     pairs = _parse_sig_args(sigs)
+    check_output(out, overwrite, inputs=[model, *(p for p, _ in pairs)])
     space = load_space(model)
+    check_output(out, overwrite, inputs=inputs_of(space))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = (unpatch(space, pairs, scaling=scaling, force=force) if undo

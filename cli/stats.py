@@ -51,13 +51,14 @@ def _open(model: str, data: str, split: str, n_examples: int, batch_size: int, t
     return adapter, batches
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    from weightspace.errors import InputError
+def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
+    """-o OUT is a .safetensors file that is none of the inputs nor inside one; an existing one
+    needs --overwrite."""
+    from weightspace.files import check_output_file
 
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} exists; pass --overwrite to replace it")
     if out.suffix != ".safetensors":
         raise click.UsageError(f"-o {out}: the output is a .safetensors file")
+    check_output_file(out, overwrite, inputs=inputs)
 
 
 @click.command(cls=Command)
@@ -88,7 +89,7 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
     """
     from weightspace.merges.fisher import fisher_diagonal, save_fisher
 
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, model, data)
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed)
     t0 = time.perf_counter()
     space = fisher_diagonal(adapter, batches, estimator=estimator, n_samples=samples, n_examples=n_examples,
@@ -126,7 +127,7 @@ def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_si
 
     from weightspace.merges.regmean import describe_skipped, gram_matrices, save_gram
 
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, model, data)
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed)
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the skipped layers are reported below, once

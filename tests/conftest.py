@@ -138,12 +138,12 @@ def run_cli(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, 
     """Run `wsmerge ARGS` in this process through `weightspace.cli.main.main`: (exit code, stdout, stderr).
 
     `env` sets (or, with None, removes) environment variables for the call only.
-    WSMERGE_DEBUG and the SIGTERM handler, which `main` changes, are restored after.
+    WSMERGE_DEBUG and the SIGTERM/SIGHUP handlers, which `main` changes, are restored after.
     """
     from weightspace.cli.main import main
 
     saved_env = {k: os.environ.get(k) for k in {"WSMERGE_DEBUG", *(env or {})}}
-    saved_term = signal.getsignal(signal.SIGTERM)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     out, err = io.StringIO(), io.StringIO()
     try:
         for k, v in (env or {}).items():
@@ -159,7 +159,8 @@ def run_cli(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        signal.signal(signal.SIGTERM, saved_term)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -291,7 +291,7 @@ def test_cli_fisher_and_gram_reproduce_the_example_files(tmp_path, run_cli):
         for n in ref:
             torch.testing.assert_close(mine[n], ref[n], rtol=1e-5, atol=1e-7)
     code, _, err = run_cli("fisher", str(REPO / "examples/digits/ft1"), "--data", "digits", "-o", str(out))
-    assert code == 1 and "exists; pass --overwrite" in err
+    assert code == 2 and "already exists; pass --overwrite" in err
     code, _, err = run_cli("fisher", str(REPO / "examples/digits/ft1"), "--data", "digits", "-o",
                            str(tmp_path / "x.bin"))
     assert code == 2 and "the output is a .safetensors file" in err

@@ -124,7 +124,7 @@ def test_sharded_output_layout(tmp_path):
 
 
 def test_sink_abort_leaves_nothing(tmp_path):
-    sink = CheckpointSink(tmp_path / "out", [("a", torch.float32, (2,)), ("b", torch.float32, (2,))])
+    sink = CheckpointSink(tmp_path / "out", [("a", torch.float32, (2,)), ("b", torch.float32, (2,))], inputs=())
     sink.write(sink.order[0], torch.zeros(2))
     sink.abort()
     assert list(tmp_path.iterdir()) == []

@@ -39,7 +39,7 @@ def test_cli_end_to_end(zoo_models, run_cli, tmp_path):
     assert "for the robust checkpoint's file" in out and f"{ratio:.1f}x smaller" in out
     code, _, err = run_cli("rws", "extract", "--pretrained", m["pre"], "--clean", m["clean"],
                            "--robust", m["noise"], "-o", sig, "--bits", "9")
-    assert code == 1 and "exists" in err
+    assert code == 2 and "already exists" in err
     code, _, err = run_cli("rws", "extract", "--pretrained", m["pre"], "--clean", m["clean"],
                            "--robust", m["noise"], "-o", tmp_path / "x.rws.safetensors", "--bits", "9")
     assert code == 2 and "bits must be between 2 and 8" in err

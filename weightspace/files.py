@@ -3,7 +3,8 @@
     with atomic_file("coeffs.safetensors") as tmp:     # write tmp; it replaces the target only on success
         save_file(tensors, tmp)
     save_safetensors_atomic(tensors, "a.fisher.safetensors", {"format": "pt"})
-    atomic_dir(out, overwrite, lambda tmp: ...)        # fill a temporary sibling directory, then rename
+    atomic_dir(out, overwrite, lambda tmp: ..., inputs=[model_dir])   # a temporary sibling, then rename
+    check_output(out, overwrite, inputs=[spec, *models])   # OUT is none of its inputs, holds none, is in none
     norms = FileCache();  norms.get(path, compute, what="Fisher file")   # once per file and process
     config = read_json_object(d / "config.json")       # a JSON object, or an InputError naming the file
 """
@@ -11,19 +12,22 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
-import tempfile
+import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from weightspace.errors import InputError
+from weightspace.errors import InputError, SpecError, WeightspaceError
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -44,58 +48,240 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds it gets the usual file mode,
-    is fsynced and replaces `path` (os.replace); when it fails it is removed."""
+    is fsynced and replaces `path` (os.replace); when it fails it is removed. `path` may not be
+    one of `inputs` nor lie inside one (see `check_disjoint`); stale temporary files of `path`
+    left by a killed process are removed first (see `clean_stale`)."""
     path = Path(path)
+    check_disjoint(path, inputs)
+    if path.is_dir():
+        raise SpecError(f"output {path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path)
+    tmp = temp_sibling(path, suffix=".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())          # created 0600 until complete
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                            metadata: Mapping[str, str] | None = None) -> Path:
+                            metadata: Mapping[str, str] | None = None, *,
+                            inputs: Iterable[str | Path] = ()) -> Path:
     """`safetensors.torch.save_file`, atomically (see `atomic_file`); tensors made contiguous on CPU."""
     from safetensors.torch import save_file
 
-    with atomic_file(path) as tmp:
+    with atomic_file(path, inputs=inputs) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata=dict(metadata) if metadata is not None else None)
     return Path(path)
 
 
-def atomic_dir(out: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+def atomic_dir(out: str | Path, overwrite: bool, write: Callable[[Path], None], *,
+               inputs: Iterable[str | Path]) -> Path:
     """Fill a temporary sibling of `out` with `write(tmp)` and rename it into place; an existing
-    `out` (only with `overwrite`) is replaced at the end, and nothing is left on failure."""
-    from weightspace.sink import check_output
-
+    `out` (only with `overwrite`) is replaced at the end, and nothing is left on failure. `out`
+    may not be, hold or lie inside any of `inputs` (see `check_output`)."""
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.wsmerge-{secrets.token_hex(4)}"
+    tmp = temp_sibling(out)
     tmp.mkdir()
     try:
         write(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.wsmerge-old-{secrets.token_hex(4)}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def replace_dir(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Rename the finished directory `tmp` to `out`; an existing `out` (only with `overwrite`) is
+    moved aside first and removed after, or put back if the rename fails."""
+    old = None
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise WeightspaceError(f"{out} appeared while writing; not replacing it")
+        old = temp_sibling(out, kind="old")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:  # put the good output back where it was
+            os.replace(old, out)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    fsync_dir(out.parent)
+
+
+def fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- outputs and their inputs
+
+
+def check_output(out: str | Path, overwrite: bool, *, inputs: Iterable[str | Path]) -> None:
+    """Before anything is written to the directory `out`: it is none of `inputs`, holds none
+    and lies in none (`check_disjoint`); an existing `out` needs `overwrite` and must be a
+    directory; stale temporary directories of `out` left by killed runs are removed."""
+    out = Path(out)
+    check_disjoint(out, inputs)
+    clean_stale(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise SpecError(f"output {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"output {out} exists and is not a directory")
+
+
+def check_output_file(out: str | Path, overwrite: bool, *, inputs: Iterable[str | Path],
+                      suffix: str | None = None) -> None:
+    """`check_output` for a single output file (a Fisher, Gram, coefficient or signature file)."""
+    out = Path(out)
+    check_disjoint(out, inputs)
+    if suffix is not None and not out.name.endswith(suffix):
+        raise SpecError(f"-o {out}: the output is a {suffix} file")
+    clean_stale(out)
+    if out.is_dir():
+        raise SpecError(f"output {out} is a directory; give a file name")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise SpecError(f"output {out} already exists; pass --overwrite to replace it")
+
+
+def _real(p: str | Path) -> Path:
+    try:
+        return Path(p).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop, or a `~user` that does not exist
+        return Path(os.path.abspath(p))
+
+
+def check_disjoint(out: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an output path that equals an input, contains one (replacing OUT would delete it)
+    or lies inside an input directory (writing would change it), naming both. Paths are compared
+    after resolving symlinks, so a link to an input is that input."""
+    o = _real(out)
+    # a Hub id, or a path with nothing there, cannot be harmed
+    real = [(g, _real(g)) for g in inputs if g is not None and os.path.lexists(os.path.expanduser(g))]
+    for given, i in real:  # the plainest reason first: OUT is an input
+        same = o == i
+        if not same and o.exists() and i.exists():
+            with contextlib.suppress(OSError):
+                same = os.path.samefile(o, i)
+        if same:
+            raise SpecError(f"output {out} is the input {given}: an output never replaces an input; "
+                            f"choose another output")
+    for given, i in real:
+        if o in i.parents:
+            raise SpecError(f"output {out} contains the input {given}: replacing it would delete "
+                            f"that input; choose another output")
+        if i in o.parents:
+            raise SpecError(f"output {out} lies inside the input {given}: writing there would change "
+                            f"that input; choose an output outside it")
+
+
+# ---------------------------------------------------------------- temporary siblings
+
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+_MAX_STEM = 160  # a temp name stays far below the usual 255-byte limit on a file name
+
+
+def _stem(path: Path) -> str:
+    """The output's name as temp names carry it: whole when short, else cut with a digest."""
+    name = path.name
+    if len(name.encode()) <= _MAX_STEM:
+        return name
+    cut = name.encode()[:100].decode(errors="ignore")
+    return f"{cut}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+
+
+_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.wsmerge-(?:(?P<kind>old|stages)-)?(?P<host>[0-9a-f]{6})-"
+                      r"(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}(?:\.tmp)?$")
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (Linux), 0 where unknown: with the
+    pid it tells a live owner from a later process that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_START = _start_time(os.getpid())
+
+
+def temp_sibling(path: Path, *, kind: str = "", suffix: str = "") -> Path:
+    """A hidden name beside `path` for work in progress: `.NAME.wsmerge-[KIND-]HOST-PID-START-TOKEN`,
+    recording which process owns it, so that a later run can remove what a killed one left."""
+    k = f"{kind}-" if kind else ""
+    return path.parent / (f".{_stem(path)}.wsmerge-{k}{_HOST}-{os.getpid()}-{_START}-"
+                          f"{secrets.token_hex(4)}{suffix}")
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return start == 0 or _start_time(pid) in (0, start)
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove temporary siblings of `path` whose owner (recorded in the name) was a process on
+    this host that is no longer running: what `kill -9`, a power cut or a lost terminal left.
+    A previous output moved aside (`-old-`) is put back when `path` itself is missing, since it
+    is the last good result. Returns what was removed or restored."""
+    path = Path(path)
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return []
+    stem, done = _stem(path), []
+    for p in siblings:
+        m = _TEMP_RE.match(p.name)
+        if not m or m["stem"] != stem or m["host"] != _HOST:
+            continue
+        if _alive(int(m["pid"]), int(m["start"])):
+            continue
+        try:
+            if m["kind"] == "old" and not (path.exists() or path.is_symlink()):
+                os.replace(p, path)
+                warnings.warn(f"restored {path} from {p.name}, which an interrupted run had moved aside",
+                              stacklevel=2)
+            elif p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
+        done.append(p)
+    return done
 
 
 class FileCache:

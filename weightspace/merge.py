@@ -22,14 +22,15 @@ from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink
 def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
              shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False,
              allow_nonfinite: bool = False, progress: bool = True, copy_tokenizer: bool = True,
-             write_card: bool = True) -> dict:
+             write_card: bool = True, inputs: list[str | Path] | tuple = ()) -> dict:
     """Stream the plan into OUT atomically; returns stats. OUT also gets the spec as
     `mergekit_config.yml` (where mergekit users and Hub tooling look for the recipe), the
-    tokenizer files unless `copy_tokenizer` is off and the model card unless `write_card` is."""
+    tokenizer files unless `copy_tokenizer` is off and the model card unless `write_card` is.
+    OUT may not be, hold or lie inside anything the plan reads (`MergePlan.inputs`) or `inputs`."""
     out = Path(out)
     recipe = plan.spec.to_yaml()
     sink = CheckpointSink(out, plan.outputs(), shard_size=shard_size, overwrite=overwrite,
-                          metadata={"weightspace_spec": recipe})
+                          metadata={"weightspace_spec": recipe}, inputs=[*plan.inputs(), *inputs])
     by_name: dict[str, list[Step]] = {}
     for s in plan.steps:
         by_name.setdefault(s.name, []).append(s)

@@ -24,7 +24,6 @@ removed at the end, whatever happens; with `intermediate_dir` they are kept ther
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,14 +129,17 @@ def run_stages(stages: list[Stage], out: str | Path, *, spec_dir: str | Path | N
                overwrite: bool = False, progress: bool = False, echo=None, **run_kwargs: Any) -> dict:
     """Run the stages in order; the last one writes OUT. Returns the output stage's stats,
     with `stages` listing what each stage did ("merged" or "kept")."""
+    from weightspace.files import check_disjoint, check_output, temp_sibling
     from weightspace.merge import run_plan
     from weightspace.plan import plan_merge
-    from weightspace.sink import check_output
 
     out = Path(out)
-    check_output(out, overwrite)
+    sources = [Path(s) for s in dict.fromkeys(st.spec.source for st in stages) if s and Path(s).exists()]
+    check_output(out, overwrite, inputs=sources)
     keep = intermediate_dir is not None
-    work = Path(intermediate_dir) if keep else out.parent / f".{out.name}.wsmerge-stages-{secrets.token_hex(4)}"
+    if keep:
+        check_disjoint(Path(intermediate_dir), [*sources, out])
+    work = Path(intermediate_dir) if keep else temp_sibling(out, kind="stages")
     work.mkdir(parents=True, exist_ok=True)
     done: list[dict] = []
     try:
@@ -151,6 +153,7 @@ def run_stages(stages: list[Stage], out: str | Path, *, spec_dir: str | Path | N
             spec = _with_stage_outputs(st.spec, {n: work / n for n in st.needs})
             try:
                 plan = plan_merge(spec, spec_dir=spec_dir)
+                check_disjoint(out, plan.inputs())  # what any stage reads, OUT may not replace
                 stats = run_plan(plan, dest, overwrite=overwrite if final else True, progress=progress,
                                  **run_kwargs)
             except (SpecError, InputError) as e:

@@ -79,6 +79,28 @@ class MergePlan:
     def peak_bytes(self) -> int:
         return estimate_peak_bytes(self.steps, self.compute_dtype)
 
+    def inputs(self) -> list[Path]:
+        """Every file or directory the merge reads: the spec, each model (where it was opened and
+        each stored tensor's file), companions and the tokenizer files it copies. The output may
+        be none of these, hold none and lie in none."""
+        from weightspace.sink import inputs_of
+
+        found: dict[str, Path] = {}
+        if self.spec.source and Path(self.spec.source).exists():
+            found[self.spec.source] = Path(self.spec.source)
+        for space in self.spaces.values():
+            for p in inputs_of(space):
+                found.setdefault(str(p), p)
+        for step in self.steps:
+            for ref in step.inputs:
+                for leaf in ref.leaves():
+                    if (p := getattr(leaf, "path", None)) is not None:
+                        found.setdefault(str(p), Path(p))
+        files = {**self.tokenizer_files, **(self.vocabulary.files if self.vocabulary else {})}
+        for p in files.values():
+            found.setdefault(str(p), Path(p))
+        return list(found.values())
+
     def summary(self, shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, Any]:
         out_dtypes: dict[str, int] = {}
         for _, dt, _ in self.outputs():

@@ -1,6 +1,6 @@
 """Streaming, atomic checkpoint output in the Hugging Face layout.
 
-    sink = CheckpointSink(out, tensors, shard_size=5 * 10**9, metadata={...})
+    sink = CheckpointSink(out, tensors, shard_size=5 * 10**9, metadata={...}, inputs=[...])
     for name in sink.order:          # the order tensors must arrive in
         sink.write(name, tensor)
     sink.finish(config=..., files=..., card=...)
@@ -17,15 +17,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from weightspace.errors import SpecError, WeightspaceError
+from weightspace.files import check_output, replace_dir, temp_sibling
 from weightspace.safetensors_io import ShardWriter, layout_order, nbytes_of
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
@@ -99,9 +99,10 @@ class CheckpointSink:
         shard_size: int = DEFAULT_SHARD_SIZE,
         metadata: Mapping[str, str] | None = None,
         overwrite: bool = False,
+        inputs: Iterable[str | Path],
     ):
         self.out = Path(out)
-        check_output(self.out, overwrite)
+        check_output(self.out, overwrite, inputs=inputs)
         self.overwrite = overwrite
         self.shards = plan_shards(tensors, shard_size)
         self.names = shard_names(len(self.shards))
@@ -115,7 +116,7 @@ class CheckpointSink:
 
     def _start(self) -> None:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.parent / f".{self.out.name}.wsmerge-{secrets.token_hex(4)}"
+        self.tmp = temp_sibling(self.out)
         self.tmp.mkdir()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -181,25 +182,8 @@ class CheckpointSink:
 
     def _commit(self) -> None:
         assert self.tmp is not None
-        old = None
-        if self.out.exists() or self.out.is_symlink():
-            if not self.overwrite:
-                raise WeightspaceError(f"{self.out} appeared while merging; not replacing it")
-            old = self.out.parent / f".{self.out.name}.wsmerge-old-{secrets.token_hex(4)}"
-            os.replace(self.out, old)
-        try:
-            os.replace(self.tmp, self.out)
-        except BaseException:
-            if old is not None:  # put the good output back where it was
-                os.replace(old, self.out)
-            raise
+        replace_dir(self.tmp, self.out, overwrite=self.overwrite)
         self.tmp = None
-        if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()
-        _fsync_dir(self.out.parent)
 
     def abort(self) -> None:
         """Remove everything written so far; OUT is untouched."""
@@ -210,31 +194,11 @@ class CheckpointSink:
             self.tmp = None
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise SpecError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise SpecError(f"output {out} exists and is not a directory")
-
-
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_space(
@@ -248,8 +212,10 @@ def save_space(
     config: dict | None = None,
     device: str = "cpu",
     progress: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
-    """Stream a WeightSpace (lazy expressions included) to a checkpoint directory."""
+    """Stream a WeightSpace (lazy expressions included) to a checkpoint directory. OUT may not
+    be, hold or lie inside the files the space reads, nor any of `inputs`."""
     from weightspace.executor import Step, execute
 
     out_dt = {n: (dtype if dtype is not None and r.dtype.is_floating_point else r.dtype)
@@ -257,8 +223,25 @@ def save_space(
     sink = CheckpointSink(
         out, [(n, out_dt[n], r.shape) for n, r in space.items()],
         shard_size=parse_size(shard_size), metadata=metadata, overwrite=overwrite,
+        inputs=[*inputs_of(space), *inputs],
     )
     steps = [Step(n, space[n].shape, out_dt[n], [space[n]], lambda ts: ts[0]) for n in sink.order]
     execute(steps, sink, device=device, compute_dtype=None, progress=progress, allow_nonfinite=True)
     cfg = config if config is not None else space.meta.get("config")
     return sink.finish(config=cfg, files=space.meta.get("files") or {})
+
+
+def inputs_of(space: Any) -> list[Path]:
+    """The files and directories a WeightSpace reads: every stored tensor's file, where the space
+    was opened and the files it carries (tokenizer, generation config)."""
+    found: dict[str, Path] = {}
+    for ref in space.values():
+        for leaf in ref.leaves():
+            if (p := getattr(leaf, "path", None)) is not None:
+                found.setdefault(str(p), Path(p))
+    meta = getattr(space, "meta", {}) or {}
+    if isinstance(meta.get("location"), (str, Path)):  # the file or directory that was opened
+        found.setdefault(str(meta["location"]), Path(meta["location"]))
+    for p in (meta.get("files") or {}).values():
+        found.setdefault(str(p), Path(p))
+    return list(found.values())

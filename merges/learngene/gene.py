@@ -180,11 +180,12 @@ def save_gene(gene: Gene, out_dir: str | Path, *, overwrite: bool = False) -> Pa
 
         save_gene(fit_gene(load_space("minilm")), "minilm.gene")
     """
-    from weightspace.sink import check_output, save_space
+    from weightspace.files import check_output
+    from weightspace.sink import inputs_of, save_space
 
     _check_gene(gene)
     out = Path(out_dir)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=inputs_of(gene.space))
     meta = {k: v for k, v in gene.meta.items() if k != "config"}
     try:
         text = json.dumps(meta, indent=2, allow_nan=False)
@@ -201,7 +202,8 @@ def save_gene(gene: Gene, out_dir: str | Path, *, overwrite: bool = False) -> Pa
         space = WeightSpace({n: gene.space[n] for n in gene.space},
                             {"source": gene.space.source, "config": None, "files": files})
         marker = {"format": FORMAT, "version": FORMAT_VERSION, "mode": gene.mode}
-        return save_space(space, out, overwrite=overwrite, metadata={METADATA_KEY: json.dumps(marker)})
+        return save_space(space, out, overwrite=overwrite, metadata={METADATA_KEY: json.dumps(marker)},
+                          inputs=inputs_of(gene.space))
 
 
 def is_gene_dir(path: str | Path) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError, SpecError
-from weightspace.files import atomic_dir
+from weightspace.files import atomic_dir, check_output
 from weightspace.ir import WeightSpace
 from weightspace.zoo.gen.store import ZOO_MODEL_TYPE, Generator, load_generator, task_classes
 
@@ -156,6 +156,7 @@ def sample(gen_dir: str | Path, data: str, n: int, out_dir: str | Path, *, seed:
     deterministic DDIM, drifts far off the latents of a small zoo). KDE ignores
     both. Seeded: the same seed gives the same samples. Written atomically; notes
     (an unseen dataset, a new class set) go to `note` (default: warnings)."""
+    check_output(Path(out_dir), overwrite, inputs=[gen_dir])  # before the work, not only at the end
     gen = load_generator(gen_dir)
     models = generate_weights(gen, data, n, seed=seed, steps=steps, eta=eta, note=note)
     sampler = ("ddpm" if steps is None else f"ddim:{steps}:eta={eta:g}") if gen.method == "d2nwg" else "kde"
@@ -169,7 +170,7 @@ def sample(gen_dir: str | Path, data: str, n: int, out_dir: str | Path, *, seed:
             space.save(tmp / name, config=config,
                        metadata={"weightspace.generated_by": json.dumps(config["generated_by"])})
 
-    atomic_dir(out, overwrite, write)
+    atomic_dir(out, overwrite, write, inputs=[gen_dir])
     return [out / name for name in names]
 
 

@@ -100,15 +100,16 @@ def _load_module(module: torch.nn.Module, path: Path) -> None:
 # ---------------------------------------------------------------- writing
 
 def write_generator(out: Path, files: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any],
-                    overwrite: bool) -> Path:
-    """Write `files` ({file name: tensors}) and generator.json (`meta`) as the directory `out`, atomically."""
+                    overwrite: bool, *, inputs: tuple = ()) -> Path:
+    """Write `files` ({file name: tensors}) and generator.json (`meta`) as the directory `out`,
+    atomically; `out` may not be, hold or lie inside any of `inputs` (the zoo it learnt from)."""
 
     def write(tmp: Path) -> None:
         for name, tensors in files.items():
             _save_safetensors(tensors, tmp / name)
         (tmp / GENERATOR_FILE).write_text(json.dumps(meta, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
-    return atomic_dir(out, overwrite, write)
+    return atomic_dir(out, overwrite, write, inputs=inputs)
 
 
 # ---------------------------------------------------------------- loading

@@ -141,7 +141,7 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     what comes after the autoencoder, as the hyper-representation authors compare
     their samplers on one representation.
     """
-    from weightspace.sink import check_output
+    from weightspace.files import check_output
     from weightspace.zoo.data import load_task
 
     if method not in METHODS:
@@ -151,7 +151,7 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     if kde_sampler not in KDE_SAMPLERS:
         raise SpecError(f"--kde-sampler: must be one of {', '.join(KDE_SAMPLERS)}, got {kde_sampler!r}")
     out = Path(out_dir)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=[zoo_dir, vae_from])
     t0 = time.perf_counter()
     zoo, rows = _zoo_rows(zoo_dir, tasks, checkpoints)
     spaces = [zoo.load(r) for r in rows]
@@ -204,7 +204,7 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
     if kept_names:
         files.update(_kept_tensors(meta, rows, spaces, task_info, kept_names))
     meta["seconds"] = round(time.perf_counter() - t0, 2)
-    return write_generator(out, files, meta, overwrite)
+    return write_generator(out, files, meta, overwrite, inputs=(zoo_dir, vae_from))
 
 
 def _shared_vae(gen_dir: str | Path, chunker: WeightChunker) -> tuple[ChunkVAE, list[float], dict[str, Any]]:
