@@ -412,7 +412,7 @@ class RegMean(MergeMethod):
                 continue
             try:
                 info = json.loads(read_header(path)[1].get("weightspace_gram", "{}"))
-            except (ValueError, OSError):
+            except (ValueError, OSError, RecursionError):
                 continue
             skipped = info.get("skipped") if isinstance(info, dict) else None
             # a note only: metadata of another shape says nothing (the Grams are checked when merged)

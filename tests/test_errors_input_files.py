@@ -54,7 +54,7 @@ def test_truncated_safetensors(tiny_models, run_cli, write_spec, out):
 @pytest.mark.parametrize(
     "garbage,expect",
     [
-        (b"\x93\x17garbage-bytes" * 300, "corrupt or truncated safetensors file (header claims"),
+        (b"\x93\x17garbage-bytes" * 300, "not a safetensors file"),
         ((64).to_bytes(8, "little") + b"\xff\xfe not json at all" + b" " * 200, "corrupt safetensors header"),
         ((8).to_bytes(8, "little") + b"[1,2,3] " + b"\0" * 16, "corrupt safetensors header"),
     ],

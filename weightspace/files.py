@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -28,14 +27,14 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError, SpecError, WeightspaceError
+from weightspace.inputs import parse_json, read_input_bytes
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`; an InputError naming the file when it is unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    """The JSON object in `path`; an InputError naming the file when it is not a regular file, is
+    unreadable, is not JSON (a key twice and deep nesting included, see inputs.parse_json) or
+    is not an object."""
+    data = parse_json(read_input_bytes(path), path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data

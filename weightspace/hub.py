@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from weightspace.errors import InputError, SpecError
+from weightspace.safetensors_io import read_header
 
 _PATTERNS = [
     "*.safetensors", "*.safetensors.index.json", "config.json", "tokenizer*", "special_tokens_map.json",
@@ -189,10 +190,8 @@ def merge_method(folder: Path, card: dict | None = None) -> str | None:
     for shard in sorted(folder.glob("*.safetensors"))[:1]:
         try:
             import yaml
-            from safetensors import safe_open
 
-            with safe_open(str(shard), "pt") as f:
-                spec = (f.metadata() or {}).get("weightspace_spec")
+            spec = read_header(shard)[1].get("weightspace_spec")  # bounded, regular files only
             if spec and isinstance(m := (yaml.safe_load(spec) or {}).get("merge_method"), str):
                 return m
         except Exception:  # noqa: BLE001 - the method is only for the commit message

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from weightspace.card import Card, model_card
 from weightspace.executor import Step, execute
+from weightspace.inputs import check_carried
 from weightspace.params import evaluate
 from weightspace.plan import MergePlan, plan_merge
 from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink
@@ -28,6 +29,9 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
     tokenizer files unless `copy_tokenizer` is off and the model card unless `write_card` is.
     OUT may not be, hold or lie inside anything the plan reads (`MergePlan.inputs`) or `inputs`."""
     out = Path(out)
+    if copy_tokenizer:  # a carried file that would be refused at the end is refused before the first tensor
+        check_carried(plan.tokenizer_files)
+        check_carried(plan.vocabulary.files if plan.vocabulary is not None else {})
     recipe = plan.spec.to_yaml()
     sink = CheckpointSink(out, plan.outputs(), shard_size=shard_size, overwrite=overwrite,
                           metadata={"weightspace_spec": recipe}, inputs=[*plan.inputs(), *inputs])

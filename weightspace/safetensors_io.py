@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from weightspace.errors import InputError, WeightspaceError
+from weightspace.errors import InputError, SpecError, WeightspaceError
+from weightspace.inputs import open_input, open_input_fd, parse_json, short_repr
 
 # safetensors dtype tag <-> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -51,7 +52,8 @@ _DTYPE_RANK = [
     "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
     "I32", "U32", "F32", "F64", "I64", "U64",
 ]  # fmt: skip
-_MAX_HEADER = 100_000_000
+# the largest header read (and written): the safetensors library's own limit
+MAX_HEADER = 100_000_000
 
 
 def dtype_tag(dtype: torch.dtype) -> str:
@@ -84,26 +86,26 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_input(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise InputError(
-                    f"{path}: corrupt or truncated safetensors file "
-                    f"(header claims {n} bytes, file has {size})"
-                )
+            # the length is the file's first 8 bytes: never shown, since for a file that is not
+            # safetensors (a text file behind a symlink) they are its contents
+            if n > MAX_HEADER:
+                raise InputError(f"{path}: not a safetensors file (it does not start with the length "
+                                 f"of a header of at most {MAX_HEADER:,} bytes)")
+            if 8 + n > size:
+                raise InputError(f"{path}: corrupt or truncated safetensors file (its header runs past "
+                                 f"the end of the file, which has {size} bytes)")
             raw = f.read(n)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: corrupt safetensors header ({e})") from None
+    header = parse_json(raw, path, "corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + n
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
@@ -118,14 +120,15 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
                     and len(offsets) == 2 and all(type(x) is int for x in (*shape, *offsets))):
                 raise TypeError
         except (KeyError, TypeError):
-            raise InputError(f"{path}: corrupt header entry for tensor {name!r}") from None
+            raise InputError(f"{path}: corrupt header entry for tensor {short_repr(name)}") from None
         shape, (b, e) = tuple(shape), offsets
         if tag not in DTYPES:
-            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
+            raise InputError(f"{path}: tensor {short_repr(name)} has unsupported dtype {short_repr(tag, 16)}")
         dtype = DTYPES[tag]
         if any(s < 0 for s in shape) or b < 0 or e < b or e - b != nbytes_of(shape, dtype):
             raise InputError(
-                f"{path}: tensor {name!r} offsets {b}..{e} do not match shape {list(shape)} {tag}"
+                f"{path}: tensor {short_repr(name)} offsets {b}..{e} do not match shape "
+                f"{short_repr(list(shape), 60)[1:-1]} {tag}"
             )
         entries[name] = Entry(name, dtype, shape, data_start + b, e - b)
         spans.append((b, e))
@@ -165,7 +168,7 @@ def read_tensor(path: str | Path, entry: Entry, fd: int | None = None) -> torch.
 def _pread_into(path: str | Path, entry: Entry, view: memoryview, fd: int | None) -> None:
     own = fd is None
     if own:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        fd = open_input_fd(path)
     try:
         done = 0
         while done < entry.nbytes:
@@ -181,7 +184,7 @@ def _pread_into(path: str | Path, entry: Entry, view: memoryview, fd: int | None
 def _seek_read_into(path: str | Path, entry: Entry, view: memoryview) -> None:
     """The same bytes without preadv: a file of this read's own, so threads never share a
     position; unbuffered, so no second copy of the tensor sits in a buffer."""
-    with open(path, "rb", buffering=0) as f:
+    with os.fdopen(open_input_fd(path), "rb", buffering=0) as f:
         f.seek(entry.start)
         done = 0
         while done < entry.nbytes:
@@ -217,7 +220,23 @@ def build_header(
         sizes.append(nb)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER:
+        _header_too_big(len(raw), specs, metadata or {})
     return struct.pack("<Q", len(raw)) + raw, sizes
+
+
+def _header_too_big(size: int, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                    metadata: dict[str, str]) -> None:
+    """Refuse a header no reader accepts (`read_header`, the safetensors library), before the
+    file exists: every output must be readable by the tool that wrote it. Names what fills it."""
+    limit = f"over the {MAX_HEADER:,} bytes safetensors readers accept"
+    big = max(metadata, key=lambda k: len(str(metadata[k])), default=None)
+    if big is not None and len(json.dumps(metadata)) * 2 > size:
+        raise SpecError(f"the safetensors header would be {size:,} bytes, {limit}: its metadata "
+                        f"{short_repr(big)} alone is {len(str(metadata[big])):,} characters (it records "
+                        f"the recipe, whose text includes the spec's fields such as name:); shorten it")
+    raise SpecError(f"the safetensors header would be {size:,} bytes, {limit}: {len(specs):,} tensors "
+                    f"whose names and shapes do not fit in one shard; use a smaller shard size")
 
 
 class ShardWriter:

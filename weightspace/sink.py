@@ -26,7 +26,8 @@ import torch
 
 from weightspace.errors import SpecError, WeightspaceError
 from weightspace.files import check_output, replace_dir, temp_sibling
-from weightspace.safetensors_io import ShardWriter, layout_order, nbytes_of
+from weightspace.inputs import check_carried, copy_input_file
+from weightspace.safetensors_io import ShardWriter, build_header, layout_order, nbytes_of
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 
@@ -109,6 +110,8 @@ class CheckpointSink:
         self.order = [s[0] for shard in self.shards for s in shard]
         self.total_size = sum(nbytes_of(s[2], s[1]) for shard in self.shards for s in shard)
         self.metadata = {"format": "pt", **(metadata or {})}
+        for shard in self.shards:  # a header no reader accepts is refused before anything is written
+            build_header(shard, self.metadata)
         self.tmp: Path | None = None
         self._writer: ShardWriter | None = None
         self._shard = -1
@@ -168,7 +171,7 @@ class CheckpointSink:
         if config is not None:
             _write_text(self.tmp / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name, src in (files or {}).items():
-            shutil.copyfile(src, self.tmp / name)
+            copy_input_file(src, self.tmp / name)  # only from inside its model directory
         if tokenizer is not None:
             tokenizer.write(self.tmp)
         for name, data in (extra_json or {}).items():
@@ -218,6 +221,8 @@ def save_space(
     be, hold or lie inside the files the space reads, nor any of `inputs`."""
     from weightspace.executor import Step, execute
 
+    files = space.meta.get("files") or {}
+    check_carried(files)  # a file that would be refused at the end is refused before the first tensor
     out_dt = {n: (dtype if dtype is not None and r.dtype.is_floating_point else r.dtype)
               for n, r in space.items()}
     sink = CheckpointSink(
@@ -228,7 +233,7 @@ def save_space(
     steps = [Step(n, space[n].shape, out_dt[n], [space[n]], lambda ts: ts[0]) for n in sink.order]
     execute(steps, sink, device=device, compute_dtype=None, progress=progress, allow_nonfinite=True)
     cfg = config if config is not None else space.meta.get("config")
-    return sink.finish(config=cfg, files=space.meta.get("files") or {})
+    return sink.finish(config=cfg, files=files)
 
 
 def inputs_of(space: Any) -> list[Path]:

@@ -10,9 +10,11 @@ disk is always a local path and never touches the network.
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,7 @@ import torch
 
 from weightspace.errors import InputError, SpecError
 from weightspace.files import read_json_object
+from weightspace.inputs import check_regular, open_input, short_repr
 from weightspace.ir import MemoryRef, SafetensorsRef, TensorRef, WeightSpace
 from weightspace.safetensors_io import read_header
 
@@ -46,20 +49,27 @@ def _check_inside(root: Path, name: str, index: Path) -> Path:
     """
     p = Path(name)
     if p.is_absolute() or p.drive or ".." in p.parts:
-        raise InputError(f"{index}: shard {name!r} leaves the model directory; refusing to read it")
+        raise InputError(f"{index}: shard {short_repr(name)} leaves the model directory; refusing to read it")
     return root / p
 
 
 def _load_config(d: Path) -> dict | None:
     cfg = d / "config.json"
-    if not cfg.is_file():
+    if not os.path.lexists(cfg):
         return None
-    return read_json_object(cfg)
+    return read_json_object(cfg)  # a FIFO, directory or broken link named config.json is refused
+
+
+def tokenizer_files(d: Path) -> dict[str, Path]:
+    """The tokenizer files of model directory `d` an output would carry, by name. Whatever has
+    such a name is listed; a copy checks it (weightspace.inputs.carried_file: a regular file
+    inside `d`), so a symlink to a file elsewhere or a FIFO is refused, not skipped unseen."""
+    return {n: d / n for n in TOKENIZER_FILES if os.path.lexists(d / n)}
 
 
 def _dir_meta(d: Path, fmt: str, source: str) -> dict[str, Any]:
-    files = {n: d / n for n in TOKENIZER_FILES if (d / n).is_file()}
-    return {"source": source, "path": d, "config": _load_config(d), "files": files, "format": fmt}
+    return {"source": source, "path": d, "config": _load_config(d), "files": tokenizer_files(d),
+            "format": fmt}
 
 
 def _from_safetensors_files(files: list[Path], meta: dict) -> WeightSpace:
@@ -74,21 +84,19 @@ def _from_safetensors_files(files: list[Path], meta: dict) -> WeightSpace:
 
 
 def _from_index(d: Path, index: Path, meta: dict) -> WeightSpace:
-    try:
-        data = json.loads(index.read_text())
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (ValueError, KeyError, TypeError, OSError):
-        raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+    weight_map = read_json_object(index).get("weight_map")  # a key twice or deep nesting refused
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index}: not a valid index (needs a 'weight_map' object)")
+    if not weight_map:
+        raise InputError(f"{index}: corrupt index: its 'weight_map' lists no tensors")
     shards: dict[str, Path] = {}
     for shard in weight_map.values():
         if not isinstance(shard, str):
-            raise InputError(f"{index}: shard names must be strings, got {shard!r}")
+            raise InputError(f"{index}: shard names must be strings, got a {type(shard).__name__}")
         if shard not in shards:
             p = _check_inside(d, shard, index)
-            if not p.is_file():
-                raise InputError(f"{index}: shard file {shard!r} is missing from {d}")
+            if not os.path.lexists(p):
+                raise InputError(f"{index}: shard file {short_repr(shard)} is missing from {d}")
             shards[shard] = p
     if index.name.endswith(".safetensors.index.json"):
         space = _from_safetensors_files(list(shards.values()), meta)
@@ -98,38 +106,63 @@ def _from_index(d: Path, index: Path, meta: dict) -> WeightSpace:
         space = WeightSpace(refs, meta)
     for name, shard in weight_map.items():
         if name not in space:
-            raise InputError(f"{index}: tensor {name!r} is listed in {shard!r} but not stored there")
+            raise InputError(f"{index}: tensor {short_repr(name)} is listed in {short_repr(shard)} but not "
+                             f"stored there")
     return space
 
 
 def _torch_load_error(e: Exception) -> str:
-    """One line from torch.load's error: its multi-paragraph weights_only text (with
-    terminal escape codes) suggests weights_only=False, which we never do."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    _, found, rest = text.partition("WeightsUnpickler error:")
-    if found:
-        reason = (rest.strip().splitlines() or ["unsupported content"])[0]
-        reason = reason.split(" Please use `torch.serialization")[0].strip().rstrip(".")
-        return (f"refused by torch.load(weights_only=True): {reason}. Only tensors and plain "
-                "containers are loaded from pickles; convert a trusted checkpoint to safetensors")
-    first = text.splitlines()[0] if text else type(e).__name__
-    return f"cannot load with torch.load(weights_only=True): {first}"
+    """What went wrong in torch.load, in our words. torch's own text is not passed on: it
+    advises retrying with weights_only=False (which runs the file's code, and which we never
+    do), carries terminal escape codes, and quotes the pickle's contents (a global's name, a
+    load key byte)."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text \
+            or "WeightsUnpickler error" in text:
+        return ("refused by torch.load(weights_only=True): it holds objects other than tensors and "
+                "plain containers (unpickling it could run code). Convert a checkpoint you trust to "
+                "safetensors")
+    what = " (a damaged zip archive)" if "zip archive" in text or "PytorchStreamReader" in text else ""
+    return f"not a PyTorch checkpoint torch.load(weights_only=True) can read{what}"
+
+
+def _check_zip_crcs(path: Path) -> None:
+    """A zip-format torch file (torch.save's default) with every member's CRC checked: torch.load
+    itself never checks them, so a flipped byte in a tensor would load as a different weight."""
+    try:
+        with open_input(path) as f:
+            if not zipfile.is_zipfile(f):
+                return  # the legacy pickle format: nothing to check
+            f.seek(0)
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError):
+        raise InputError(f"{path}: {_torch_load_error(zipfile.BadZipFile('zip archive'))}") from None
+    if bad is not None:
+        raise InputError(f"{path}: corrupt PyTorch checkpoint: member {short_repr(bad)} fails its CRC "
+                         f"check (the file was damaged)")
 
 
 def _torch_space(path: Path, meta: dict) -> WeightSpace:
+    check_regular(path)
+    _check_zip_crcs(path)
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+        with warnings.catch_warnings():
+            # e.g. "The weights_only Unpickler might not support all instructions implemented by
+            # this protocol": a refusal follows, in our words, or the load succeeds
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as e:  # torch raises many types for bad/unsafe pickles
         raise InputError(f"{path}: {_torch_load_error(e)}") from None
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+        raise InputError(f"{path}: expected a state dict (name -> tensor), got a {type(obj).__name__}")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise InputError(f"{path}: contains no tensors")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from weightspace.errors import WeightspaceError
+from weightspace.files import read_json_object
+from weightspace.inputs import read_input_bytes
 from weightspace.zoo.executors import map_units
 from weightspace.zoo.spec import MetricsConfig, parse_zoo_spec
 from weightspace.zoo.store import SPEC, Zoo
@@ -85,7 +87,7 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
     configs = {}
     for r in rows:
         path = zoo.checkpoint_dir(r)
-        configs[(r["model_id"], int(r["epoch"]))] = (path, json.loads((path / "config.json").read_text()))
+        configs[(r["model_id"], int(r["epoch"]))] = (path, read_json_object(path / "config.json"))
     # seed pairs among the selected rows: same config except seed, cycled in seed order
     partner: dict[tuple[str, int], tuple[str, int]] = {}
     pair_of: dict[tuple[str, int], tuple[str, int]] = {}
@@ -110,10 +112,10 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
         key = (r["model_id"], int(r["epoch"]))
         path, cfg = configs[key]
         unit: dict[str, Any] = {"key": key, "path": str(path), "config": cfg, "settings": settings_d,
-                                "weights": (path / "model.safetensors").read_bytes()}
+                                "weights": read_input_bytes(path / "model.safetensors")}
         if key in partner:
             ppath = configs[partner[key]][0]
-            unit["partner"] = (ppath / "model.safetensors").read_bytes()
+            unit["partner"] = read_input_bytes(ppath / "model.safetensors")
             unit["partner_key"] = partner[key]
         units.append(unit)
     bar = None

@@ -24,6 +24,7 @@ import torch
 
 from weightspace.errors import InputError, SpecError
 from weightspace.files import FileCache, save_safetensors_atomic
+from weightspace.inputs import parse_json
 from weightspace.safetensors_io import read_header, read_tensor
 
 FORMAT = "atlas-coefficients"
@@ -157,12 +158,12 @@ def load_coefficients(path: str | Path) -> Coefficients:
         raise InputError(f"{where} is not an aTLAS coefficients file (write it with "
                          f"save_coefficients or `wsmerge atlas learn`)")
     try:
-        blocks = json.loads(meta["blocks"])
-        tasks = json.loads(meta["tasks"])
+        blocks = parse_json(meta["blocks"], where, "corrupt metadata")
+        tasks = parse_json(meta["tasks"], where, "corrupt metadata")
         partitions = int(meta["partitions"])
         seed = int(meta["seed"])
-        info = json.loads(meta.get("meta", "{}"))
-        models = json.loads(meta["models"]) if "models" in meta else None
+        info = parse_json(meta.get("meta", "{}"), where, "corrupt metadata")
+        models = parse_json(meta["models"], where, "corrupt metadata") if "models" in meta else None
     except (KeyError, ValueError) as e:
         raise InputError(f"{where}: corrupt metadata ({e})") from None
     if not (isinstance(blocks, list) and all(isinstance(b, str) for b in blocks)

@@ -61,7 +61,7 @@ def check_fisher(path: str | Path) -> dict[str, Any]:
     try:
         _, header_meta = read_header(path) if Path(path).is_file() else (None, {})
         info = json.loads(header_meta.get("fisher", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):  # a note only
         info = {}
     return {"tensors": len(space), "numel": numel, "norm": math.sqrt(squares), "max": peak,
             "zero_tensors": zero_tensors, "fisher": info}

@@ -127,14 +127,14 @@ def save_expanded(gene: Gene, depth: int, out: str | Path, *, stages: int | Sequ
     directory), and the expansion recipe in the safetensors metadata.
     """
     from weightspace.sink import save_space
-    from weightspace.sources import TOKENIZER_FILES
+    from weightspace.sources import TOKENIZER_FILES, tokenizer_files
 
     space = expand(gene, depth, stages=stages)
     if tokenizer_from is not None:
         d = Path(tokenizer_from)
         if not d.is_dir():
             raise InputError(f"tokenizer_from {d}: no such directory")
-        found = {n: d / n for n in TOKENIZER_FILES if (d / n).is_file()}
+        found = tokenizer_files(d)  # checked like any carried file when save_space copies them
         if not found:
             raise InputError(f"tokenizer_from {d}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
         space.meta["files"] = found

@@ -24,6 +24,7 @@ import torch
 
 from weightspace.errors import InputError, SpecError, WeightspaceError
 from weightspace.files import save_safetensors_atomic
+from weightspace.inputs import open_input_fd, parse_json
 from weightspace.ir import TensorRef, WeightSpace
 from weightspace.merges.signatures.inputs import _dt
 from weightspace.merges.signatures.quantize import (
@@ -179,7 +180,7 @@ def _open_signature(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, E
 def _read_meta(header: Mapping[str, str], where: str) -> dict[str, Any]:
     """The "rws" metadata with every key a reader needs, its report as rows, of this version."""
     try:
-        meta = json.loads(header["rws"])
+        meta = parse_json(header["rws"], where, "corrupt metadata")
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
         missing = [k for k in _META_KEYS if k not in meta]
@@ -254,7 +255,7 @@ def _read_values(path: Path, meta: Mapping[str, Any], entries: Mapping[str, Entr
 def load_signature(path: str | Path) -> Signature:
     """Read and check a signature file; a malformed one raises InputError naming it."""
     p, meta, entries = _open_signature(path)
-    fd = os.open(p, os.O_RDONLY)
+    fd = open_input_fd(p)
     try:
         tensors = {n: _read_values(p, meta, entries, n, fd) for n in meta["kept"]}
         keys = [k for n in meta["kept"] for k in _expected_parts(n, meta["shapes"][n], meta)]

@@ -17,6 +17,7 @@ from typing import Any
 
 from weightspace.errors import InputError
 from weightspace.extras import require
+from weightspace.inputs import check_carried
 from weightspace.tokenizers.members import VOCAB_FILES, Member, config_vocab_size, has_vocab_files
 
 
@@ -26,6 +27,7 @@ def load_tokenizer(tf: Any, m: Member, needed_for: str | None = None) -> Any:
         where = f"{needed_for}: " if needed_for else ""
         raise InputError(f"{where}model {m.ref!r} has no tokenizer files (looked for "
                          f"{', '.join(VOCAB_FILES[:4])} in {m.path})")
+    check_carried(m.files)  # what transformers reads, and writes on into OUT: only from inside m.path
     try:
         return tf.AutoTokenizer.from_pretrained(str(m.path), trust_remote_code=False,
                                                 local_files_only=True, use_fast=True)

@@ -9,12 +9,12 @@ A vocabulary-indexed tensor (embeddings, `lm_head`) is what a merged vocabulary 
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weightspace.errors import InputError
-from weightspace.sources import TOKENIZER_FILES
+from weightspace.files import read_json_object
+from weightspace.sources import tokenizer_files
 from weightspace.structure import parse_layer
 
 # Files that hold a vocabulary (without one of these, a directory has no tokenizer to read).
@@ -86,11 +86,5 @@ def tokenizer_only(d: Path | None) -> bool:
 
 def tokenizer_member(ref: str, d: Path) -> Member:
     """A tokenizer-only directory as a Member (no rows: it brings no tensors)."""
-    cfg = None
-    if (d / "config.json").is_file():
-        try:
-            cfg = json.loads((d / "config.json").read_text())
-        except (ValueError, OSError) as e:
-            raise InputError(f"{d / 'config.json'}: not valid JSON ({e})") from None
-    return Member(ref=ref, path=d, config=cfg if isinstance(cfg, dict) else None, rows=None,
-                  files={n: d / n for n in TOKENIZER_FILES if (d / n).is_file()})
+    cfg = read_json_object(d / "config.json") if os.path.lexists(d / "config.json") else None
+    return Member(ref=ref, path=d, config=cfg, rows=None, files=tokenizer_files(d))

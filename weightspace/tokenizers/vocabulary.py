@@ -9,7 +9,6 @@ model's tensor gets are weightspace.tokenizers.rows's.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError
+from weightspace.inputs import copy_input_file
 from weightspace.ir import TensorRef
 from weightspace.spec import TokenEmbedding
 from weightspace.tokenizers.rows import RowPlan, VocabRowsRef, make_row_plan
@@ -46,7 +46,7 @@ class Vocabulary:
     def write(self, directory: Path) -> None:
         """Write the output tokenizer into `directory` (the sink's temporary output)."""
         for name, src in self.files.items():
-            shutil.copyfile(src, directory / name)
+            copy_input_file(src, directory / name)  # only from inside its model directory
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
 

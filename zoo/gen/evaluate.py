@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError, SpecError
+from weightspace.files import read_json_object
 from weightspace.zoo.gen.training import checkpoint_rows
 
 
@@ -83,11 +84,8 @@ def sample_paths(samples: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 def _config(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read config.json ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "weightspace-zoo":
+    cfg = read_json_object(path / "config.json")
+    if cfg.get("model_type") != "weightspace-zoo":
         raise InputError(f"{path}: not a zoo checkpoint (config.json model_type is not weightspace-zoo)")
     return cfg
 

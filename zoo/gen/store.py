@@ -20,6 +20,7 @@ naming it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from weightspace.errors import InputError
 from weightspace.files import atomic_dir, read_json_object
+from weightspace.inputs import check_regular
 from weightspace.zoo.gen.chunking import WeightChunker
 from weightspace.zoo.gen.kde import KDESampler
 from weightspace.zoo.gen.vae import ChunkVAE
@@ -80,8 +82,9 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: missing; the generator directory is incomplete")
+    check_regular(path)  # a FIFO would block the reader
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
