@@ -196,7 +196,7 @@ def _load_local(p: Path) -> WeightSpace:
     src = str(p)
     if not p.exists():
         raise InputError(f"{src}: no such file or directory")
-    if p.is_file():
+    if not p.is_dir():  # a file, or a FIFO or device, which the readers refuse by name
         bare = {"source": src, "path": p.parent, "config": None, "files": {}}
         if p.suffix == ".safetensors":
             return _from_safetensors_files([p], {**bare, "format": "safetensors"})
@@ -205,13 +205,13 @@ def _load_local(p: Path) -> WeightSpace:
         if p.name.endswith(".index.json"):
             return _from_index(p.parent, p, _dir_meta(p.parent, "safetensors", src))
         raise InputError(f"{src}: unsupported file type (expected .safetensors, .bin, .pt or .pth)")
-    if (p / "model.safetensors.index.json").is_file():
+    if os.path.lexists(p / "model.safetensors.index.json"):
         return _from_index(p, p / "model.safetensors.index.json", _dir_meta(p, "safetensors", src))
-    if (p / "model.safetensors").is_file():
+    if os.path.lexists(p / "model.safetensors"):
         return _from_safetensors_files([p / "model.safetensors"], _dir_meta(p, "safetensors", src))
-    if (p / "pytorch_model.bin.index.json").is_file():
+    if os.path.lexists(p / "pytorch_model.bin.index.json"):
         return _from_index(p, p / "pytorch_model.bin.index.json", _dir_meta(p, "torch", src))
-    if (p / "pytorch_model.bin").is_file():
+    if os.path.lexists(p / "pytorch_model.bin"):
         return _torch_space(p / "pytorch_model.bin", _dir_meta(p, "torch", src))
     singles = sorted(p.glob("*.safetensors"))
     if len(singles) == 1:
