@@ -17,6 +17,7 @@ from _error_helpers import (
     snapshot,
 )
 
+import weightspace.inputs as inputs_mod
 import weightspace.safetensors_io as safetensors_io
 import weightspace.sink as sink_mod
 
@@ -94,7 +95,7 @@ def test_failure_copying_carried_files_leaves_nothing(tiny_models, run_cli, writ
     def broken_copy(src, dst, *a, **kw):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(sink_mod.shutil, "copyfile", broken_copy)
+    monkeypatch.setattr(inputs_mod.shutil, "copyfileobj", broken_copy)  # every carried file's copy
     spec = write_spec(linear_spec(tiny_models.ft_a, tiny_models.ft_b))
     code, _, err = run_cli("run", spec, out)
     assert code == 1

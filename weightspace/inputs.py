@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -175,7 +176,6 @@ def copy_input_file(src: str | Path, dst: str | Path, root: str | Path | None = 
     src = carried_file(src, root)
     try:
         with open_input(src) as f, open(dst, "wb") as g:
-            while chunk := f.read(1 << 20):
-                g.write(chunk)
+            shutil.copyfileobj(f, g)
     except OSError as e:
         raise InputError(f"{src}: cannot copy: {e.strerror or e}") from None
