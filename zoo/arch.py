@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightspace.errors import SpecError
+from weightspace.bounds import (
+    MAX_DEPTH,
+    MAX_PARAMS,
+    MAX_SIZE,
+    check_config_matches,
+    check_size,
+    module_shapes,
+)
+from weightspace.bounds import num_params as count_params
+from weightspace.errors import InputError, SpecError
 
 # knob -> default, per architecture; `arch`, `width`, `depth` are common
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -183,14 +192,24 @@ def arch_config(config: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in out.items():
         if k != "arch" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise SpecError(f"arch.{k}: must be a positive integer, got {v!r}")
+        limit = MAX_DEPTH if k == "depth" else MAX_SIZE
+        if k != "arch" and v > limit:
+            raise SpecError(f"arch.{k}: {v:,} is more than the {limit:,} weightspace allows")
     if arch == "vit" and out["width"] % out["heads"]:
         raise SpecError(f"arch.width: {out['width']} is not divisible by heads={out['heads']}")
     return out
 
 
-def build_model(config: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Instantiate an architecture from its config (see `ARCHITECTURES`) for a task's input shape."""
-    cfg = arch_config(config)
+def _check_task_shape(input_shape: tuple[int, ...], num_classes: int, where: str | None) -> None:
+    """The input shape and class count a module is built for: whole numbers within bounds."""
+    if not 1 <= len(input_shape) <= 4:
+        raise InputError(f"{where or 'model'}: input_shape {list(input_shape)} must have 1 to 4 dimensions")
+    for i, d in enumerate(input_shape):
+        check_size(d, f"input_shape[{i}]", where)
+    check_size(num_classes, "num_classes", where)
+
+
+def _construct(cfg: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     arch, width, depth = cfg["arch"], cfg["width"], cfg["depth"]
     features = math.prod(input_shape)
     if arch == "mlp":
@@ -208,6 +227,50 @@ def build_model(config: Mapping[str, Any], input_shape: tuple[int, ...], num_cla
     return TinyViT((c, h, w), num_classes, width, depth, cfg["patch"], cfg["heads"], cfg["mlp_ratio"])
 
 
+def model_shapes(config: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+                 ) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of the model a config makes, from a meta-device build (no memory)."""
+    cfg = arch_config(config)
+    _check_task_shape(tuple(input_shape), num_classes, None)
+    return module_shapes(lambda: _construct(cfg, tuple(input_shape), num_classes))
+
+
+def check_model_size(config: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> int:
+    """The parameter count of the model a config makes; SpecError above MAX_PARAMS, naming the knobs."""
+    n = count_params(model_shapes(config, input_shape, num_classes))
+    if n > MAX_PARAMS:
+        cfg = arch_config(config)
+        knobs = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "arch")
+        raise SpecError(f"arch: {cfg['arch']} with {knobs} on inputs {list(input_shape)} has {n:,} parameters, "
+                        f"more than the {MAX_PARAMS:,} a zoo model may have")
+    return n
+
+
+def build_model(config: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int, *,
+                tensors: Mapping[str, Any] | None = None, source: str | None = None,
+                config_at: str | None = None) -> nn.Module:
+    """Instantiate an architecture from its config (see `ARCHITECTURES`) for a task's input shape.
+
+    Nothing is allocated before the sizes are checked: with `tensors` (name -> shape, or a
+    WeightSpace, e.g. the checkpoint the config came with) the model's shapes must be
+    theirs exactly (an InputError naming `source`, where the tensors are, `config_at`,
+    where the config is (default: SOURCE/config.json), the tensor and the knobs); without,
+    the model may have at most MAX_PARAMS parameters (a SpecError)."""
+    cfg = arch_config(config)
+    input_shape = tuple(input_shape)
+    _check_task_shape(input_shape, num_classes, source)
+    if tensors is None:
+        check_model_size(cfg, input_shape, num_classes)
+    else:
+        have = {n: tuple(getattr(t, "shape", t)) for n, t in tensors.items()}
+        fields = {f"arch.{k}": v for k, v in cfg.items() if k != "arch"}
+        fields.update({f"input_shape[{i}]": d for i, d in enumerate(input_shape)}, num_classes=num_classes)
+        check_config_matches(model_shapes(cfg, input_shape, num_classes), have,
+                             config=config_at or (f"{source}/config.json" if source else "the config"),
+                             tensors=source or "the tensors", fields=fields)
+    return _construct(cfg, input_shape, num_classes)
+
+
 def model_factory(config: Mapping[str, Any], input_shape: tuple[int, ...],
                   num_classes: int) -> Callable[[], nn.Module]:
     """A zero-argument constructor (validated once), for building many models of one shape."""
@@ -215,12 +278,22 @@ def model_factory(config: Mapping[str, Any], input_shape: tuple[int, ...],
     return lambda: build_model(config, input_shape, num_classes)
 
 
-def model_from_config(config: Mapping[str, Any] | None, source: str = "checkpoint") -> nn.Module:
-    """The module skeleton of a zoo checkpoint, from its config.json (arch, input_shape, num_classes)."""
+def model_from_config(config: Mapping[str, Any] | None, source: str = "checkpoint", *,
+                      tensors: Mapping[str, Any] | None = None) -> nn.Module:
+    """The module skeleton of a zoo checkpoint, from its config.json (arch, input_shape, num_classes).
+
+    Pass the checkpoint's `tensors` (a WeightSpace or name -> shape, from the safetensors
+    header): the config's sizes are then checked against them before anything is built."""
     if not isinstance(config, Mapping) or config.get("model_type") != "weightspace-zoo":
         raise SpecError(f"{source}: not a zoo model (config.json needs model_type: weightspace-zoo, "
                         f"with arch, input_shape and num_classes)")
     try:
-        return build_model(config["arch"], tuple(config["input_shape"]), int(config["num_classes"]))
+        arch, shape, classes = config["arch"], config["input_shape"], config["num_classes"]
     except KeyError as e:
         raise SpecError(f"{source}: config.json has no {e.args[0]!r}") from None
+    if not isinstance(arch, Mapping) or not isinstance(shape, list):
+        raise InputError(f"{source}: config.json's arch must be an object and input_shape a list")
+    try:
+        return build_model(arch, tuple(shape), classes, tensors=tensors, source=source)
+    except SpecError as e:   # a config.json is an input file: name it
+        raise InputError(f"{source}: config.json: {e}") from None

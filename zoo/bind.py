@@ -57,7 +57,7 @@ def open_model(model: str | Path, *, task: str = "auto", num_labels: int | None 
     if cfg.get("model_type") == "weightspace-zoo":
         from weightspace.zoo.arch import model_from_config
 
-        module = model_from_config(cfg, str(model))
+        module = model_from_config(cfg, str(model), tensors=space)
         load_into(module, space)
         module.eval()
         return ClassifierAdapter(module, num_classes=int(cfg["num_classes"]))

@@ -54,10 +54,10 @@ def _metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
     from weightspace.zoo.metrics import landscape_metrics, pair_metrics
 
     cfg = unit["config"]
-    model = model_from_config(cfg, unit["path"])
+    params = load(unit["weights"])
+    model = model_from_config(cfg, unit["path"], tensors=params)
     task = load_task(cfg["dataset"])
     s = unit["settings"]
-    params = load(unit["weights"])
     out = landscape_metrics(model, params, task, hessian_iters=s["hessian_iters"],
                             trace_samples=s["trace_samples"], max_examples=s["max_examples"])
     pair = None
@@ -76,7 +76,7 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
                     workers: int | None = None, address: str | None = None, pairs: bool = True,
                     progress: bool = False) -> int:
     """Compute the missing metrics; returns the number of checkpoints updated."""
-    zoo = Zoo(zoo_dir)
+    zoo = Zoo(zoo_dir, write=True)
     zoo.check_weights()
     settings = metrics_settings(zoo)
     which = checkpoints or settings.checkpoints

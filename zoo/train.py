@@ -212,13 +212,19 @@ def group_runs(runs: Sequence[ModelRun], max_batch: int = 64) -> list[list[Model
 def _init_models(runs: Sequence[ModelRun], task: TaskData) -> list[torch.nn.Module]:
     models = []
     for r in runs:
-        torch.manual_seed(r.seed)
-        model = build_model(r.arch, task.input_shape, task.num_classes)
+        init = None
         if r.init is not None:
-            from weightspace.binding import load_into
             from weightspace.sources import load_space
 
-            load_into(model, load_space(r.init))
+            init = load_space(r.init)
+        torch.manual_seed(r.seed)
+        # a fine-tune's sizes are checked against its init checkpoint, a fresh model's bounded
+        model = build_model(r.arch, task.input_shape, task.num_classes, tensors=init, source=r.init,
+                            config_at="the zoo spec's arch")
+        if init is not None:
+            from weightspace.binding import load_into
+
+            load_into(model, init)
         models.append(model)
     return models
 

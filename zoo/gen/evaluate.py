@@ -183,13 +183,15 @@ def evaluate_samples(samples: str | Path | Sequence[str | Path], data: str, *,
     from weightspace.zoo.store import Zoo
 
     zoo = Zoo(zoo_dir)
+    zoo.require_columns("dataset")
     report["zoo_dir"] = str(zoo_dir)
     finals = [r for r in zoo.final_rows() if r["dataset"] == data]
     if finals:
-        report["zoo"] = {**_stats([r["test_acc"] for r in finals]),
+        report["zoo"] = {**_stats([r["test_acc"] for r in finals if r.get("test_acc") is not None]),
                          "trained_epochs": sorted({int(r["epoch"]) for r in finals}),
                          "at_epoch": {k: _stats([r["test_acc"] for r in zoo.rows
-                                                 if r["dataset"] == data and int(r["epoch"]) == int(k)])
+                                                 if r["dataset"] == data and int(r["epoch"]) == int(k)
+                                                 and r.get("test_acc") is not None])
                                       for k in keys}}
     report["memorization"] = _memorization(paths, cfg, zoo, data, task, load_space, model_from_config)
     return report
@@ -253,7 +255,7 @@ def _memorization(paths: list[Path], cfg: dict[str, Any], zoo, data: str, task, 
     nearest training model, next to the same between training models and their nearest other one,
     and between training models and their own autoencoder reconstruction (a copy, as far as the
     generator's autoencoder can copy)."""
-    module = model_from_config(cfg, str(paths[0]))
+    module = model_from_config(cfg, str(paths[0]), tensors=load_space(paths[0]))
     shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
     generated_by = cfg.get("generated_by") or {}
     rows, reference = _reference_rows(zoo, generated_by)
