@@ -67,13 +67,16 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
     from weightspace.errors import SpecError
     from weightspace.spec import read_yaml_file
     from weightspace.zoo.build import build_zoo
-    from weightspace.zoo.spec import LARGE_ZOO, parse_zoo_spec
+    from weightspace.zoo.spec import LARGE_ZOO, MAX_MODELS, parse_zoo_spec
     from weightspace.zoo.store import CATALOG, Zoo
 
     if address and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
     text = read_yaml_file(spec, "zoo spec")
-    s = parse_zoo_spec(text, source=str(spec), folder=spec.parent)
+    # the grid is counted from its axes before it is expanded: above LARGE_ZOO only with --yes
+    # (a dry run reports it), never above MAX_MODELS
+    s = parse_zoo_spec(text, source=str(spec), folder=spec.parent,
+                       max_models=MAX_MODELS if yes or dry_run else LARGE_ZOO)
     for n in s.notes:
         click.echo(f"note: {n}", err=True)
     if dry_run:

@@ -25,7 +25,7 @@ from typing import Any
 
 from weightspace.errors import SpecError
 from weightspace.zoo.executors import check_executor, default_workers, map_units
-from weightspace.zoo.spec import LARGE_ZOO, ZooSpec
+from weightspace.zoo.spec import LARGE_ZOO, MAX_MODELS, ZooSpec, check_model_sizes
 from weightspace.zoo.store import Zoo
 from weightspace.zoo.train import ModelRun, TrainResult, group_runs, train_batch
 
@@ -224,10 +224,8 @@ def build_zoo(spec: ZooSpec, out: str | Path, *, spec_text: str | None = None, e
     `on_model(row)` is called with each saved model's last catalog row, `on_progress` with a
     `BuildProgress` after every saved model and every epoch a batch finishes; `progress` shows
     both as bars on the terminal."""
-    runs = spec.runs()
-    if len(runs) > LARGE_ZOO and not yes:
-        raise SpecError(f"this spec makes {len(runs)} models (more than {LARGE_ZOO}); "
-                        f"pass --yes to build them, or shrink the grid")
+    runs = spec.runs(MAX_MODELS if yes else LARGE_ZOO)     # counted before it is expanded
+    check_model_sizes(spec, runs)                           # before the zoo directory is created
     ids = [r.model_id for r in runs]
     if len(set(ids)) != len(ids):
         raise SpecError("the grid makes the same model twice; check for repeated axis values")

@@ -34,6 +34,8 @@ from weightspace.zoo.train import ModelRun, TrainConfig
 
 # above this many models a build asks for --yes
 LARGE_ZOO = 1000
+# no zoo is larger: its catalog, the grid's expansion and its builds stay in memory
+MAX_MODELS = 100_000
 
 
 class MetricsConfig(BaseModel):
@@ -92,15 +94,31 @@ class ZooSpec(BaseModel):
                         f"or training settings ({', '.join(TrainConfig.model_fields)})")
 
     def count(self) -> int:
+        """Models in the grid: the product of the axis lengths (nothing is expanded)."""
         n = 1
         for values in self.grid.values():
             n *= len(values)
         return n
 
-    def runs(self) -> list[ModelRun]:
-        """Every model of the grid, validated; errors name the axis and value."""
+    def check_count(self, limit: int = MAX_MODELS) -> int:
+        """The model count, counted from the axes before any combination is made; SpecError
+        above MAX_MODELS, or above `limit` (LARGE_ZOO: a build then asks for --yes)."""
+        n = self.count()
+        if n > MAX_MODELS:
+            sizes = " x ".join(f"{len(v)} {a}" for a, v in self.grid.items())
+            raise SpecError(f"grid: {n:,} models ({sizes}) is more than the {MAX_MODELS:,} one zoo may "
+                            f"hold; shrink the grid")
+        if n > limit:
+            raise SpecError(f"this spec makes {n} models (more than {limit}); "
+                            f"pass --yes to build them, or shrink the grid")
+        return n
+
+    def runs(self, limit: int = MAX_MODELS) -> list[ModelRun]:
+        """Every model of the grid, validated; errors name the axis and value. The grid is
+        counted first (`check_count(limit)`)."""
         axes = list(self.grid)
         targets = [self.axis_target(a) for a in axes]
+        self.check_count(limit)
         out = []
         for combo in itertools.product(*(self.grid[a] for a in axes)):
             run: dict[str, Any] = {"dataset": self.dataset, "arch": dict(self.arch),
@@ -125,10 +143,34 @@ class ZooSpec(BaseModel):
         return out
 
 
-def parse_zoo_spec(text: str, source: str = "<zoo spec>", folder: str | Path | None = None) -> ZooSpec:
+def check_model_sizes(spec: ZooSpec, runs: list[ModelRun]) -> None:
+    """Every distinct architecture of the grid within MAX_PARAMS on its dataset (a meta-device
+    build each, nothing allocated), before anything is trained; errors name the grid point."""
+    from weightspace.zoo.arch import check_model_size
+
+    axes = [a for a in spec.grid if spec.axis_target(a) == "arch" or a == "dataset"]
+    tasks = {ref: load_task(ref) for ref in sorted({r.dataset for r in runs})}
+    seen: set[str] = set()
+    for r in runs:
+        key = repr((sorted(r.arch.items()), r.dataset))
+        if key in seen:
+            continue
+        seen.add(key)
+        task = tasks[r.dataset]
+        try:
+            check_model_size(r.arch, task.input_shape, task.num_classes)
+        except SpecError as e:
+            where = ", ".join(f"{a}={r.dataset if a == 'dataset' else r.arch.get(a)!r}" for a in axes)
+            raise SpecError(f"{e}{f' (grid point {where})' if where else ''}") from None
+
+
+def parse_zoo_spec(text: str, source: str = "<zoo spec>", folder: str | Path | None = None, *,
+                   max_models: int = MAX_MODELS) -> ZooSpec:
     """Validate a zoo spec. An `init` checkpoint path (top level or a grid axis) is read against
     `folder`, the spec file's own folder (see weightspace.sources.locate), so a spec means the
-    same from any working directory; without a folder, against the working directory."""
+    same from any working directory; without a folder, against the working directory. A grid
+    of more than `max_models` models is refused before it is expanded (`ZooSpec.check_count`),
+    and every architecture is bounded in size (`check_model_sizes`)."""
     spec = parse_yaml_model(text, source, ZooSpec, what="zoo spec",
                             hint="a zoo spec must be a YAML mapping (dataset, arch, train, grid)",
                             fields_at=lambda loc: list(ZooSpec.model_fields) if not loc else [])
@@ -148,9 +190,8 @@ def parse_zoo_spec(text: str, source: str = "<zoo spec>", folder: str | Path | N
         if "init" in spec.grid:
             spec.grid["init"] = [resolve(v, f"grid.init[{i}]") if isinstance(v, str) else v
                                  for i, v in enumerate(spec.grid["init"])]
-        runs = spec.runs()
-        for ref in sorted({r.dataset for r in runs}):
-            load_task(ref)
+        runs = spec.runs(max_models)
+        check_model_sizes(spec, runs)     # loads every dataset of the grid once
     except SpecError as e:
         raise SpecError(f"{source}: {e}") from None
     return spec
