@@ -282,7 +282,10 @@ def test_interrupted_build_is_recovered(small_zoo, tmp_path):
     write_catalog(root / "catalog.parquet", [r for r in rows if r["model_id"] != victim])
     # ... and a kill while a model was being written
     (root / "models" / ".tmp-deadbeef-x").mkdir()
-    z = Zoo(root)
+    assert Zoo(root).adopted == [victim]            # read-only: seen, nothing changed
+    assert (root / "models" / ".tmp-deadbeef-x").exists()
+    assert len(read_catalog(root / "catalog.parquet")) == len(rows) - 3
+    z = Zoo(root, write=True)
     assert z.adopted == [victim]
     assert not (root / "models" / ".tmp-deadbeef-x").exists()
     assert len(read_catalog(root / "catalog.parquet")) == len(rows)

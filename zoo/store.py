@@ -15,6 +15,13 @@ renamed into place, and only then is the catalog replaced (write to a temporary
 file, `os.replace`). A kill between the two leaves a finished model that the
 catalog does not list yet; the next open adopts it from its `rows.json`
 instead of training it again, so no weights stay without their row.
+
+A zoo opens read-only unless asked (`Zoo(root, write=True)`, or `create=True`):
+reading commands (show, find, generator training and evaluation) never change a
+file in it; they see an unlisted finished model in memory only. Every row, from
+the catalog or a rows.json, is checked when read: the columns every row needs
+(`REQUIRED_COLUMNS`), and a checkpoint path that stays inside the zoo (a rows.json
+only under its own model directory).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from weightspace.errors import InputError, SpecError
+from weightspace.errors import InputError, SpecError, WeightspaceError
 from weightspace.files import atomic_file
 from weightspace.methods import suggest
 
@@ -37,6 +44,8 @@ SPEC = "zoo.yaml"
 
 # columns shown first; the rest follow in first-seen order
 LEAD_COLUMNS = ("model_id", "epoch", "final", "path", "dataset", "arch")
+# what every row of a catalog or a rows.json must have
+REQUIRED_COLUMNS = ("model_id", "epoch", "path")
 
 
 def checkpoint_dirname(epoch: int) -> str:
@@ -62,53 +71,111 @@ def write_catalog(path: Path, rows: list[dict[str, Any]]) -> None:
         pq.write_table(table, tmp)
 
 
-def read_catalog(path: Path) -> list[dict[str, Any]]:
+def check_rows(rows: Any, source: Path, root: Path, *, model_dir: str | None = None) -> list[dict[str, Any]]:
+    """Catalog rows read from `source` (the catalog, or a model's rows.json with `model_dir` its
+    directory name), checked once: a list of objects, each with the REQUIRED_COLUMNS (model_id
+    and path strings, epoch a whole number >= 0) and a relative path that stays inside the zoo
+    at `root` (inside models/<model_dir>/ for a rows.json). InputError naming the file, the row
+    and the column."""
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise InputError(f"{source}: not a list of catalog rows")
+    zoo = root.resolve()
+    inside = (zoo / MODELS / model_dir) if model_dir is not None else zoo
+    for i, r in enumerate(rows):
+        for col in REQUIRED_COLUMNS:
+            if r.get(col) is None:
+                raise InputError(f"{source}: row {i} has no {col!r} (every row needs "
+                                 f"{', '.join(REQUIRED_COLUMNS)})")
+        if not isinstance(r["model_id"], str) or not isinstance(r["path"], str):
+            raise InputError(f"{source}: row {i}: model_id and path must be strings")
+        if isinstance(r["epoch"], bool) or not isinstance(r["epoch"], int) or r["epoch"] < 0:
+            raise InputError(f"{source}: row {i}: epoch must be a whole number >= 0, got {r['epoch']!r}")
+        if model_dir is not None and r["model_id"] != model_dir:
+            raise InputError(f"{source}: row {i} is model {r['model_id']!r}, not {model_dir!r}, the "
+                             f"directory it is in")
+        p = Path(r["path"])
+        if p.is_absolute() or not (zoo / p).resolve().is_relative_to(inside):
+            where = "the zoo directory" if model_dir is None else f"its model directory {MODELS}/{model_dir}"
+            raise InputError(f"{source}: row {i} (model_id={r['model_id']}) has path {r['path']!r}, which "
+                             f"leaves {where}; refused")
+    return rows
+
+
+def read_catalog(path: Path, root: Path | None = None) -> list[dict[str, Any]]:
+    """The catalog's rows, checked (`check_rows`; `root`: the zoo, default the catalog's folder)."""
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the zoo catalog: {e}") from None
+    if table.num_rows or table.num_columns:
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise InputError(f"{path}: the zoo catalog has no {missing[0]!r} column (a catalog needs "
+                             f"{', '.join(REQUIRED_COLUMNS)})")
+    return check_rows(table.to_pylist(), path, Path(path).parent if root is None else root)
 
 
 class Zoo:
-    """A zoo directory: its catalog rows and its checkpoints."""
+    """A zoo directory: its catalog rows and its checkpoints.
 
-    def __init__(self, root: str | Path, *, create: bool = False):
+    Read-only unless `write` (or `create`, which makes the directory): then opening also
+    finishes an interrupted build (removes temporary model directories, lists adopted models
+    in the catalog)."""
+
+    def __init__(self, root: str | Path, *, create: bool = False, write: bool = False):
         self.root = Path(root)
         self.catalog_path = self.root / CATALOG
         self.models_dir = self.root / MODELS
+        self.writable = create or write
         if create:
             self.models_dir.mkdir(parents=True, exist_ok=True)
         elif not self.catalog_path.is_file():
             what = "directory does not exist" if not self.root.exists() else f"has no {CATALOG}"
             raise InputError(f"{self.root}: not a zoo ({what}); build one with `wsmerge zoo build SPEC -o {self.root}`")
-        self.rows: list[dict[str, Any]] = read_catalog(self.catalog_path) if self.catalog_path.is_file() else []
+        self.rows: list[dict[str, Any]] = (read_catalog(self.catalog_path, self.root)
+                                           if self.catalog_path.is_file() else [])
         self.adopted = self._recover()
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise WeightspaceError(f"{self.root}: the zoo was opened read-only (Zoo(..., write=True) to change it)")
 
     # recovery after an interrupted build
     def _recover(self) -> list[str]:
-        """Remove temporary model dirs; adopt finished models that the catalog does not list."""
+        """Adopt finished models that the catalog does not list (from their rows.json, checked);
+        when writable, also remove temporary model dirs and write the adopted rows to the catalog."""
         if not self.models_dir.is_dir():
             return []
         listed = {r["model_id"] for r in self.rows}
         adopted = []
         for d in sorted(self.models_dir.iterdir()):
             if d.name.startswith(".tmp-"):
-                shutil.rmtree(d, ignore_errors=True)
+                if self.writable:
+                    shutil.rmtree(d, ignore_errors=True)
                 continue
-            if d.name in listed or not (d / "rows.json").is_file():
+            if d.name in listed or not d.is_dir() or d.is_symlink() or not (d / "rows.json").is_file():
                 continue
             try:
                 rows = json.loads((d / "rows.json").read_text())
             except (OSError, ValueError):
-                continue
-            if all((self.root / r["path"] / "model.safetensors").is_file() for r in rows):
+                continue            # never finished: a model is renamed into place with its rows.json
+            rows = check_rows(rows, d / "rows.json", self.root, model_dir=d.name)
+            if rows and all((self.root / r["path"] / "model.safetensors").is_file() for r in rows):
                 self.rows.extend(rows)
                 adopted.append(d.name)
-        if adopted:
+        if adopted and self.writable:
             write_catalog(self.catalog_path, self.rows)
         return adopted
+
+    def require_columns(self, *columns: str) -> None:
+        """InputError naming the catalog, the row and the column unless every row has `columns`."""
+        for i, r in enumerate(self.rows):
+            for c in columns:
+                if r.get(c) is None:
+                    raise InputError(f"{self.catalog_path}: row {i} (model_id={r['model_id']}) has no {c!r}; "
+                                     f"this needs {', '.join(map(repr, columns))} in every row")
 
     @property
     def model_ids(self) -> set[str]:
@@ -130,6 +197,7 @@ class Zoo:
             )
 
     def drop_models(self, ids: Iterable[str]) -> None:
+        self._check_writable()
         ids = set(ids)
         self.rows = [r for r in self.rows if r["model_id"] not in ids]
         for i in ids:
@@ -142,6 +210,7 @@ class Zoo:
 
         `payload`: {"model_id", "rows": [row per checkpoint, with "epoch"],
         "files": {epoch: {"model.safetensors": bytes, "config.json": str}}}."""
+        self._check_writable()
         mid = payload["model_id"]
         final = self.models_dir / mid
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{mid}-", dir=self.models_dir))
@@ -169,6 +238,7 @@ class Zoo:
 
     def update_rows(self, updates: Mapping[tuple[str, int], Mapping[str, Any]]) -> None:
         """Merge new columns (landscape metrics) into rows keyed by (model_id, epoch)."""
+        self._check_writable()
         for r in self.rows:
             u = updates.get((r["model_id"], int(r["epoch"])))
             if u:
@@ -176,6 +246,7 @@ class Zoo:
         write_catalog(self.catalog_path, self.rows)
 
     def write_spec(self, text: str) -> None:
+        self._check_writable()
         tmp = self.root / f".{SPEC}.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.root / SPEC)
