@@ -67,9 +67,9 @@ def _int_list(text: str, option: str) -> list[int]:
               help="Learn from each model's last checkpoint, or from every trained checkpoint.")
 @click.option("--epochs", default="500,1000", show_default=True, metavar="VAE[,DIFFUSION]",
               help="Training epochs of the VAE and of the diffusion model (one number: both).")
-@click.option("--chunk", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--chunk", type=click.IntRange(min=1, max=65_536), default=64, show_default=True,
               help="Values per chunk (each tensor is cut into chunks; its last one padded).")
-@click.option("--latent-dim", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--latent-dim", type=click.IntRange(min=1, max=4096), default=16, show_default=True,
               help="VAE latent size per chunk.")
 @click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.3, show_default=True,
               help="kde: the share of the zoo (best by validation accuracy) the densities are fitted on.")
@@ -179,7 +179,8 @@ def _ranges(values: list[int]) -> str:
 @generate.command()
 @click.argument("gen_dir", metavar="GEN", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", required=True, help="The dataset to generate for (a zoo dataset reference).")
-@click.option("-n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="How many models.")
+@click.option("-n", "n", type=click.IntRange(min=1, max=10_000), default=20, show_default=True,
+              help="How many models (at most 10,000).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the samples (sample-000, sample-001, ...), written atomically.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same samples.")

@@ -28,6 +28,8 @@ from weightspace.zoo.gen.store import ZOO_MODEL_TYPE, Generator, load_generator,
 
 # the support sets of a sample run are drawn from their own stream, not the DDPM noise's
 SUPPORT_SEED_OFFSET = 1_000_003
+# models one `sample` call makes (each is decoded in memory before any is written)
+MAX_SAMPLES = 10_000
 
 
 def check_data(gen: Generator, data: str) -> tuple[Any, dict[str, Any] | None, list[str]]:
@@ -127,6 +129,8 @@ def generate_weights(gen: Generator, data: str, n: int, *, seed: int = 0, steps:
     """n generated models for `data`, as {name: tensor} in the zoo architecture's order."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SpecError(f"-n: must be a positive integer, got {n!r}")
+    if n > MAX_SAMPLES:
+        raise SpecError(f"-n: {n:,} models is more than the {MAX_SAMPLES:,} one call makes; sample in batches")
     task, match, notes = check_data(gen, data)
     for msg in notes:
         (note or (lambda m: warnings.warn(m, stacklevel=3)))(msg)

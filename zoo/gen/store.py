@@ -13,8 +13,10 @@
     gen/kept.safetensors        with --subset: the tensors not generated, from each task's best model
 
 No pickle: modules are rebuilt from generator.json and filled from safetensors.
-A directory is written atomically; a missing or malformed file raises InputError
-naming it.
+The sizes generator.json gives are bounded, and every module is built first on the
+meta device and compared with its file's safetensors header (weightspace.bounds),
+so a claim the tensors do not back allocates nothing. A directory is written
+atomically; a missing or malformed file raises InputError naming it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from typing import Any
 
 import torch
 
+from weightspace.bounds import (
+    MAX_DEPTH,
+    MAX_SIZE,
+    build_checked,
+    check_size,
+    check_sizes,
+    header_shapes,
+)
 from weightspace.errors import InputError
 from weightspace.files import atomic_dir, read_json_object
 from weightspace.inputs import check_regular
@@ -39,6 +49,15 @@ FORMAT_VERSION = 1
 GENERATOR_FILE = "generator.json"
 METHODS = ("d2nwg", "kde")
 ZOO_MODEL_TYPE = "weightspace-zoo"
+
+# the size fields of each module's section of generator.json: field -> limit, or (minimum, limit)
+SIZE_FIELDS = {
+    "vae": {"n_chunks": MAX_SIZE, "chunk": MAX_SIZE, "latent_dim": MAX_SIZE, "hidden": MAX_SIZE,
+            "depth": MAX_DEPTH, "pos_dim": MAX_SIZE},
+    "encoder": {"input_dim": MAX_SIZE, "hidden": MAX_SIZE, "out_dim": MAX_SIZE},
+    "diffusion": {"latent_dim": MAX_SIZE, "cond_dim": (0, MAX_SIZE), "hidden": MAX_SIZE,
+                  "depth": (0, MAX_DEPTH), "timesteps": MAX_SIZE},
+}
 
 
 @dataclass
@@ -91,6 +110,26 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _build(gen_dir: Path, section: str, make, settings: dict[str, Any], file: str) -> torch.nn.Module:
+    """The module `make()` builds from generator.json's `section`, once its sizes are bounded
+    and its meta-device twin's shapes are those in `file`'s header; filled from `file`."""
+    gf, path = gen_dir / GENERATOR_FILE, gen_dir / file
+    check_sizes(settings, SIZE_FIELDS[section], gf, prefix=f"{section}.")
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the generator directory is incomplete")
+    fields = {f"{section}.{k}": v for k, v in settings.items() if k in SIZE_FIELDS[section]}
+    try:
+        header = header_shapes(path)
+    except InputError as e:
+        raise InputError(f"{path}: not a readable safetensors file ({str(e).removeprefix(f'{path}: ')})") from None
+    try:
+        module = build_checked(make, header, config=gf, tensors=path, fields=fields)
+    except TypeError as e:
+        raise InputError(f"{gf}: {section}: {e}") from None
+    _load_module(module, path)
+    return module
+
+
 def _load_module(module: torch.nn.Module, path: Path) -> None:
     state = _load_safetensors(path)
     try:
@@ -141,15 +180,16 @@ def _load_d2nwg(gen: Generator) -> None:
     d, meta = gen.path, gen.meta
     try:
         e, dd = meta["encoder"], meta["diffusion"]
-        gen.encoder = DatasetEncoder(e["input_dim"], hidden=e["hidden"], out_dim=e["out_dim"], seed=None)
-        gen.ddpm = LatentDDPM(dd["latent_dim"], cond_dim=dd["cond_dim"], hidden=dd["hidden"],
-                              depth=dd["depth"], timesteps=dd["timesteps"],
-                              schedule=dd.get("schedule", "linear"), beta_start=dd.get("beta_start"),
-                              beta_end=dd.get("beta_end"))
+        enc = {k: e[k] for k in ("input_dim", "hidden", "out_dim")}
+        ddpm = {k: dd[k] for k in ("latent_dim", "cond_dim", "hidden", "depth", "timesteps")}
+        ddpm.update(schedule=dd.get("schedule", "linear"), beta_start=dd.get("beta_start"),
+                    beta_end=dd.get("beta_end"))
     except (KeyError, TypeError) as err:
         raise InputError(f"{d / GENERATOR_FILE}: incomplete ({err!r})") from None
-    _load_module(gen.encoder, d / "encoder.safetensors")
-    _load_module(gen.ddpm, d / "diffusion.safetensors")
+    if "k" in e:                  # examples per class of every support set drawn at sampling time
+        check_size(e["k"], "encoder.k", d / GENERATOR_FILE, limit=10_000)
+    gen.encoder = _build(d, "encoder", lambda: DatasetEncoder(**enc, seed=None), enc, "encoder.safetensors")
+    gen.ddpm = _build(d, "diffusion", lambda: LatentDDPM(**ddpm), ddpm, "diffusion.safetensors")
     gen.pca = _load_safetensors(d / "latent_pca.safetensors")
     if set(gen.pca) != {"mean", "components", "low", "high"}:
         raise InputError(f"{d / 'latent_pca.safetensors'}: expected mean, components, low, high")
@@ -173,10 +213,13 @@ def load_generator(path: str | Path) -> Generator:
     meta = _read_meta(d)
     try:
         chunker = WeightChunker.from_state(meta["tokenizer"])
-        vae = ChunkVAE(**meta["vae"])
-    except (KeyError, TypeError) as e:
+        settings = dict(meta["vae"])
+    except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{d / GENERATOR_FILE}: incomplete ({e!r})") from None
-    _load_module(vae, d / "vae.safetensors")
+    vae = _build(d, "vae", lambda: ChunkVAE(**settings), settings, "vae.safetensors")
+    if (chunker.n_chunks, chunker.chunk) != (vae.n_chunks, vae.chunk):
+        raise InputError(f"{d / GENERATOR_FILE}: the weight chunker (\"tokenizer\") cuts {chunker.n_chunks} chunks "
+                         f"of {chunker.chunk}, but the VAE reads {vae.n_chunks} of {vae.chunk}")
     vae.eval()
     gen = Generator(d, meta, chunker, vae)
     if meta["method"] == "d2nwg":

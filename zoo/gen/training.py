@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from weightspace.bounds import MAX_DEPTH, MAX_SIZE, check_sizes
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
 from weightspace.zoo.gen.chunking import WeightChunker
@@ -69,6 +70,7 @@ def _zoo_rows(zoo_dir: str | Path, tasks: Sequence[str] | None, checkpoints: str
     if checkpoints not in ("final", "all"):
         raise SpecError(f"checkpoints: must be 'final' or 'all', got {checkpoints!r}")
     zoo = Zoo(zoo_dir)
+    zoo.require_columns("dataset")
     if not zoo.rows:
         raise InputError(f"{zoo_dir}: the zoo is empty (no checkpoints in its catalog); build it "
                          f"first with `wsmerge zoo build SPEC -o {zoo_dir}`")
@@ -150,6 +152,12 @@ def train_generator(zoo_dir: str | Path, out_dir: str | Path, *, method: str = "
         raise SpecError(f"--encoder: must be one of {', '.join(ENCODER_MODES)}, got {encoder!r}")
     if kde_sampler not in KDE_SAMPLERS:
         raise SpecError(f"--kde-sampler: must be one of {', '.join(KDE_SAMPLERS)}, got {kde_sampler!r}")
+    check_sizes({"chunk": chunk, "latent_dim": latent_dim, "vae_hidden": vae_hidden,
+                 "diffusion_hidden": diffusion_hidden, "diffusion_depth": diffusion_depth,
+                 "timesteps": timesteps, "embed_dim": embed_dim, "embed_k": embed_k},
+                {"chunk": 65_536, "latent_dim": 4096, "vae_hidden": MAX_SIZE, "diffusion_hidden": MAX_SIZE,
+                 "diffusion_depth": (0, MAX_DEPTH), "timesteps": MAX_SIZE, "embed_dim": MAX_SIZE,
+                 "embed_k": 10_000}, error=SpecError)
     out = Path(out_dir)
     check_output(out, overwrite, inputs=[zoo_dir, vae_from])
     t0 = time.perf_counter()
