@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from weightspace.bounds import MAX_SAMPLES
 from weightspace.cli.options import GreedyOption, Group
 
 
@@ -179,8 +180,8 @@ def _ranges(values: list[int]) -> str:
 @generate.command()
 @click.argument("gen_dir", metavar="GEN", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", required=True, help="The dataset to generate for (a zoo dataset reference).")
-@click.option("-n", "n", type=click.IntRange(min=1, max=10_000), default=20, show_default=True,
-              help="How many models (at most 10,000).")
+@click.option("-n", "n", type=click.IntRange(min=1, max=MAX_SAMPLES), default=20, show_default=True,
+              help=f"How many models (at most {MAX_SAMPLES:,}).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for the samples (sample-000, sample-001, ...), written atomically.")
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same samples.")

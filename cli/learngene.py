@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from weightspace.bounds import MAX_DEPTH
 from weightspace.cli.options import Group, check_plot, device_option
 
 
@@ -109,7 +110,7 @@ def fit(model: str, out: Path, mode: str, denominator: str, stages: str | None, 
                    "authors (TLEG's and SWS's code: T 1, alpha 1, KL / every logit, 150 epochs, "
                    "lr 5e-4 x batch/512, 5 warm-up epochs, min lr 1e-5, no decay on 1-D tensors, no "
                    "clipping, 12 layers (tleg) or 16 in stages 3,3,4,3,3 (sws)).")
-@click.option("--aux-depth", type=click.IntRange(min=1), default=None,
+@click.option("--aux-depth", type=click.IntRange(min=1, max=MAX_DEPTH), default=None,
               help="Layers of the auxiliary network the gene is trained in (default 6; authors 12 tleg, 16 sws).")
 @click.option("--stages", default=None,
               help="sws: stage count or layer counts per stage adding up to --aux-depth "
@@ -217,7 +218,8 @@ def train(teacher: str, data: str, out: Path, mode: str, preset: str, aux_depth:
 
 @learngene.command()
 @click.argument("gene", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--depth", type=click.IntRange(min=1), required=True, help="Layers of the network to build.")
+@click.option("--depth", type=click.IntRange(min=1, max=MAX_DEPTH), required=True,
+              help=f"Layers of the network to build (at most {MAX_DEPTH:,}).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output checkpoint directory, written atomically.")
 @click.option("--stages", default=None,

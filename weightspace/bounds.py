@@ -27,6 +27,8 @@ MAX_SIZE = 1 << 24
 MAX_DEPTH = 4096
 # parameters of one model built without tensors to check it against (a zoo model to train)
 MAX_PARAMS = 100_000_000
+# models one call generates (`wsmerge generate sample -n`; each is decoded in memory first)
+MAX_SAMPLES = 10_000
 
 
 def check_size(value: Any, field: str, where: str | Path | None = None, *, limit: int = MAX_SIZE,

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from weightspace.bounds import MAX_DEPTH
 from weightspace.errors import InputError, SpecError
 from weightspace.files import read_json_object
 from weightspace.ir import WeightSpace
@@ -142,8 +143,8 @@ def _check_gene(gene: Gene, where: str = "gene") -> None:
                       ("dtypes", dict)):
         if not isinstance(m.get(key), kind) or isinstance(m.get(key), bool):
             raise InputError(f"{where}: {key!r} is missing or not a {kind.__name__}")
-    if m["source_depth"] < 1:
-        raise InputError(f"{where}: source_depth must be >= 1")
+    if not 1 <= m["source_depth"] <= MAX_DEPTH:
+        raise InputError(f"{where}: source_depth must be in 1..{MAX_DEPTH:,}, got {m['source_depth']:,}")
     if m["mode"] == "tleg" and m.get("denominator") not in DENOMINATORS:
         raise InputError(f"{where}: a tleg gene needs denominator 'L' or 'L-1', got {m.get('denominator')!r}")
     if m["mode"] == "sws":

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from weightspace.bounds import MAX_DEPTH
 from weightspace.errors import SpecError
 
 MODES = ("tleg", "sws")
@@ -34,8 +35,11 @@ def _check_denominator(denominator: Any) -> str:
 
 
 def _check_depth(depth: Any, what: str = "depth") -> int:
+    """A network depth: a whole number in 1..MAX_DEPTH, checked before any layer is made."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise SpecError(f"{what} must be a whole number >= 1, got {depth!r}")
+    if depth > MAX_DEPTH:
+        raise SpecError(f"{what}: {depth:,} layers is more than the {MAX_DEPTH:,} weightspace builds")
     return depth
 
 

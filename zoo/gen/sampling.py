@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from weightspace.bounds import MAX_SAMPLES
 from weightspace.errors import InputError, SpecError
 from weightspace.files import atomic_dir, check_output
 from weightspace.ir import WeightSpace
@@ -28,8 +29,6 @@ from weightspace.zoo.gen.store import ZOO_MODEL_TYPE, Generator, load_generator,
 
 # the support sets of a sample run are drawn from their own stream, not the DDPM noise's
 SUPPORT_SEED_OFFSET = 1_000_003
-# models one `sample` call makes (each is decoded in memory before any is written)
-MAX_SAMPLES = 10_000
 
 
 def check_data(gen: Generator, data: str) -> tuple[Any, dict[str, Any] | None, list[str]]:
