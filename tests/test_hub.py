@@ -178,3 +178,29 @@ def test_bad_card_is_refused_before_upload(tmp_path, monkeypatch):
         push_to_hub(tmp_path / "m", "me/m/x")
     with pytest.raises(InputError, match="not a directory"):
         push_to_hub(tmp_path / "nothing", "me/m")
+
+
+def test_unreachable_endpoint_retries_then_one_line(tmp_path, monkeypatch, run_cli):
+    """The installed huggingface_hub's own error for a closed port (httpx2's ConnectError in 2.x)
+    is transient: the push is tried PUSH_TRIES times, then fails in one line naming the endpoint."""
+    import socket
+
+    import weightspace.hub as hub_mod
+
+    with socket.socket() as s:                  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    out = write_tiny_llama(tmp_path / "out", seed=0)
+    before = _files(out)
+    sleeps: list[float] = []
+    monkeypatch.setattr(hub_mod, "PUSH_BACKOFF", 0.01)
+    monkeypatch.setattr(hub_mod.time, "sleep", lambda s: sleeps.append(s))
+    env = {"HF_ENDPOINT": endpoint, "HF_TOKEN": SECRET, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1"}
+    code, _, err = run_cli("upload", out, "me/m", env=env)
+    assert code == 1, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "push to me/m failed after 3 tries" in err and f"(Hub {endpoint})" in err and "is kept" in err
+    assert "ModuleNotFoundError" not in err and "httpx" not in err and SECRET not in err
+    assert len(sleeps) == hub_mod.PUSH_TRIES - 1
+    assert _files(out) == before

@@ -22,6 +22,8 @@ _PATTERNS = [
 ]  # fmt: skip
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9_-]{6,}")
 PUSH_TRIES = 3
+PUSH_BACKOFF = 0.5          # seconds before the first retry; doubled for each further one
+TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)   # what huggingface_hub's own http_backoff retries
 _AUTH_HINT = "check HF_TOKEN or log in with `hf auth login`"
 
 
@@ -199,13 +201,61 @@ def merge_method(folder: Path, card: dict | None = None) -> str | None:
     return None
 
 
-def _transient(e: Exception) -> bool:
-    status = _http_status(e)
-    if status is not None:
-        return status == 429 or status >= 500
-    import httpx
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a request that never got an answer (refused, reset, timed out),
+    from huggingface_hub's own HTTP backend: `huggingface_hub.utils.httpx`, the module it
+    re-exports under that name across major versions (httpx, or httpx2 in huggingface_hub
+    2.x), and requests' where an older huggingface_hub uses it. Never a hard import of one
+    backend: the one installed is the one asked."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub import utils as hf_utils
 
-    return isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError))
+        backend = hf_utils.httpx
+        found.append(backend.TransportError)
+    except (ImportError, AttributeError):
+        pass
+    import sys
+
+    requests = sys.modules.get("requests")      # only if something (an old huggingface_hub) uses it
+    if requests is not None:
+        found += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    return tuple(found)
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth retrying: a 408/429/5xx answer (huggingface_hub's HfHubHTTPError and its kin carry
+    the response), or no answer at all (a transport error, anywhere in the cause chain)."""
+    status = _http_status(e)  # type: ignore[arg-type]
+    if status is not None:
+        return status in TRANSIENT_STATUS or status >= 500
+    transport = _transport_errors()
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, transport):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    """One line for an error: its first line, and what it wraps when that says more (a bare
+    'Connection refused' from a transport error)."""
+    first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause).strip():
+        inner = str(cause).splitlines()[0]
+        if inner not in first:
+            first = f"{first} ({inner})"
+    return first
+
+
+def hub_endpoint() -> str:
+    """The Hub a request goes to: HF_ENDPOINT as it is now, else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
 def check_push(repo_id: str, *, revision: str | None = None, create_pr: bool = False,
@@ -230,7 +280,8 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     many shards, `HfApi.upload_large_folder` resumes better). Everything is
     checked before the first request: the folder, the repo id, a token, the
     model card. Transient failures (429, 5xx, network) are retried, at most
-    PUSH_TRIES times with backoff. The local folder is never modified or deleted.
+    PUSH_TRIES times with backoff (PUSH_BACKOFF seconds, doubled each time); the last error
+    is said in one line with the Hub's endpoint. The local folder is never modified or deleted.
     """
     from huggingface_hub import HfApi
 
@@ -242,7 +293,8 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if commit_message is None:
         method = merge_method(folder, card)
         commit_message = f"Upload {method} merge made with weightspace" if method else "Upload with weightspace"
-    api = HfApi(token=token)
+    endpoint = hub_endpoint()       # read now: HF_ENDPOINT may be set after huggingface_hub's import
+    api = HfApi(endpoint=endpoint, token=token)
     for attempt in range(1, PUSH_TRIES + 1):
         try:
             api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
@@ -257,10 +309,10 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 raise InputError(f"push to {repo_id} failed: authentication failed (HTTP {status}); "
                                  f"{_AUTH_HINT}. The local output {folder} is kept") from None
             if attempt < PUSH_TRIES and _transient(e):
-                time.sleep(0.5 * 2 ** (attempt - 1))
+                time.sleep(PUSH_BACKOFF * 2 ** (attempt - 1))
                 continue
-            reason = scrub(str(e).splitlines()[0] if str(e) else type(e).__name__, token)
+            reason = scrub(_reason(e), token)
             tries = f" after {attempt} tries" if attempt > 1 else ""
-            raise InputError(f"push to {repo_id} failed{tries}: {reason}. The local output {folder} "
-                             f"is kept; run `wsmerge upload {folder} {repo_id}` to retry") from None
+            raise InputError(f"push to {repo_id} failed{tries} (Hub {endpoint}): {reason}. The local output "
+                             f"{folder} is kept; run `wsmerge upload {folder} {repo_id}` to retry") from None
     raise AssertionError("unreachable")
