@@ -79,6 +79,10 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
                        max_models=MAX_MODELS if yes or dry_run else LARGE_ZOO)
     for n in s.notes:
         click.echo(f"note: {n}", err=True)
+    from weightspace.files import check_disjoint
+
+    # a zoo adds to OUT and never replaces it, but OUT may not be or hold a model it starts from
+    check_disjoint(out, [v for v in (s.init, *s.grid.get("init", ())) if isinstance(v, str)])
     if dry_run:
         runs = s.runs()
         have = Zoo(out).model_ids if (out / CATALOG).is_file() else set()

@@ -295,3 +295,37 @@ def test_a_250_character_output_name_is_written(tiny_models, run_cli):
     dead = temp_sibling(out).name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
     (root / dead).mkdir()
     assert clean_stale(out) == [root / dead]
+
+
+def test_a_zoo_is_not_built_into_the_model_it_fine_tunes(digits, run_cli):
+    spec = digits / "zoo.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        name: ft
+        dataset: digits
+        arch: {{arch: mlp, depth: 1, width: 16}}
+        init: {digits / 'base'}
+        train: {{epochs: 1, batch_size: 128}}
+        grid: {{seed: [0]}}
+        """))
+    before = _snapshot(digits)
+    for out, why in ((digits / "base", "is the input"), (digits / "base" / "zoo", "lies inside the input")):
+        code, _, err = run_cli("zoo", "build", spec, "-o", out, "--no-progress")
+        assert code == 2 and f"output {out} {why} " in err, err
+    assert _snapshot(digits) == before
+
+
+def test_a_killed_build_s_temporary_model_folder_goes_and_a_live_one_stays(tmp_path):
+    from weightspace.zoo.store import CATALOG, Zoo, write_catalog
+
+    root = tmp_path / "z"
+    models = root / "models"
+    models.mkdir(parents=True)
+    write_catalog(root / CATALOG, [])
+    dead = models / f".m1.wsmerge-{_HOST}-{_dead_pid()}-0-0123abcd"
+    live = models / f".m2.wsmerge-{_HOST}-{os.getpid()}-0-0123abcd"
+    for d in (dead, live):
+        (d / "epoch-001").mkdir(parents=True)
+    Zoo(root)                      # read-only: changes nothing
+    assert dead.exists() and live.exists()
+    Zoo(root, write=True)          # a build opens it for writing
+    assert not dead.exists() and live.exists()

@@ -251,36 +251,57 @@ def _alive(pid: int, start: int) -> bool:
     return start == 0 or _start_time(pid) in (0, start)
 
 
+def _stale(directory: Path) -> Iterator[tuple[Path, re.Match]]:
+    """Temporary entries in `directory` whose owner (recorded in the name) was a process on this
+    host that is no longer running."""
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _TEMP_RE.match(p.name)
+        if m and m["host"] == _HOST and not _alive(int(m["pid"]), int(m["start"])):
+            yield p, m
+
+
+def _remove(p: Path) -> bool:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    except OSError:
+        return False
+    return True
+
+
 def clean_stale(path: Path) -> list[Path]:
     """Remove temporary siblings of `path` whose owner (recorded in the name) was a process on
     this host that is no longer running: what `kill -9`, a power cut or a lost terminal left.
     A previous output moved aside (`-old-`) is put back when `path` itself is missing, since it
     is the last good result. Returns what was removed or restored."""
     path = Path(path)
-    try:
-        siblings = list(path.parent.iterdir())
-    except OSError:
-        return []
     stem, done = _stem(path), []
-    for p in siblings:
-        m = _TEMP_RE.match(p.name)
-        if not m or m["stem"] != stem or m["host"] != _HOST:
+    for p, m in _stale(path.parent):
+        if m["stem"] != stem:
             continue
-        if _alive(int(m["pid"]), int(m["start"])):
-            continue
-        try:
-            if m["kind"] == "old" and not (path.exists() or path.is_symlink()):
+        if m["kind"] == "old" and not (path.exists() or path.is_symlink()):
+            try:
                 os.replace(p, path)
-                warnings.warn(f"restored {path} from {p.name}, which an interrupted run had moved aside",
-                              stacklevel=2)
-            elif p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        except OSError:
+            except OSError:
+                continue
+            warnings.warn(f"restored {path} from {p.name}, which an interrupted run had moved aside",
+                          stacklevel=2)
+        elif not _remove(p):
             continue
         done.append(p)
     return done
+
+
+def clean_stale_in(directory: Path) -> list[Path]:
+    """`clean_stale` for every output in `directory` at once (a zoo's model folders), except
+    outputs moved aside (`-old-`), which only `clean_stale` of their own path may put back."""
+    return [p for p, m in _stale(Path(directory)) if m["kind"] != "old" and _remove(p)]
 
 
 class FileCache:

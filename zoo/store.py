@@ -29,13 +29,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from weightspace.errors import InputError, SpecError, WeightspaceError
-from weightspace.files import atomic_file
+from weightspace.files import atomic_file, clean_stale_in, temp_sibling
 from weightspace.methods import suggest
 
 CATALOG = "catalog.parquet"
@@ -150,10 +149,14 @@ class Zoo:
             return []
         listed = {r["model_id"] for r in self.rows}
         adopted = []
+        if self.writable:  # what killed builds left (a live build's own are kept)
+            clean_stale_in(self.models_dir)
         for d in sorted(self.models_dir.iterdir()):
-            if d.name.startswith(".tmp-"):
+            if d.name.startswith(".tmp-"):  # an older version's temporary model folder
                 if self.writable:
                     shutil.rmtree(d, ignore_errors=True)
+                continue
+            if d.name.startswith("."):
                 continue
             if d.name in listed or not d.is_dir() or d.is_symlink() or not (d / "rows.json").is_file():
                 continue
@@ -213,7 +216,8 @@ class Zoo:
         self._check_writable()
         mid = payload["model_id"]
         final = self.models_dir / mid
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{mid}-", dir=self.models_dir))
+        tmp = temp_sibling(final)  # names its owner, so a later build removes it if this one is killed
+        tmp.mkdir()
         try:
             rows = []
             for row in payload["rows"]:
