@@ -281,9 +281,8 @@ def find(zoo_dir: Path, where: tuple[str, ...], epoch: int | None, one: bool, as
     Example:
       wsmerge zoo find runs/zoo width=64 batch_size=8 seed=0 --one
     """
-    import yaml
-
     from weightspace.errors import InputError
+    from weightspace.yaml_io import safe_load
     from weightspace.zoo.store import Zoo
 
     pairs = {}
@@ -291,7 +290,7 @@ def find(zoo_dir: Path, where: tuple[str, ...], epoch: int | None, one: bool, as
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise click.UsageError(f"{item!r}: give COLUMN=VALUE, e.g. width=64")
-        pairs[key] = yaml.safe_load(value)
+        pairs[key] = safe_load(value, source=repr(item))
     z = Zoo(zoo_dir)
     rows = z.find(pairs, epoch=epoch)
     wanted = " ".join(where) or "(any)"

@@ -158,8 +158,9 @@ def test_a_name_that_exists_nowhere_is_looked_up_on_the_hub_and_says_where_it_lo
 ])
 def test_out_of_range_parameters_are_spec_errors_naming_field_and_line(tmp_path, setting, field):
     spec = tmp_path / "ties.yaml"
+    params = setting if setting.startswith("weight:") else f"weight: 1, {setting}"  # a key once
     spec.write_text(f"merge_method: ties\nbase_model: nowhere/base\nmodels:\n  - model: nowhere/a\n"
-                    f"    parameters: {{weight: 1, {setting}}}\n")
+                    f"    parameters: {{{params}}}\n")
     with pytest.raises(SpecError, match=re.escape(str(spec)) + ": " + field):
         plan_merge(load_spec(spec), spec_dir=tmp_path)  # before any model is looked for
 
@@ -187,18 +188,28 @@ def test_every_bounded_parameter_is_in_the_table():
         assert (m, p) in names, (m, p)
 
 
+# a value as a scalar, inside a depth gradient, and as a filter's value: each
+# is range-checked before any model is looked for (density -1 or 2 is never clamped)
+FORMS = {"scalar": ("{v}", ""), "gradient": ("[{v}, {v}]", r"\[0\]"),
+         "filter": ("[{{filter: mlp, value: {v}}}]", r"\[0\]\.value")}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("method, param, scope, bad", RANGED)
-def test_every_method_refuses_values_outside_its_ranges(tmp_path, method, param, scope, bad):
-    value = f"'{bad}'" if isinstance(bad, str) else repr(bad)
+def test_every_method_refuses_values_outside_its_ranges(tmp_path, method, param, scope, bad, form):
+    if form == "gradient" and isinstance(bad, str):
+        pytest.skip("a gradient of strings is read as steps; its entries are the scalar case")
+    template, suffix = FORMS[form]
+    value = template.format(v=f"'{bad}'" if isinstance(bad, str) else repr(bad))
     base = "base_model: nowhere/base\n" if all_methods()[method].uses_base == "required" else ""
     if scope == "global":
         text = (f"merge_method: {method}\n{base}models:\n  - model: nowhere/a\n  - model: nowhere/b\n"
                 f"parameters:\n  {param}: {value}\n")
-        field = rf"parameters\.{param} \(line \d+\)"
+        field = rf"parameters\.{param}{suffix} \(line \d+\)"
     else:
         text = (f"merge_method: {method}\n{base}models:\n  - model: nowhere/a\n"
                 f"    parameters: {{{param}: {value}}}\n  - model: nowhere/b\n")
-        field = rf"models\[0\]\.parameters\.{param} \(line \d+\)"
+        field = rf"models\[0\]\.parameters\.{param}{suffix} \(line \d+\)"
     with pytest.raises(SpecError, match=field + ": must be "):
         plan_merge(parse_spec(text, source="<spec>"))
 

@@ -166,7 +166,16 @@ def _check_card(card_path: Path) -> dict:
     `base_model` ids, `tags` and `library_name`.
     """
     from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
+    from weightspace.yaml_io import read_yaml_file, safe_load
+
+    try:  # our reader first (size, UTF-8, duplicate keys, alias bombs); huggingface_hub's after
+        match = REGEX_YAML_BLOCK.search(read_yaml_file(card_path, "model card"))
+        if match:
+            safe_load(match.group(2), f"{card_path}: front matter")
+    except SpecError as e:
+        raise InputError(str(e)) from None
     try:
         card = ModelCard.load(card_path)
         data = card.data.to_dict()
@@ -191,10 +200,10 @@ def merge_method(folder: Path, card: dict | None = None) -> str | None:
         return tags[tags.index("weightspace") + 1]
     for shard in sorted(folder.glob("*.safetensors"))[:1]:
         try:
-            import yaml
+            from weightspace.yaml_io import safe_load
 
             spec = read_header(shard)[1].get("weightspace_spec")  # bounded, regular files only
-            if spec and isinstance(m := (yaml.safe_load(spec) or {}).get("merge_method"), str):
+            if spec and isinstance(m := (safe_load(spec, str(shard)) or {}).get("merge_method"), str):
                 return m
         except Exception:  # noqa: BLE001 - the method is only for the commit message
             return None

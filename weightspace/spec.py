@@ -21,7 +21,7 @@ where the first match wins (a condition without a filter matches all).
 from __future__ import annotations
 
 import math
-import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
@@ -46,6 +46,7 @@ from pydantic import (
 
 from weightspace.chat_templates import check_chat_template
 from weightspace.errors import SpecError
+from weightspace.yaml_io import load_yaml, load_yaml_documents, read_yaml_file
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -64,16 +65,27 @@ ParamValue = Union[Scalar, Gradient, list[Condition]]
 Params = dict[str, ParamValue]
 
 
-def _nonfinite(setting: Any) -> float | None:
-    """The first NaN/Inf number in a parameter setting (scalar, gradient, conditions)."""
+def _nonfinite(setting: Any) -> str | None:
+    """The first number in a parameter setting (scalar, gradient, conditions) that is not a finite
+    float: NaN, Inf, or an integer too large for one (a 400-digit weight), in words."""
     if isinstance(setting, float):
-        return None if math.isfinite(setting) else setting
+        return None if math.isfinite(setting) else repr(setting)
+    if isinstance(setting, int) and not isinstance(setting, bool):
+        return None if abs(setting) <= _FLOAT_MAX else f"an integer of {_digits(setting)} digits"
     if isinstance(setting, list):
         for x in setting:
             bad = _nonfinite(x.value if isinstance(x, Condition) else x)
             if bad is not None:
                 return bad
     return None
+
+
+_FLOAT_MAX = int(sys.float_info.max)
+
+
+def _digits(n: int) -> str:
+    """How many decimal digits `n` has, without str(n) (which Python refuses past 4300 digits)."""
+    return f"about {int(abs(n).bit_length() * math.log10(2)) + 1:,}"
 
 
 class _Strict(BaseModel):
@@ -293,25 +305,12 @@ class MergeSpec(_Strict):
         )
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading `1e-6` as a number: YAML 1.1 (PyYAML) makes a float
-    without a dot a string, so `epsilon: 1e-6` from a mergekit config would be refused."""
-
-
-_SpecLoader.yaml_implicit_resolvers = {
-    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
-    """Follow a pydantic error location through the YAML node tree to a line number."""
+    """Follow a pydantic error location through the YAML node tree to a line number: the
+    deepest part of it the file has; None when not even its top-level key is in the file (a
+    value set by --search)."""
     line = node.start_mark.line + 1 if node is not None else None
-    for key in loc:
+    for depth, key in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
             nxt = None
             for k, v in node.value:
@@ -319,6 +318,8 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
                     nxt = v
                     line = k.start_mark.line + 1
                     break
+            if nxt is None and depth == 0:
+                return None
             node = nxt
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
@@ -391,12 +392,13 @@ def parse_spec(text: str, source: str = "<spec>") -> MergeSpec:
     return spec
 
 
-def read_yaml_file(path: str | Path, what: str = "spec") -> str:
-    p = Path(path)
-    try:
-        return p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(f"{p}: cannot read {what}: {e.strerror or e}") from None
+def validate_spec(data: Any, source: str) -> MergeSpec:
+    """A MergeSpec from data already in memory (a spec changed by --search, the Python API's
+    arguments): the same checks and the same one-line errors as a file's, without lines."""
+    spec = _validate(data, None, source, MergeSpec, what="merge spec",
+                     hint="a merge spec must be a mapping with a merge_method", fields_at=_fields_at)
+    spec._source = source
+    return spec
 
 
 def parse_yaml_model(text: str, source: str, model: type[M], *, what: str, hint: str,
@@ -407,22 +409,13 @@ def parse_yaml_model(text: str, source: str, model: type[M], *, what: str, hint:
 
 def _parse_yaml(text: str, source: str, model: type[M], *, what: str, hint: str,
                 fields_at: Callable[[tuple], list[str]] | None = None) -> tuple[M, yaml.Node]:
-    try:
-        node = yaml.compose(text, Loader=_SpecLoader)
-        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise SpecError(f"{source}: not valid YAML: {e}") from None
+    data, node = load_yaml(text, source)
     return _validate(data, node, source, model, what=what, hint=hint, fields_at=fields_at), node
 
 
 def yaml_documents(text: str, source: str) -> list[tuple[Any, yaml.Node]]:
-    """Every document of a YAML stream (`---` between them): (data, node), safe-loaded."""
-    try:
-        nodes = list(yaml.compose_all(text, Loader=_SpecLoader))
-        datas = list(yaml.load_all(text, Loader=_SpecLoader))  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise SpecError(f"{source}: not valid YAML: {e}") from None
-    return [(d, n) for d, n in zip(datas, nodes) if d is not None]
+    """Every non-empty document of a YAML stream (`---` between them): (data, node)."""
+    return [(d, n) for d, n in load_yaml_documents(text, source) if d is not None]
 
 
 def parse_specs(text: str, source: str = "<spec>") -> list[MergeSpec]:
@@ -440,10 +433,37 @@ def parse_specs(text: str, source: str = "<spec>") -> list[MergeSpec]:
     return specs
 
 
-def _validate(data: Any, node: yaml.Node, source: str, model: type[M], *, what: str, hint: str,
+# The longest text one field of a spec may hold. A spec is recorded in every output shard's
+# safetensors metadata and in the model card, so its text must stay small (a 120 MB `name:`
+# made a checkpoint whose header `wsmerge inspect` then refused).
+MAX_TEXT = 64 * 1024
+
+
+def _check_text(data: Any, node: yaml.Node | None, source: str) -> None:
+    """Refuse a string (value or key) longer than MAX_TEXT anywhere in a spec, naming its field.
+    Iterative: the YAML reader bounds a spec's size and depth, not the stack of this walk."""
+    todo: list[tuple[Any, tuple]] = [(data, ())]
+    while todo:
+        value, loc = todo.pop()
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            line = _line_of(node, loc) if node is not None else None
+            at = f" (line {line})" if line else ""
+            raise SpecError(f"{source}: {_fmt_loc(loc)}{at}: {len(value):,} characters of text; a spec "
+                            f"field holds at most {MAX_TEXT:,} (64 KiB), since the spec is recorded "
+                            f"in the output's metadata and model card")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                todo.append((k, loc))
+                todo.append((v, (*loc, k if isinstance(k, (str, int)) else str(k))))
+        elif isinstance(value, list):
+            todo.extend((v, (*loc, i)) for i, v in enumerate(value))
+
+
+def _validate(data: Any, node: yaml.Node | None, source: str, model: type[M], *, what: str, hint: str,
               fields_at: Callable[[tuple], list[str]] | None = None) -> M:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: {hint}")
+    _check_text(data, node, source)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -474,6 +494,8 @@ def _validate(data: Any, node: yaml.Node, source: str, model: type[M], *, what: 
         # a union failure produces one message per branch; keep it short
         if len(lines) > 6:
             lines = lines[:6] + [f"... and {len(lines) - 6} more"]
+        if len(lines) == 1:  # the usual case: one line
+            raise SpecError(f"{source}: invalid {what}: {lines[0]}") from None
         raise SpecError(f"{source}: invalid {what}:\n  " + "\n  ".join(lines)) from None
 
 
@@ -492,4 +514,5 @@ __all__ = [
     "parse_spec",
     "parse_yaml_model",
     "read_yaml_file",
+    "validate_spec",
 ]

@@ -21,6 +21,7 @@ from typing import Any
 from weightspace.errors import WeightspaceError
 from weightspace.files import read_json_object
 from weightspace.inputs import read_input_bytes
+from weightspace.yaml_io import read_yaml_file
 from weightspace.zoo.executors import map_units
 from weightspace.zoo.spec import MetricsConfig, parse_zoo_spec
 from weightspace.zoo.store import SPEC, Zoo
@@ -35,7 +36,7 @@ def metrics_settings(zoo: Zoo) -> MetricsConfig:
     p = zoo.root / SPEC
     if not p.is_file():
         return MetricsConfig()
-    return parse_zoo_spec(p.read_text(), source=str(p)).metrics
+    return parse_zoo_spec(read_yaml_file(p, "zoo spec"), source=str(p)).metrics
 
 
 def metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
