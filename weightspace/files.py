@@ -28,6 +28,7 @@ import torch
 
 from weightspace.errors import InputError, SpecError, WeightspaceError
 from weightspace.inputs import parse_json, read_input_bytes
+from weightspace.paths import expand_user
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -313,7 +314,7 @@ class FileCache:
         self._lock = threading.Lock()
 
     def get(self, path: str | Path, compute: Callable[[Path], Any], *, what: str = "file") -> Any:
-        p = Path(path).expanduser()
+        p = expand_user(path)
         try:
             st = p.stat()
         except OSError:

@@ -25,6 +25,7 @@ from weightspace.errors import InputError, SpecError
 from weightspace.files import read_json_object
 from weightspace.inputs import check_regular, open_input, short_repr
 from weightspace.ir import MemoryRef, SafetensorsRef, TensorRef, WeightSpace
+from weightspace.paths import expand_user
 from weightspace.safetensors_io import read_header
 
 if TYPE_CHECKING:
@@ -278,7 +279,7 @@ def locate(ref: str | Path, base_dir: str | Path | None = None) -> Located:
 
 
 def _locate_one(s: str, base_dir: str | Path | None) -> Located:
-    p = Path(s).expanduser()
+    p = expand_user(s)
     cwd = Path.cwd()
     if p.is_absolute() or base_dir is None:
         anchors = [cwd]

@@ -25,6 +25,7 @@ import torch
 from weightspace.errors import InputError, SpecError
 from weightspace.files import FileCache, save_safetensors_atomic
 from weightspace.inputs import parse_json
+from weightspace.paths import expand_user
 from weightspace.safetensors_io import read_header, read_tensor
 
 FORMAT = "atlas-coefficients"
@@ -133,7 +134,7 @@ def _relative(model: str | None, file: Path) -> str | None:
     if model is None or not Path(model).is_absolute():
         return model
     try:
-        return os.path.relpath(model, file.expanduser().resolve().parent)
+        return os.path.relpath(model, expand_user(file).resolve().parent)
     except ValueError:  # another drive (Windows): keep it absolute
         return model
 
@@ -149,7 +150,7 @@ def is_coefficients_file(path: str | Path) -> bool:
 
 def load_coefficients(path: str | Path) -> Coefficients:
     """Read and check a coefficients file; a malformed one raises InputError naming it."""
-    path = Path(path).expanduser()
+    path = expand_user(path)
     if not path.is_file():
         raise InputError(f"{path}: no such coefficients file")
     entries, meta = read_header(path)

@@ -13,6 +13,7 @@ import torch
 from weightspace.errors import InputError, SpecError
 from weightspace.files import FileCache, save_safetensors_atomic
 from weightspace.ir import WeightSpace
+from weightspace.paths import expand_user
 from weightspace.safetensors_io import read_header
 from weightspace.sources import load_space
 
@@ -85,7 +86,7 @@ def fisher_norms(paths: Iterable[str | Path]) -> list[float]:
     Each file is read once per process (cached by path, size and mtime). Put a value in a
     spec as `models[i].parameters.fisher_norm` when the merge cannot find the file itself.
     """
-    return [_NORMS.get(Path(p).expanduser(), _norm_of_file, what="Fisher file") for p in paths]
+    return [_NORMS.get(expand_user(p), _norm_of_file, what="Fisher file") for p in paths]
 
 
 def _check_values(f: torch.Tensor, name: str, where: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from weightspace.errors import InputError, SpecError
 from weightspace.merges.fisher.files import _check_values, fisher_norms
 from weightspace.methods import MergeMethod, Param, TensorParams, register
+from weightspace.paths import expand_user
 from weightspace.sources import load_space
 
 FLOOR_MODES = ("max", "add")
@@ -154,7 +155,7 @@ class Fisher(MergeMethod):
         pm = params.per_model[i]
         norm = pm.get("fisher_norm")
         if norm is None:
-            path = Path(pm["fisher"]).expanduser()
+            path = expand_user(pm["fisher"])
             if not path.exists():
                 raise SpecError(
                     f"normalize_fishers: Fisher file {pm['fisher']!r} (model {i}) is not found from "

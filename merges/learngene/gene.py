@@ -32,6 +32,7 @@ from weightspace.files import read_json_object
 from weightspace.ir import WeightSpace
 from weightspace.merges.learngene.layout import DENOMINATORS, MODES
 from weightspace.merges.learngene.stack import _Stack
+from weightspace.paths import expand_user
 
 FORMAT = "weightspace-learngene"
 FORMAT_VERSION = 1
@@ -216,7 +217,7 @@ def load_gene(path: str | Path) -> Gene:
     InputError naming the file."""
     from weightspace.sources import load_local
 
-    d = Path(path).expanduser()
+    d = expand_user(path)
     if not d.exists():
         raise InputError(f"{d}: no such gene directory")
     gf = d / GENE_FILE

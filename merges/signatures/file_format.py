@@ -35,6 +35,7 @@ from weightspace.merges.signatures.quantize import (
     dequantize_tensor,
     packed_size,
 )
+from weightspace.paths import expand_user
 from weightspace.safetensors_io import Entry, read_header, read_tensor
 
 FORMAT = "weightspace-rws"
@@ -163,7 +164,7 @@ def _expected_parts(name: str, shape: Sequence[int], meta: Mapping[str, Any]) ->
 
 def _open_signature(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Entry]]:
     """Read and check a signature file's header (no tensor data): (path, meta, entries)."""
-    path = Path(path).expanduser()
+    path = expand_user(path)
     if not path.is_file():
         raise InputError(f"{path}: no such signature file")
     entries, header = read_header(path)
