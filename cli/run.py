@@ -283,7 +283,7 @@ def _with_random_seed(spec, seed: int | None):
                                f"drop it or --random-seed")
     from weightspace.zoo.search import with_value
 
-    return with_value(spec, "seed", seed)
+    return with_value(spec, "seed", seed, option=f"--random-seed {seed}")
 
 
 def _one_out(argument: Path | None, option: Path | None) -> Path | None:

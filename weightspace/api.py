@@ -18,7 +18,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from weightspace.errors import SpecError
@@ -43,7 +42,7 @@ def merge_state_dicts(models: Mapping[Hashable, StateDictLike] | Sequence[StateD
     in the first model's order.
     """
     from weightspace.plan import plan_merge
-    from weightspace.spec import parse_spec
+    from weightspace.spec import validate_spec
 
     items = list(models.items()) if isinstance(models, Mapping) else list(enumerate(models))
     if not items:
@@ -80,8 +79,8 @@ def merge_state_dicts(models: Mapping[Hashable, StateDictLike] | Sequence[StateD
     for key, dt in (("dtype", dtype), ("out_dtype", out_dtype)):
         if dt is not None:
             spec[key] = str(dt).replace("torch.", "")
-    parsed = parse_spec(yaml.safe_dump(spec, sort_keys=False), source="merge_state_dicts")
-    parsed._node = None  # errors name the field (models[1].parameters.density), not generated lines
+    # validated as a spec file is, naming fields (models[1].parameters.density) without lines
+    parsed = validate_spec(spec, source="merge_state_dicts")
     plan = plan_merge(parsed, spaces=spaces)
     sink = _TensorSink()
     execute(plan.steps, sink, device=device, compute_dtype=plan.compute_dtype, progress=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,7 +74,14 @@ class Param:
                 return int(value)
         elif self.kind is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
+                try:
+                    value = float(value)
+                except OverflowError:  # an int past float's range (a 400-digit weight)
+                    raise SpecError(f"{where}: must be a finite number; got an integer of about "
+                                    f"{int(value.bit_length() * 0.30103) + 1:,} digits") from None
+                if not math.isfinite(value):
+                    raise SpecError(f"{where}: must be a finite number; got {value!r}")
+                return value
         elif self.kind is str:
             if isinstance(value, str):
                 return value

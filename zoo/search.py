@@ -16,12 +16,16 @@ and scored by accuracy on `data` (`split`, default val).
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weightspace.errors import SpecError
-from weightspace.spec import MergeSpec
+from weightspace.errors import InputError, SpecError
+from weightspace.spec import MergeSpec, validate_spec
+
+# the most candidates one --search tries: each is a whole merge and an evaluation
+MAX_POINTS = 1000
 
 
 @dataclass
@@ -32,8 +36,9 @@ class SearchResult:
     scores: dict[float, float] = field(default_factory=dict)
 
 
-def with_value(spec: MergeSpec, param: str, value: float) -> MergeSpec:
-    """A copy of `spec` with PARAM set to `value` (see the module docstring)."""
+def with_value(spec: MergeSpec, param: str, value: float, option: str | None = None) -> MergeSpec:
+    """A copy of `spec` with PARAM set to `value` (see the module docstring); errors name
+    `option`, by default `--search PARAM=VALUE`."""
     data = spec.model_dump(exclude_none=True, by_alias=True)
     models = data.get("models") or []
     if param in ("weight", "target_weight"):
@@ -46,7 +51,9 @@ def with_value(spec: MergeSpec, param: str, value: float) -> MergeSpec:
             m.setdefault("parameters", {})["weight"] = v
     else:
         data.setdefault("parameters", {})[param] = value
-    return MergeSpec.model_validate(data).with_origin_of(spec)
+    if option is None:
+        option = f"--search {param}={value:g}" if isinstance(value, float) else f"--search {param}={value}"
+    return validate_spec(data, source=option).with_origin_of(spec)
 
 
 def accuracy(model_dir: str | Path, data: str, split: str = "val", batch_size: int = 512) -> float:
@@ -65,13 +72,20 @@ def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str,
                  spec_dir: str | Path | None = None) -> SearchResult:
     """Merge with every value of PARAM, score each on DATA, return the best (ties: the first)."""
     from weightspace.merge import plan_merge, run_plan
+    from weightspace.plan import check_spec
 
     if not values:
         raise SpecError(f"--search {param}: give at least one value")
+    candidates = [with_value(spec, param, v) for v in values]
+    for v, candidate in zip(values, candidates):  # every value in range before the first merge
+        try:
+            check_spec(candidate, spec_dir=spec_dir)
+        except (SpecError, InputError) as e:
+            raise type(e)(f"--search {param}={v:g}: {e}") from None
     scores: dict[float, float] = {}
     with tempfile.TemporaryDirectory(prefix="wsmerge-search-") as tmp:
-        for i, v in enumerate(values):
-            plan = plan_merge(with_value(spec, param, v), spec_dir=spec_dir)
+        for i, (v, candidate) in enumerate(zip(values, candidates)):
+            plan = plan_merge(candidate, spec_dir=spec_dir)
             out = Path(tmp) / f"c{i}"
             run_plan(plan, out, progress=False)
             scores[v] = accuracy(out, data, split)
@@ -80,7 +94,8 @@ def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str,
 
 
 def parse_search(text: str) -> tuple[str, list[float]]:
-    """`weight=0.2,0.4,0.6` or `weight=0:1:6` (start:stop:count, inclusive) -> (name, values)."""
+    """`weight=0.2,0.4,0.6` or `weight=0:1:6` (start:stop:count, inclusive) -> (name, values);
+    finite numbers, at most MAX_POINTS of them."""
     name, eq, rest = text.partition("=")
     if not eq or not name or not rest:
         raise SpecError(f"--search {text!r}: expected PARAM=V1,V2,... or PARAM=START:STOP:COUNT")
@@ -90,9 +105,18 @@ def parse_search(text: str) -> tuple[str, list[float]]:
             count = int(n)
             if count < 1:
                 raise ValueError
-            values = [float(a) + (float(b) - float(a)) * i / max(1, count - 1) for i in range(count)]
+            ends = [float(a), float(b)]
         else:
-            values = [float(v) for v in rest.split(",")]
+            count = rest.count(",") + 1
+            ends = []
+        if count > MAX_POINTS:
+            raise SpecError(f"--search {name}: {count:,} values; it tries at most {MAX_POINTS:,} (each is "
+                            f"a whole merge and an evaluation)")
+        values = [float(v) for v in rest.split(",")] if not ends else \
+            [ends[0] + (ends[1] - ends[0]) * (i / max(1, count - 1)) for i in range(count)]
     except ValueError:
         raise SpecError(f"--search {text!r}: values must be numbers (V1,V2,... or START:STOP:COUNT)") from None
+    bad = next((v for v in [*ends, *values] if not math.isfinite(v)), None)
+    if bad is not None:
+        raise SpecError(f"--search {name}: {bad} is not a finite number; give finite values")
     return name, [round(v, 10) for v in values]
