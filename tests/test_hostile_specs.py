@@ -259,3 +259,17 @@ def test_a_zoo_grid_too_large_to_make_is_refused_by_its_count(run_cli, write_spe
     assert time.perf_counter() - start < 2
     assert "big.yaml: grid: 3,200,000 models (20 seed x 20 width x 20 batch_size x 20 epochs x 20 lr) is " \
            "more than the 100,000 one zoo may hold" in err
+
+
+
+# ---------------------------------------------------------------- a model card's front matter
+
+
+def test_a_card_front_matter_goes_through_the_same_reader(tmp_path):
+    from weightspace.errors import InputError
+    from weightspace.hub import _check_card
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlibrary_name: transformers\nlibrary_name: evil\n---\n# a card\n")
+    with pytest.raises(InputError, match=r"README\.md: front matter: key 'library_name' is given twice"):
+        _check_card(card)
