@@ -261,7 +261,6 @@ def test_a_zoo_grid_too_large_to_make_is_refused_by_its_count(run_cli, write_spe
            "more than the 100,000 one zoo may hold" in err
 
 
-
 # ---------------------------------------------------------------- a model card's front matter
 
 
