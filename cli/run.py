@@ -130,7 +130,7 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
         return
     if intermediate_dir is not None:
         raise click.UsageError("--intermediate-dir is for a multi-stage SPEC (several YAML documents)")
-    s, searched = _searched(load_spec(spec), spec.parent, search, data, split, dry_run, as_json)
+    s, searched = _searched(load_spec(spec), spec.parent, search, data, split, dry_run, as_json, out)
     s = _with_random_seed(s, mk.random_seed)
     plan = plan_merge(s, spec_dir=spec.parent, out_dtype=out_dtype, allow_crimes=mk.allow_crimes)
     summary = plan.summary(shard_size)
@@ -210,7 +210,7 @@ def _check_outputs(out: Path | None, dry_run: bool, overwrite: bool, push_repo: 
 
 
 def _searched(s, spec_dir: Path, search: str | None, data: str | None, split: str, dry_run: bool,
-              as_json: bool):
+              as_json: bool, out: Path | None):
     """--search: the spec with the best value on --data (each candidate's score printed), and
     the search's result; without --search the spec as it is and None."""
     if search is None:
@@ -224,7 +224,10 @@ def _searched(s, spec_dir: Path, search: str | None, data: str | None, split: st
     if data is None:
         raise click.UsageError("--search needs --data (the validation data that scores each candidate)")
     param, values = parse_search(search)
-    searched = search_merge(s, param, values, data=data, split=split, spec_dir=spec_dir)
+    from weightspace.files import temp_sibling
+
+    work = temp_sibling(out, kind="search") if out is not None else None
+    searched = search_merge(s, param, values, data=data, split=split, spec_dir=spec_dir, work=work)
     if not as_json:
         for v, score in searched.scores.items():
             mark = "  <- best" if v == searched.best else ""

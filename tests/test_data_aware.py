@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -131,9 +132,16 @@ def test_cli_run_search(finetunes, run_cli):
     spec = root / "lin.yaml"
     spec.write_text("merge_method: linear\nmodels:\n  - {model: a}\n  - {model: b}\n")
     out = root / "searched"
+    from weightspace.files import temp_sibling
+
+    # what a killed search left (candidates are merged in a hidden sibling of OUT naming its owner)
+    stale = temp_sibling(out, kind="search")
+    stale = stale.with_name(stale.name.replace(f"-{os.getpid()}-", "-999999999-"))
+    (stale / "c0").mkdir(parents=True)
     code, stdout, err = run_cli("run", str(spec), str(out), "--search", "target_weight=0,1",
                                 "--data", "digits:classes=5-9", "--json", "--no-progress")
     assert code == 0, err
+    assert [p.name for p in root.iterdir() if ".wsmerge-" in p.name] == []  # the stale one and its own
     info = json.loads(stdout)
     assert info["search"]["best"] == 0.0
     b = load_space(finetunes["b"])

@@ -216,7 +216,7 @@ def _stem(path: Path) -> str:
     return f"{cut}~{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
-_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.wsmerge-(?:(?P<kind>old|stages)-)?(?P<host>[0-9a-f]{6})-"
+_TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.wsmerge-(?:(?P<kind>old|stages|search)-)?(?P<host>[0-9a-f]{6})-"
                       r"(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}(?:\.tmp)?$")
 
 

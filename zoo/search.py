@@ -16,7 +16,9 @@ and scored by accuracy on `data` (`split`, default val).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +71,13 @@ def accuracy(model_dir: str | Path, data: str, split: str = "val", batch_size: i
 
 
 def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str, split: str = "val",
-                 spec_dir: str | Path | None = None) -> SearchResult:
-    """Merge with every value of PARAM, score each on DATA, return the best (ties: the first)."""
+                 spec_dir: str | Path | None = None, work: Path | None = None) -> SearchResult:
+    """Merge with every value of PARAM, score each on DATA, return the best (ties: the first).
+
+    Each candidate is merged into the folder `work` (created, and removed at the end; default a
+    temporary directory) and removed once scored, so the disk holds one candidate at a time.
+    `wsmerge run` passes a hidden sibling of OUT that names its owner (weightspace.files), so
+    what a killed search left is removed by the next run."""
     from weightspace.merge import plan_merge, run_plan
     from weightspace.plan import check_spec
 
@@ -83,12 +90,18 @@ def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str,
         except (SpecError, InputError) as e:
             raise type(e)(f"--search {param}={v:g}: {e}") from None
     scores: dict[float, float] = {}
-    with tempfile.TemporaryDirectory(prefix="wsmerge-search-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wsmerge-search-")))
+        else:
+            work.mkdir(parents=True)
+            stack.callback(shutil.rmtree, work, ignore_errors=True)
         for i, (v, candidate) in enumerate(zip(values, candidates)):
             plan = plan_merge(candidate, spec_dir=spec_dir)
-            out = Path(tmp) / f"c{i}"
+            out = work / f"c{i}"
             run_plan(plan, out, progress=False)
             scores[v] = accuracy(out, data, split)
+            shutil.rmtree(out)
     best = max(scores, key=lambda v: (scores[v], -values.index(v)))
     return SearchResult(param, best, scores[best], scores)
 
