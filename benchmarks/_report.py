@@ -71,6 +71,8 @@ def size_table(size: dict) -> str:
 
 
 def size_header(size: dict, args: argparse.Namespace) -> str:
+    zero = size.get("zero_fraction") or 0.0
+    sparse = f" with {zero:.0%} of each task vector exactly zero" if zero else ""
     loads = [r["load_before"] for res in size["results"].values() for r in res["runs"]]
     load_txt = ""
     if loads:
@@ -81,7 +83,8 @@ def size_header(size: dict, args: argparse.Namespace) -> str:
             f"end {' '.join(f'{x:.2f}' for x in size['load_end'])})"
         )
     return (
-        f"### {size['num_params'] / 1e6:.1f}M params x {size['n_models']} models, {size['dtype']}, "
+        f"### {size['num_params'] / 1e6:.1f}M params x {size['n_models']} models, {size['dtype']}"
+        f"{sparse}, "
         f"{size['model_bytes'] / 1e9:.3f} GB each ({size['input_bytes'] / 1e9:.3f} GB read per merge)\n\n"
         f"cache: {size['cache']}; settle {args.settle:g} s; median of {args.repeat}; "
         f"device: {args.device or 'tool default'}"
@@ -100,6 +103,37 @@ def compare_line(method: str, cmp: dict) -> str:
         f" ({cmp.get('elements_over_atol', 0)} elements in "
         f"{cmp.get('tensors_over_atol', 0)} tensors over it)"
     )
+
+
+def matrix_table(report: dict) -> str:
+    """Every (size, case, method) in one table: wsmerge's wall time and peak RSS, mergekit's,
+    their ratios, and wsmerge's wall time over the plain I/O floor of the same checkpoints."""
+    lines = [
+        fmt_row(["case", "method", "wsmerge s", "mergekit s", "wall ratio", "wsmerge MiB",
+                 "mergekit MiB", "RSS ratio", "wsmerge x floor"]),
+        fmt_row(["---", "---"] + ["---:"] * 7),
+    ]
+
+    def cell(x: float | None, f: str) -> str:
+        return "–" if x is None else format(x, f)
+
+    for size in report["sizes"]:
+        res = size["results"]
+        floor = res.get("(floor)/io_floor", {}).get("summary", {}).get("wall_s")
+        methods = dict.fromkeys(r["method"] for r in res.values() if not r["method"].startswith("("))
+        case = f"{size['num_params'] / 1e6:.0f}M {size.get('case', size['dtype'])}"
+        for m in methods:
+            ws = res.get(f"{m}/wsmerge", {}).get("summary", {})
+            mk = res.get(f"{m}/mergekit", {}).get("summary", {})
+            w, k = ws.get("wall_s"), mk.get("wall_s")
+            wr, kr = ws.get("peak_rss_mib"), mk.get("peak_rss_mib")
+            lines.append(fmt_row([
+                case, m, cell(w, ".2f"), cell(k, ".2f"),
+                cell(w / k if w and k else None, ".2f"), cell(wr, ".0f"), cell(kr, ".0f"),
+                cell(wr / kr if wr and kr else None, ".2f"),
+                cell(w / floor if w and floor else None, ".2f"),
+            ]))
+    return "\n".join(lines)
 
 
 def failed_runs(report: dict) -> list[str]:

@@ -22,7 +22,13 @@ import yaml
 from _measure import Tool, safetensors_files
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("linear", "task_arithmetic", "ties")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della", "slerp",
+           "model_stock")
+# randomized in both tools with different generators: their outputs are not compared
+RANDOMIZED = ("dare_ties", "della")
+# (checkpoint dtype, share of each fine-tune's task-vector entries that are exactly zero)
+CASES = {"fp32": ("float32", 0.0), "fp32-sparse50": ("float32", 0.5), "bf16": ("bfloat16", 0.0),
+         "bf16-sparse50": ("bfloat16", 0.5), "fp16": ("float16", 0.0)}
 
 # (method, tool, command, output path to clear before each run)
 Job = tuple[str, str, list[str], Path]
@@ -44,6 +50,8 @@ class Checkpoints:
 def size_tag(params: str, args: argparse.Namespace) -> str:
     """The name of a size's checkpoints, specs, outputs and logs under WORKDIR."""
     tag = f"{params}-{args.dtype}-n{args.n_models}-s{args.seed}"
+    if getattr(args, "zero_fraction", 0.0):
+        tag += f"-z{args.zero_fraction:g}"
     if args.hidden_size:
         tag += f"-h{args.hidden_size}"
     if args.layers:
@@ -60,6 +68,8 @@ def make_checkpoints(params: str, args: argparse.Namespace) -> Checkpoints:
         "--params", params, "--n-models", str(args.n_models), "--dtype", args.dtype,
         "--seed", str(args.seed), "--shard-size", args.ckpt_shard_size,
     ]  # fmt: skip
+    if getattr(args, "zero_fraction", 0.0):
+        gen += ["--zero-fraction", str(args.zero_fraction)]
     if args.hidden_size:
         gen += ["--hidden-size", str(args.hidden_size)]
     if args.layers:
@@ -100,6 +110,40 @@ def write_specs(spec_dir: Path, models: list[Path], dtype: str, methods: list[st
             "merge_method": "ties",
             "base_model": base,
             "models": [{"model": m, "parameters": {"density": 0.5, "weight": 0.5}} for m in others],
+            "dtype": dtype,
+        },
+        "dare_ties": {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"density": 0.5, "weight": 0.5}} for m in others],
+            "dtype": dtype,
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"density": 0.5, "gamma": 0.01, "weight": 0.5}}
+                       for m in others],
+            "dtype": dtype,
+        },
+        "della": {
+            "merge_method": "della",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"density": 0.5, "epsilon": 0.1, "weight": 0.5}}
+                       for m in others],
+            "parameters": {"lambda": 1.0},
+            "dtype": dtype,
+        },
+        "slerp": {  # two models: the base and the first fine-tune
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": others[0]}],
+            "parameters": {"t": 0.5},
+            "dtype": dtype,
+        },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": m} for m in others],
             "dtype": dtype,
         },
     }

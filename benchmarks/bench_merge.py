@@ -55,8 +55,16 @@ import sys
 from pathlib import Path
 
 from _measure import Tool, find_wsmerge, prepare, probe, run_child, try_drop_caches
-from _report import compare_line, failed_runs, machine_info, size_header, size_table, summarize
-from _workload import HERE, METHODS, Job, job_list, make_checkpoints, write_specs
+from _report import (
+    compare_line,
+    failed_runs,
+    machine_info,
+    matrix_table,
+    size_header,
+    size_table,
+    summarize,
+)
+from _workload import CASES, HERE, METHODS, RANDOMIZED, Job, job_list, make_checkpoints, write_specs
 
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -79,6 +87,8 @@ def bench_size(
 
     size: dict = {
         "tag": ckpt.tag,
+        "case": getattr(args, "case", args.dtype),
+        "zero_fraction": getattr(args, "zero_fraction", 0.0),
         "params_arg": params,
         "num_params": ckpt.settings["num_params"],
         "shape": ckpt.settings["shape"],
@@ -138,6 +148,8 @@ def compare_outputs(tools: list[Tool], methods: list[str], out_root: Path, atol:
     names = [t.name for t in tools]
     if "wsmerge" in names and "mergekit" in names:
         for method in methods:
+            if method in RANDOMIZED:  # different random generators: not the same merge
+                continue
             a, b = out_root / f"wsmerge-{method}", out_root / f"mergekit-{method}"
             if not (a.is_dir() and b.is_dir()):
                 continue
@@ -164,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--params", default="134M", help="comma-separated model sizes, e.g. 134M,1B")
     ap.add_argument(
         "--dtype", default="float32", help="checkpoint and merge dtype (float32, bfloat16)"
+    )
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated checkpoint cases, each a dtype and how sparse the task vectors are: "
+        + ", ".join(f"{k} ({d}{f', {z:.0%} zero' if z else ''})" for k, (d, z) in CASES.items())
+        + " (default: one dense case in --dtype)",
     )
     ap.add_argument(
         "--n-models", type=int, default=3, help="checkpoints per merge (model 0 = base)"
@@ -316,15 +335,28 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
         "sizes": [],
     }
+    if args.cases is None:
+        cases = [(args.dtype, args.dtype, 0.0)]
+    else:
+        names = [c.strip() for c in args.cases.split(",") if c.strip()]
+        bad = sorted(set(names) - set(CASES))
+        if bad:
+            ap.error(f"unknown case(s) {bad}; choose from {list(CASES)}")
+        cases = [(c, *CASES[c]) for c in names]
     for params in [p.strip() for p in args.params.split(",") if p.strip()]:
-        size = bench_size(params, args, tools, methods, cache)
-        report["sizes"].append(size)
+        for case, dtype, zero in cases:
+            case_args = argparse.Namespace(**{**vars(args), "case": case, "dtype": dtype, "zero_fraction": zero})
+            size = bench_size(params, case_args, tools, methods, cache)
+            report["sizes"].append(size)
+            print()
+            print(size_header(size, case_args))
+            print(size_table(size))
+            for method, cmp in size.get("compare", {}).items():
+                print("\n" + compare_line(method, cmp))
+            print(flush=True)
+    if len(report["sizes"]) > 1 or len(tools) > 1:
+        print(matrix_table(report))
         print()
-        print(size_header(size, args))
-        print(size_table(size))
-        for method, cmp in size.get("compare", {}).items():
-            print("\n" + compare_line(method, cmp))
-        print(flush=True)
     for note in notes:
         print(f"note: {note}")
     report["machine"]["loadavg_at_end"] = list(os.getloadavg())

@@ -186,9 +186,12 @@ def _generator(seed: int, model_index: int, name: str, salt: str) -> torch.Gener
 
 
 def make_tensor(
-    name: str, shape: tuple[int, ...], model_index: int, seed: int, noise: float, dtype: torch.dtype
+    name: str, shape: tuple[int, ...], model_index: int, seed: int, noise: float, dtype: torch.dtype,
+    zero_fraction: float = 0.0,
 ) -> torch.Tensor:
-    """Base tensor (deterministic in seed and name) plus seeded noise for models > 0."""
+    """Base tensor (deterministic in seed and name) plus seeded noise for models > 0; with
+    `zero_fraction`, that share of the entries (seeded, per model) gets no noise, so the task
+    vector is exactly zero there (a partly frozen or sparsified fine-tune)."""
     if name.endswith("norm.weight"):
         t = torch.ones(shape, dtype=torch.float32)
         t.add_(torch.randn(shape, generator=_generator(seed, 0, name, "base")), alpha=0.01)
@@ -196,9 +199,11 @@ def make_tensor(
         t = torch.randn(shape, generator=_generator(seed, 0, name, "base"))
         t.mul_(0.02)
     if model_index > 0 and noise > 0:
-        t.add_(
-            torch.randn(shape, generator=_generator(seed, model_index, name, "noise")), alpha=noise
-        )
+        delta = torch.randn(shape, generator=_generator(seed, model_index, name, "noise"))
+        if zero_fraction > 0:
+            keep = torch.rand(shape, generator=_generator(seed, model_index, name, "zero")) >= zero_fraction
+            delta.mul_(keep)
+        t.add_(delta, alpha=noise)
     return t if dtype == torch.float32 else t.to(dtype)
 
 
@@ -225,6 +230,7 @@ def write_model(
     noise: float,
     dtype: str,
     shard_bytes: int,
+    zero_fraction: float = 0.0,
 ) -> int:
     """Write one checkpoint; returns bytes of tensor data written."""
     tdtype = DTYPES[dtype]
@@ -239,7 +245,8 @@ def write_model(
     for k, shard in enumerate(shards, start=1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         data = {
-            name: make_tensor(name, shp, model_index, seed, noise, tdtype) for name, shp in shard
+            name: make_tensor(name, shp, model_index, seed, noise, tdtype, zero_fraction)
+            for name, shp in shard
         }
         total += sum(t.numel() * t.element_size() for t in data.values())
         save_file(data, str(tmp / fname), metadata={"format": "pt"})
@@ -265,6 +272,7 @@ def make_checkpoints(
     vocab_size: int = 32000,
     hidden_size: int | None = None,
     num_layers: int | None = None,
+    zero_fraction: float = 0.0,
     reuse: bool = True,
     log=print,
 ) -> list[Path]:
@@ -283,6 +291,7 @@ def make_checkpoints(
         "seed": seed,
         "noise": noise,
         "shard_bytes": shard_bytes,
+        **({"zero_fraction": zero_fraction} if zero_fraction else {}),
     }
     paths = [out_root / f"model_{k}" for k in range(n_models)]
     marker = out_root / COMPLETE_MARKER
@@ -302,7 +311,7 @@ def make_checkpoints(
     )
     for k, path in enumerate(paths):
         t0 = time.perf_counter()
-        nbytes = write_model(path, shape, k, seed, noise, dtype, shard_bytes)
+        nbytes = write_model(path, shape, k, seed, noise, dtype, shard_bytes, zero_fraction)
         log(f"  {path.name}: {nbytes / 1e9:.3f} GB in {time.perf_counter() - t0:.1f} s")
     marker.write_text(json.dumps(settings, indent=2) + "\n")
     return paths
@@ -343,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fix the number of layers instead of solving for it",
     )
+    ap.add_argument(
+        "--zero-fraction", type=float, default=0.0,
+        help="share of each fine-tune's task-vector entries that are exactly zero (default 0: dense)",
+    )
     ap.add_argument("--force", action="store_true", help="rewrite even if a matching set exists")
     ap.add_argument(
         "--dry-run", action="store_true", help="print the chosen shape and size, write nothing"
@@ -376,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
         num_layers=args.layers,
+        zero_fraction=args.zero_fraction,
         reuse=not args.force,
     )
     return 0

@@ -322,3 +322,20 @@ def test_unexpected_exception_hints_at_debug(tiny_models, run_cli, write_spec, o
     code, _, err = run_cli("-v", "run", spec, out)
     assert "Traceback (most recent call last)" in err and "RuntimeError: synthetic" in err
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_output_finiteness_check_is_exact(dtype):
+    """One reduction decides: any NaN or Inf entry makes the sum non-finite; a finite tensor whose
+    sum overflows (huge entries) is checked entry by entry and passes."""
+    from weightspace.executor import _all_finite
+
+    big = torch.finfo(dtype).max
+    assert _all_finite(torch.full((64,), big, dtype=dtype))          # the sum overflows; entries fine
+    assert _all_finite(torch.tensor([big, -big, 1.0], dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(1000, dtype=dtype)
+        x[517] = bad
+        assert not _all_finite(x)
+    assert not _all_finite(torch.tensor([float("inf"), -float("inf")], dtype=dtype))  # sum is NaN
+    assert _all_finite(torch.arange(5))                               # integer buffers

@@ -143,6 +143,66 @@ def test_topk_with_ties_keeps_exactly_k_like_a_stable_argsort(values, density):
     assert torch.equal(mask, reference)
 
 
+def _select_reference(mag: torch.Tensor, r: int) -> tuple[float, int, int]:
+    """The r-th smallest by a full sort, and how many entries are below and equal to it."""
+    v = mag.reshape(-1).sort().values[r - 1]
+    return float(v), int((mag < v).sum()), int((mag == v).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["distinct", "half zero", "few values", "all equal", "tiny and huge"])
+def test_select_magnitude_counts_ties_exactly(dtype, kind):
+    gen = torch.Generator().manual_seed(7)
+    n = 5000
+    x = torch.randn(n, generator=gen)
+    if kind == "half zero":  # a partly frozen fine-tune's task vector
+        x = x * (torch.rand(n, generator=gen) < 0.5)
+    elif kind == "few values":
+        x = torch.randint(0, 4, (n,), generator=gen).float()
+    elif kind == "all equal":
+        x = torch.full((n,), 0.25)
+    elif kind == "tiny and huge":  # subnormals, zeros and infinities order like their bit patterns
+        x = torch.tensor([0.0, 1e-45, 1e-40, 1.0, float("inf"), 3e38] * 100)
+    mag = x.abs().to(dtype)
+    for r in sorted({1, 2, mag.numel() // 2, mag.numel() // 2 + 1, mag.numel() - 1, mag.numel()}):
+        v, below, equal = _sparsify.select_magnitude(mag, r)
+        ref = _select_reference(mag, r)
+        assert (float(v), below, equal) == ref, (r, float(v), below, equal, ref)
+        assert v.dtype == dtype
+        thr, above = _sparsify.kth_and_count_above(mag, r)
+        assert float(thr) == ref[0] and above == mag.numel() - ref[1] - ref[2]
+
+
+def test_select_magnitude_refuses_a_rank_outside_the_tensor():
+    with pytest.raises(ValueError, match="r=0 outside 1..3"):
+        _sparsify.select_magnitude(torch.ones(3), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.7])
+def test_trim_at_a_block_of_zeros_keeps_exactly_k_in_stable_order(dtype, density):
+    """Half the entries are exactly zero, so k lands in (or at the edge of) the tie block:
+    the mask is a stable descending argsort's first k, exactly k entries."""
+    gen = torch.Generator().manual_seed(3)
+    n = 4096
+    x = (torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) < 0.5)).to(dtype)
+    k = int(density * n)
+    mask = _sparsify.topk_mask(x, k)
+    reference = torch.zeros(n, dtype=torch.bool)
+    reference[torch.argsort(x.float().abs(), descending=True, stable=True)[:k]] = True
+    assert int(mask.sum()) == k and torch.equal(mask, reference)
+
+
+def test_breadcrumbs_window_with_ties_at_both_ends_is_a_stable_sort_slice():
+    x = torch.tensor([0.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 1.0])
+    order = torch.argsort(x.abs(), stable=True)
+    for start, end in [(2, 8), (1, 5), (4, 9), (0, 10), (3, 3)]:
+        mask = _sparsify._rank_window(x.abs(), start, end)
+        reference = torch.zeros(10, dtype=torch.bool)
+        reference[order[start:end]] = True
+        assert torch.equal(mask, reference), (start, end)
+
+
 # ------------------------------------------------------------------ breadcrumbs
 
 BREAD = t(0.1, -5, 2, -0.3, 1, 4, -3, 0.2, 0.5, -2.5)
