@@ -17,6 +17,7 @@ threshold.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -100,6 +101,49 @@ def select_magnitude(mag: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]
         low = torch.bincount((bits - (b << 16)).clamp_(-1, 1 << 16).add_(1), minlength=(1 << 16) + 2)[1:-1]
     lo, below_in = _count_to(low, r - below)
     value = torch.tensor((b << 16) | lo, dtype=torch.int32, device=flat.device).view(torch.float32)
+    return value, below + below_in, int(low[lo])
+
+
+def select_magnitude_streamed(blocks: Callable[[], Iterable[torch.Tensor]], r: int
+                              ) -> tuple[torch.Tensor, int, int]:
+    """`select_magnitude` of the concatenation of the magnitude blocks that `blocks()` yields,
+    without holding them together: the histograms of the bit patterns add up block by block, so
+    two passes over the blocks (one for bfloat16/float16) give the exact r-th smallest, with how
+    many entries are smaller and how many equal it. `blocks()` must yield the same blocks each
+    time (float32, bfloat16 or float16, one dtype)."""
+    counts = None
+    n = 0
+    pattern = None
+    for m in blocks():
+        pattern = _PATTERN.get(m.dtype)
+        if pattern is None:
+            raise TypeError(f"select_magnitude_streamed: {m.dtype} blocks; use select_magnitude")
+        bits = m.reshape(-1).contiguous().view(pattern)
+        hi = bits.to(torch.int32) if pattern is torch.int16 else bits >> 16
+        c = torch.bincount(hi, minlength=1 << 15)
+        counts = c if counts is None else counts.add_(c)
+        n += bits.numel()
+        dtype, device = m.dtype, m.device
+    if counts is None or not 1 <= r <= n:
+        raise ValueError(f"select_magnitude_streamed: r={r} outside 1..{n}")
+    b, below = _count_to(counts, r)
+    if pattern is torch.int16:
+        value = torch.tensor(b, dtype=torch.int16, device=device).view(dtype)
+        return value, below, int(counts[b])
+    big = int(counts[b]) * 16 >= n  # a big bin (a block of zeros): count it without gathering
+    low = torch.zeros((1 << 16) + 2 if big else 1 << 16, dtype=torch.int64, device=device)
+    for m in blocks():
+        bits = m.reshape(-1).contiguous().view(torch.int32)
+        if big:
+            low.add_(torch.bincount((bits - (b << 16)).clamp_(-1, 1 << 16).add_(1), minlength=(1 << 16) + 2))
+            continue
+        inside = bits[(bits >> 16) == b]
+        if inside.numel():
+            low.add_(torch.bincount(inside & 0xFFFF, minlength=1 << 16))
+    if big:
+        low = low[1:-1]
+    lo, below_in = _count_to(low, r - below)
+    value = torch.tensor((b << 16) | lo, dtype=torch.int32, device=device).view(torch.float32)
     return value, below + below_in, int(low[lo])
 
 
@@ -321,6 +365,7 @@ __all__ = [
     "rank_sampling",
     "rescale_l1",
     "select_magnitude",
+    "select_magnitude_streamed",
     "sparsify",
     "topk_mask",
 ]

@@ -31,6 +31,7 @@ from weightspace.merges._sparsify import (
     Sparsification,
     keep_count,
     kth_and_count_above,
+    select_magnitude_streamed,
     sparsify,
 )
 from weightspace.methods import Blocked, MergeMethod, Param, TensorParams
@@ -126,6 +127,7 @@ def merge_task_vectors(
 
 
 CHUNK = 1 << 20  # elements per block in the chunked path: a few MB, cache-resident
+SELECT_BLOCK = 1 << 20  # elements per block when counting |delta| for a trim threshold
 
 
 @dataclass
@@ -164,13 +166,24 @@ def _keep_counts(numel: int, densities: list[float] | None, n: int) -> tuple[Tri
 
 
 def _trim_whole(base: torch.Tensor, tensors: list[torch.Tensor], densities: list[float] | None) -> TrimState:
+    """Each trimming model's exact threshold (its k-th largest |delta|) and how many entries tied
+    with it are kept, counted over cache-sized blocks of |delta| (select_magnitude_streamed): no
+    task-vector-sized scratch buffer."""
     numel = base.numel()
     st, ks = _keep_counts(numel, densities, len(tensors))
     flat_b = base.reshape(-1)
-    for i, k in ks.items():  # sequential: numpy's introselect is fast; threads would oversubscribe
-        scratch = torch.sub(tensors[i].reshape(-1), flat_b).abs_()
-        # k-th largest = (numel - k + 1)-th smallest; `scratch` is reordered in place
-        thr, above = kth_and_count_above(scratch, numel - k + 1)
+    for i, k in ks.items():
+        flat_x = tensors[i].reshape(-1)
+        if flat_x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            thr, above = kth_and_count_above(torch.sub(flat_x, flat_b).abs_(), numel - k + 1)
+        else:
+            def blocks(x=flat_x):
+                for s in range(0, numel, SELECT_BLOCK):
+                    yield torch.sub(x[s:s + SELECT_BLOCK], flat_b[s:s + SELECT_BLOCK]).abs_()
+
+            # the k-th largest is the (numel - k + 1)-th smallest
+            thr, below, equal = select_magnitude_streamed(blocks, numel - k + 1)
+            above = numel - below - equal
         st.thresholds[i], st.tied_to_keep[i] = thr, k - above
     return st
 

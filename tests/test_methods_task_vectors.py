@@ -173,6 +173,20 @@ def test_select_magnitude_counts_ties_exactly(dtype, kind):
         assert float(thr) == ref[0] and above == mag.numel() - ref[1] - ref[2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [1, 7, 1000, 10_000])
+def test_select_magnitude_streamed_equals_the_whole_selection(dtype, block):
+    gen = torch.Generator().manual_seed(11)
+    n = 3001
+    mag = (torch.randn(n, generator=gen) * (torch.rand(n, generator=gen) < 0.5)).abs().to(dtype)
+    blocks = lambda: (mag[s:s + block] for s in range(0, n, block))  # noqa: E731
+    for r in (1, 1000, 1500, 1501, 2999, n):
+        v, below, equal = _sparsify.select_magnitude_streamed(blocks, r)
+        assert (float(v), below, equal) == _select_reference(mag, r)
+    with pytest.raises(ValueError, match="outside 1..3001"):
+        _sparsify.select_magnitude_streamed(blocks, n + 1)
+
+
 def test_select_magnitude_refuses_a_rank_outside_the_tensor():
     with pytest.raises(ValueError, match="r=0 outside 1..3"):
         _sparsify.select_magnitude(torch.ones(3), 0)
