@@ -128,6 +128,7 @@ def merge_task_vectors(
 
 CHUNK = 1 << 20  # elements per block in the chunked path: a few MB, cache-resident
 SELECT_BLOCK = 1 << 20  # elements per block when counting |delta| for a trim threshold
+SELECT_WHOLE = 1 << 23  # up to this many entries, |delta| is one buffer (32 MiB of float32)
 
 
 @dataclass
@@ -167,14 +168,15 @@ def _keep_counts(numel: int, densities: list[float] | None, n: int) -> tuple[Tri
 
 def _trim_whole(base: torch.Tensor, tensors: list[torch.Tensor], densities: list[float] | None) -> TrimState:
     """Each trimming model's exact threshold (its k-th largest |delta|) and how many entries tied
-    with it are kept, counted over cache-sized blocks of |delta| (select_magnitude_streamed): no
-    task-vector-sized scratch buffer."""
+    with it are kept; above SELECT_WHOLE entries counted over cache-sized blocks of |delta|
+    (select_magnitude_streamed), so a large tensor gets no task-vector-sized scratch buffer."""
     numel = base.numel()
     st, ks = _keep_counts(numel, densities, len(tensors))
     flat_b = base.reshape(-1)
     for i, k in ks.items():
         flat_x = tensors[i].reshape(-1)
-        if flat_x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if numel <= SELECT_WHOLE or flat_x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            # one |delta| buffer: up to 32 MiB of float32 it costs less than computing it twice
             thr, above = kth_and_count_above(torch.sub(flat_x, flat_b).abs_(), numel - k + 1)
         else:
             def blocks(x=flat_x):
