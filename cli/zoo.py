@@ -68,7 +68,7 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
     from weightspace.spec import read_yaml_file
     from weightspace.zoo.build import build_zoo
     from weightspace.zoo.spec import LARGE_ZOO, MAX_MODELS, parse_zoo_spec
-    from weightspace.zoo.store import CATALOG, Zoo
+    from weightspace.zoo.store import Zoo, is_zoo
 
     if address and executor != "ray":
         raise click.UsageError("--address needs --executor ray")
@@ -85,7 +85,7 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
     check_disjoint(out, [v for v in (s.init, *s.grid.get("init", ())) if isinstance(v, str)])
     if dry_run:
         runs = s.runs()
-        have = Zoo(out).model_ids if (out / CATALOG).is_file() else set()
+        have = Zoo(out).model_ids if is_zoo(out) else set()
         todo = sum(r.model_id not in have for r in runs)
         info = {"models": len(runs), "built": len(runs) - todo, "to_train": todo,
                 "checkpoints_per_model": len(runs[0].train.checkpoint_epochs), "axes": list(s.grid)}
@@ -100,7 +100,7 @@ def build(spec: Path, out: Path, executor: str, workers: int | None, address: st
         report = build_zoo(s, out, spec_text=text, executor=executor, workers=workers, address=address,
                            yes=yes, max_batch=max_batch, progress=progress)
     except KeyboardInterrupt:
-        n = len(Zoo(out).model_ids) if (out / CATALOG).is_file() else 0
+        n = len(Zoo(out).model_ids) if is_zoo(out) else 0
         raise Interrupted(f"interrupted: {n} model{'' if n == 1 else 's'} {'is' if n == 1 else 'are'} saved "
                           f"in {out}; run the same command to resume") from None
     except SpecError as e:

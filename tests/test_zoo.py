@@ -24,7 +24,7 @@ from weightspace.zoo.build import build_zoo
 from weightspace.zoo.data import load_task
 from weightspace.zoo.phases import PhaseRules, classify, phase_grid
 from weightspace.zoo.spec import parse_zoo_spec
-from weightspace.zoo.store import Zoo, read_catalog
+from weightspace.zoo.store import LOG, Zoo, is_zoo, read_catalog
 from weightspace.zoo.train import ModelRun, TrainConfig, group_runs, lr_factor, train, train_batch
 
 
@@ -324,11 +324,12 @@ def test_killed_build_leaves_consistent_zoo(tmp_path):
                             cwd=Path(__file__).resolve().parents[1])
     deadline = time.time() + 60
     while time.time() < deadline:
-        if (root / "catalog.parquet").exists() and len(read_catalog(root / "catalog.parquet")) >= 3:
+        if is_zoo(root) and len(Zoo(root).rows) >= 3:      # the catalog log, read while it grows
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (root / LOG).is_file()                  # killed before compacting its log
     z = Zoo(root)
     assert z.missing_weights() == []
     listed = z.model_ids

@@ -5,7 +5,10 @@
     build_zoo(spec, "runs/zoo", on_progress=lambda p: print(p.models_done, p.epochs_done))
 
 Resumable: a model whose id (a hash of its full config) is in the catalog is
-not trained again; a killed build loses at most the models in flight.
+not trained again; a killed build loses at most the models in flight. The
+catalog grows by one log line per finished batch and is compacted once at the
+end (see `weightspace.zoo.store`), so saving a model costs the same in a zoo of
+ten models or of ten thousand.
 
 Progress: the models of a batch finish together, so besides the saved models
 the workers report every finished epoch of every batch (model-epochs), which
@@ -249,13 +252,13 @@ def build_zoo(spec: ZooSpec, out: str | Path, *, spec_text: str | None = None, e
                                   on_report=track.report):
             if payloads:
                 track.unit_started_saving(payloads[0]["model_id"])
-            for p in payloads:
-                rows = zoo.add_model(p)
+            for rows in zoo.add_models(payloads):    # the unit's models, then one catalog log line
                 report.trained += 1
                 track.model_saved()
                 if on_model is not None:
                     on_model(rows[-1])
     finally:
         track.close()
+    zoo.compact()       # the log into catalog.parquet, once (an interrupted build leaves it for the next)
     report.seconds = time.perf_counter() - t0
     return report

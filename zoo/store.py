@@ -3,25 +3,42 @@
     zoo/
       zoo.yaml                          the spec of the last build
       catalog.parquet                   one row per checkpoint (pandas, duckdb, pyarrow read it)
+      catalog.log                       while a build runs (or after one was killed): its changes since
+                                        catalog.parquet was written, one JSON object per line
       models/<model_id>/rows.json       the model's catalog rows (for recovery)
       models/<model_id>/epoch-0030/     model.safetensors + config.json (a checkpoint like any other)
 
     import pandas as pd;  pd.read_parquet("zoo/catalog.parquet")
     duckdb -c "select width, batch_size, avg(test_acc) from 'zoo/catalog.parquet' group by all"
 
+Writes cost what they add: a writing command appends its changes to
+`catalog.log` (a batch of new models, a checkpoint's metrics, models dropped:
+one line each, written whole and fsynced) and folds the log into
+catalog.parquet once, when it finishes (`Zoo.compact`: a temporary file,
+`os.replace`, then the log is removed). A build of N models writes O(N) catalog
+bytes in total, where rewriting the catalog after every model wrote O(N^2).
+Readers apply the log to catalog.parquet in memory, so they see the same rows
+a finished catalog holds; a finished zoo is a catalog.parquet alone, the
+format older versions wrote and read (an old zoo opens unchanged).
+
 Writes are ordered so that an interrupted build never leaves a catalog row
 without its weights: a model's directory is written under a temporary name and
-renamed into place, and only then is the catalog replaced (write to a temporary
-file, `os.replace`). A kill between the two leaves a finished model that the
-catalog does not list yet; the next open adopts it from its `rows.json`
-instead of training it again, so no weights stay without their row.
+renamed into place, and only then is its log line appended. A kill between the
+two leaves a finished model that the catalog does not list yet; the next open
+adopts it from its `rows.json` instead of training it again, so no weights stay
+without their row. A kill while a line is appended leaves a last line without
+its newline, which readers ignore (its models are adopted); a kill during
+compaction leaves a log that is already in catalog.parquet, and replaying it
+changes nothing (each line replaces rows, merges columns or drops models).
 
 A zoo opens read-only unless asked (`Zoo(root, write=True)`, or `create=True`):
 reading commands (show, find, generator training and evaluation) never change a
-file in it; they see an unlisted finished model in memory only. Every row, from
-the catalog or a rows.json, is checked when read: the columns every row needs
-(`REQUIRED_COLUMNS`), and a checkpoint path that stays inside the zoo (a rows.json
-only under its own model directory).
+file in it; they see an unlisted finished model, and the log, in memory only. A
+writing open finishes an interrupted build first: it removes temporary model
+directories and compacts the log and the adopted models into catalog.parquet.
+Every row, from the catalog, the log or a rows.json, is checked when read: the
+columns every row needs (`REQUIRED_COLUMNS`), and a checkpoint path that stays
+inside the zoo (a rows.json only under its own model directory).
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from weightspace.files import atomic_file, clean_stale_in, temp_sibling
 from weightspace.methods import suggest
 
 CATALOG = "catalog.parquet"
+LOG = "catalog.log"
 MODELS = "models"
 SPEC = "zoo.yaml"
 
@@ -59,15 +77,22 @@ def _normalize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{c: r.get(c) for c in cols} for r in rows]
 
 
-def write_catalog(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace the catalog atomically (temporary file, fsync, os.replace)."""
+def _catalog_table(rows: list[dict[str, Any]]):
+    """The catalog's table of `rows`: every column in every row, sorted by (model_id, epoch)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     rows = sorted(_normalize(rows), key=lambda r: (r.get("model_id") or "", r.get("epoch") or 0))
-    table = pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in LEAD_COLUMNS})
+    return pa.Table.from_pylist(rows) if rows else pa.table({c: [] for c in LEAD_COLUMNS})
+
+
+def write_catalog(path: Path, rows: list[dict[str, Any]]):
+    """Replace the catalog atomically (temporary file, fsync, os.replace); returns its table."""
+    import pyarrow.parquet as pq
+
+    table = _catalog_table(rows)
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)
+    return table
 
 
 def check_rows(rows: Any, source: Path, root: Path, *, model_dir: str | None = None) -> list[dict[str, Any]]:
@@ -116,26 +141,124 @@ def read_catalog(path: Path, root: Path | None = None) -> list[dict[str, Any]]:
     return check_rows(table.to_pylist(), path, Path(path).parent if root is None else root)
 
 
+def is_zoo(root: str | Path) -> bool:
+    """Whether `root` holds a zoo: a catalog, or the log of a first build that has not finished."""
+    root = Path(root)
+    return (root / CATALOG).is_file() or (root / LOG).is_file()
+
+
+def read_log(path: Path, root: Path) -> list[dict[str, Any]]:
+    """The complete entries of a catalog log, checked: `{"put": rows}`, `{"update": [[model_id,
+    epoch, columns], ...]}` or `{"drop": [model_id, ...]}` per line. A last line without its
+    newline is a write that a kill cut short, and is left out. InputError naming the file and line."""
+    from weightspace.inputs import parse_json, read_input_bytes
+
+    lines = read_input_bytes(path).split(b"\n")
+    entries = []
+    for no, line in enumerate(lines[:-1], 1):   # the last piece is empty, or a torn write
+        where = f"{path} line {no}"
+        e = parse_json(line, where)
+        if not isinstance(e, dict) or len(e) != 1 or next(iter(e)) not in ("put", "update", "drop"):
+            raise InputError(f"{where}: expected one of put, update or drop")
+        if "put" in e:
+            check_rows(e["put"], Path(where), root)
+        elif "update" in e:
+            u = e["update"]
+            if not isinstance(u, list) or not all(
+                    isinstance(x, list) and len(x) == 3 and isinstance(x[0], str) and isinstance(x[1], int)
+                    and isinstance(x[2], dict) and not set(x[2]) & set(REQUIRED_COLUMNS) for x in u):
+                raise InputError(f"{where}: an update is a list of [model_id, epoch, columns] that leave "
+                                 f"{', '.join(REQUIRED_COLUMNS)} alone")
+        elif not isinstance(e["drop"], list) or not all(isinstance(x, str) for x in e["drop"]):
+            raise InputError(f"{where}: drop takes a list of model ids")
+        entries.append(e)
+    return entries
+
+
 class Zoo:
     """A zoo directory: its catalog rows and its checkpoints.
 
     Read-only unless `write` (or `create`, which makes the directory): then opening also
-    finishes an interrupted build (removes temporary model directories, lists adopted models
-    in the catalog)."""
+    finishes an interrupted build (removes temporary model directories, compacts the log and
+    the adopted models into catalog.parquet). Writers append to the log; `compact()` when done."""
 
     def __init__(self, root: str | Path, *, create: bool = False, write: bool = False):
         self.root = Path(root)
         self.catalog_path = self.root / CATALOG
+        self.log_path = self.root / LOG
         self.models_dir = self.root / MODELS
         self.writable = create or write
         if create:
             self.models_dir.mkdir(parents=True, exist_ok=True)
-        elif not self.catalog_path.is_file():
+        elif not is_zoo(self.root):
             what = "directory does not exist" if not self.root.exists() else f"has no {CATALOG}"
             raise InputError(f"{self.root}: not a zoo ({what}); build one with `wsmerge zoo build SPEC -o {self.root}`")
         self.rows: list[dict[str, Any]] = (read_catalog(self.catalog_path, self.root)
                                            if self.catalog_path.is_file() else [])
+        self._index()
+        logged = self.log_path.is_file()
+        if logged:
+            for entry in read_log(self.log_path, self.root):
+                self._apply(entry)
+            self.rows = _catalog_table(self.rows).to_pylist()
+            self._index()
         self.adopted = self._recover()
+        self._dirty = logged or bool(self.adopted)   # rows that catalog.parquet does not hold yet
+        if self.writable and self._dirty:
+            self.compact()
+
+    def _index(self) -> None:
+        self._by_key = {(r["model_id"], int(r["epoch"])): r for r in self.rows}
+        self._ids = {r["model_id"] for r in self.rows}
+
+    def _apply(self, entry: Mapping[str, Any]) -> None:
+        """One log entry, applied to the rows in memory as `add_models`, `update_rows` or
+        `drop_models` changed them before logging it (O(rows in the entry), but for a model
+        written again or dropped)."""
+        if "put" in entry:
+            self._put(entry["put"])
+        elif "update" in entry:
+            for mid, epoch, cols in entry["update"]:
+                r = self._by_key.get((mid, epoch))
+                if r is not None:
+                    r.update(cols)
+        else:
+            ids = set(entry["drop"])
+            self.rows = [r for r in self.rows if r["model_id"] not in ids]
+            self._index()
+
+    def _put(self, rows: list[dict[str, Any]]) -> None:
+        ids = {r["model_id"] for r in rows}
+        if ids & self._ids:                       # a model written again replaces its rows
+            self.rows = [r for r in self.rows if r["model_id"] not in ids]
+            self._index()
+        self.rows.extend(rows)
+        self._by_key.update(((r["model_id"], int(r["epoch"])), r) for r in rows)
+        self._ids |= ids
+
+    def _log(self, entry: Mapping[str, Any]) -> None:
+        """Append one entry to the catalog log, whole and fsynced (a line is its unit)."""
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._dirty = True
+
+    def compact(self) -> None:
+        """Write every row to catalog.parquet (atomically) and remove the log it now holds."""
+        self._check_writable()
+        if not self._dirty:
+            return
+        table = write_catalog(self.catalog_path, self.rows)
+        self.log_path.unlink(missing_ok=True)
+        self._dirty = False
+        self.rows = table.to_pylist()         # as a reader of the catalog sees them
+        self._index()
 
     def _check_writable(self) -> None:
         if not self.writable:
@@ -167,9 +290,9 @@ class Zoo:
             rows = check_rows(rows, d / "rows.json", self.root, model_dir=d.name)
             if rows and all((self.root / r["path"] / "model.safetensors").is_file() for r in rows):
                 self.rows.extend(rows)
+                self._by_key.update(((r["model_id"], int(r["epoch"])), r) for r in rows)
+                self._ids.add(d.name)
                 adopted.append(d.name)
-        if adopted and self.writable:
-            write_catalog(self.catalog_path, self.rows)
         return adopted
 
     def require_columns(self, *columns: str) -> None:
@@ -182,7 +305,7 @@ class Zoo:
 
     @property
     def model_ids(self) -> set[str]:
-        return {r["model_id"] for r in self.rows}
+        return set(self._ids)
 
     def missing_weights(self) -> list[dict[str, Any]]:
         """Catalog rows whose checkpoint file is gone."""
@@ -201,11 +324,12 @@ class Zoo:
 
     def drop_models(self, ids: Iterable[str]) -> None:
         self._check_writable()
-        ids = set(ids)
+        ids = sorted(set(ids))
         self.rows = [r for r in self.rows if r["model_id"] not in ids]
+        self._index()
         for i in ids:
             shutil.rmtree(self.models_dir / i, ignore_errors=True)
-        write_catalog(self.catalog_path, self.rows)
+        self._log({"drop": ids})
 
     # writing
     def add_model(self, payload: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -213,7 +337,21 @@ class Zoo:
 
         `payload`: {"model_id", "rows": [row per checkpoint, with "epoch"],
         "files": {epoch: {"model.safetensors": bytes, "config.json": str}}}."""
+        return self.add_models([payload])[0]
+
+    def add_models(self, payloads: Iterable[Mapping[str, Any]]) -> list[list[dict[str, Any]]]:
+        """Write trained models (see `add_model`), each renamed into place, then their rows as one
+        line of the catalog log; returns each model's rows."""
         self._check_writable()
+        written = [self._write_model(p) for p in payloads]
+        if not written:
+            return []
+        new = [r for rows in written for r in rows]
+        self._put(new)
+        self._log({"put": new})
+        return written
+
+    def _write_model(self, payload: Mapping[str, Any]) -> list[dict[str, Any]]:
         mid = payload["model_id"]
         final = self.models_dir / mid
         tmp = temp_sibling(final)  # names its owner, so a later build removes it if this one is killed
@@ -236,18 +374,19 @@ class Zoo:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.rows = [r for r in self.rows if r["model_id"] != mid] + rows
-        write_catalog(self.catalog_path, self.rows)
         return rows
 
     def update_rows(self, updates: Mapping[tuple[str, int], Mapping[str, Any]]) -> None:
         """Merge new columns (landscape metrics) into rows keyed by (model_id, epoch)."""
         self._check_writable()
-        for r in self.rows:
-            u = updates.get((r["model_id"], int(r["epoch"])))
-            if u:
+        found = []
+        for (mid, epoch), u in updates.items():
+            r = self._by_key.get((mid, int(epoch)))
+            if r is not None and u:
                 r.update(u)
-        write_catalog(self.catalog_path, self.rows)
+                found.append([mid, int(epoch), dict(u)])
+        if found:
+            self._log({"update": found})
 
     def write_spec(self, text: str) -> None:
         self._check_writable()
