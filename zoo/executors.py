@@ -4,9 +4,23 @@
         ...                                  # results arrive as units finish, in any order
     map_units(fn, units, on_report=show)     # fn(unit, report): report(msg) reaches show(msg) now
 
-Units and results are plain Python data (dicts, lists, bytes): weights travel
-as safetensors bytes, so the parent never unpickles tensors, and the same zoo
-comes out of either executor. The parent process alone writes to the zoo.
+Units and results are plain Python data (dicts, lists, bytes), so the parent
+never unpickles tensors and the same zoo comes out of either executor. The
+parent process alone writes to the zoo, so results (trained weights) travel
+as safetensors bytes. Inputs follow one rule: a unit names its files by path,
+and a local worker (a process of this machine) reads them itself; a Ray worker
+may be on a machine without this filesystem, so `ship(unit)`, given by the
+caller, turns a unit's paths into bytes just before it is submitted to Ray,
+with a few units in flight per worker (bytes never pile up in the parent).
+
+Threads: every unit runs with `threads_per_worker(workers, units)` torch
+threads, the cores this process may use divided by the units that run at once
+(at least 1), set in the worker before the unit starts and put back after it,
+so an in-process unit leaves the caller's setting as it was. Torch's default
+(one thread per core in every worker) oversubscribes the cores as soon as two
+workers run, and small models then train many times slower. A unit on a Ray
+cluster (`address`) gets one thread, its one CPU of the cluster.
+
 Reports are small messages a unit sends while it runs (progress): local
 workers send them through a queue the parent drains while it waits; on Ray a
 unit's reports are not forwarded (only its result).
@@ -27,21 +41,44 @@ from weightspace.extras import require
 EXECUTORS = ("local", "ray")
 
 
+def available_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or taskset narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:          # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    return available_cores()
+
+
+def threads_per_worker(workers: int, units: int | None = None) -> int:
+    """Torch threads for each unit: the cores divided by the units running at once, at least 1."""
+    running = max(1, min(workers, units) if units is not None else workers)
+    return max(1, available_cores() // running)
+
+
+def run_with_threads(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` with `threads` torch threads; the previous count is put back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
 
 
 _reports: Any = None  # in a local worker: the queue its units' reports go to
 
 
-def _init_worker(threads: int, reports: Any = None) -> None:
-    import torch
-
+def _init_worker(reports: Any = None) -> None:
     global _reports
     _reports = reports
     # Ctrl-C reaches the whole process group; the parent alone handles it (and stops the workers)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
 
 
 def _report(msg: Any) -> None:
@@ -75,11 +112,14 @@ def check_executor(executor: str) -> None:
 
 def map_units(fn: Callable[..., Any], units: Sequence[Any], *, executor: str = "local",
               workers: int | None = None, address: str | None = None,
-              on_report: Callable[[Any], None] | None = None) -> Iterator[Any]:
+              on_report: Callable[[Any], None] | None = None,
+              ship: Callable[[Any], Any] | None = None) -> Iterator[Any]:
     """Yield `fn(unit)` for every unit, as each finishes.
 
     With `on_report`, `fn` is called as `fn(unit, report)`, and every `report(msg)` it makes
     reaches `on_report(msg)` in this process while the unit is still running (local executor).
+    `ship(unit)`: the unit as a Ray worker gets it (its input files' bytes in place of their
+    paths); local workers get units as given.
     """
     check_executor(executor)
     if not units:
@@ -88,11 +128,12 @@ def map_units(fn: Callable[..., Any], units: Sequence[Any], *, executor: str = "
     if workers < 1:
         raise SpecError(f"--workers: must be at least 1, got {workers}")
     if executor == "ray":
-        yield from _map_ray(fn, units, workers, address, with_report=on_report is not None)
+        yield from _map_ray(fn, units, workers, address, with_report=on_report is not None, ship=ship)
     elif workers == 1 or len(units) == 1:
         call = fn if on_report is None else _with_report(fn, on_report)
+        threads = threads_per_worker(1)
         for u in units:
-            yield call(u)
+            yield run_with_threads(threads, call, u)
     else:
         yield from _map_local(fn, units, workers, on_report)
 
@@ -102,13 +143,13 @@ def _map_local(fn: Callable[..., Any], units: Sequence[Any], workers: int,
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     workers = min(workers, len(units))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker(workers)
     # spawn, not fork: forking a process that has started OpenMP threads can hang
     ctx = multiprocessing.get_context("spawn")
     reports = ctx.Queue() if on_report is not None else None
     call = fn if on_report is None else _with_report(fn, _report)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(threads, reports))
+                               initargs=(reports,))
 
     def drain() -> None:
         while reports is not None:
@@ -120,7 +161,7 @@ def _map_local(fn: Callable[..., Any], units: Sequence[Any], workers: int,
 
     finished = False
     try:
-        pending = {pool.submit(call, u) for u in units}
+        pending = {pool.submit(run_with_threads, threads, call, u) for u in units}
         while pending:
             done, pending = wait(pending, timeout=None if reports is None else 0.2,
                                  return_when=FIRST_COMPLETED)
@@ -139,8 +180,11 @@ def _map_local(fn: Callable[..., Any], units: Sequence[Any], workers: int,
 
 
 def _map_ray(fn: Callable[..., Any], units: Sequence[Any], workers: int, address: str | None,
-             with_report: bool = False) -> Iterator[Any]:
+             with_report: bool = False, ship: Callable[[Any], Any] | None = None) -> Iterator[Any]:
     ray = require("ray", "ray", "--executor ray needs Ray")
+    # local Ray: `workers` units at once, each with its share of this machine's cores (its Ray
+    # CPUs); on a cluster: one CPU and one thread per unit, as many at once as the cluster has CPUs
+    threads = 1 if address else threads_per_worker(workers, len(units))
     started = not ray.is_initialized()
     if started:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
@@ -148,20 +192,32 @@ def _map_ray(fn: Callable[..., Any], units: Sequence[Any], workers: int, address
         if address:
             kwargs["address"] = address
         else:
-            kwargs["num_cpus"] = workers
+            kwargs["num_cpus"] = min(workers, len(units)) * threads
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise WeightspaceError(f"--address {address or '(local)'}: cannot start or reach Ray: {e}") from None
     try:
-        if with_report:       # reports are not forwarded from Ray workers: whole units only
-            remote = ray.remote(num_cpus=1)(_call_with_report)
-            refs = [remote.remote(fn, _ignore, u) for u in units]
-        else:
-            remote = ray.remote(num_cpus=1)(fn)
-            refs = [remote.remote(u) for u in units]
+        cpus = int(ray.cluster_resources().get("CPU", workers)) if address else workers
+        in_flight = 2 * max(1, cpus)             # enough to keep every CPU busy between results
+        remote = ray.remote(num_cpus=threads)(run_with_threads)
+        todo = iter(units)
+
+        def submit() -> bool:
+            u = next(todo, None)
+            if u is None:
+                return False
+            u = ship(u) if ship is not None else u
+            args = (_call_with_report, fn, _ignore, u) if with_report else (fn, u)
+            refs.append(remote.remote(threads, *args))
+            return True
+
+        refs: list[Any] = []
+        while len(refs) < in_flight and submit():
+            pass
         while refs:
             done, refs = ray.wait(refs, num_returns=1)
+            submit()
             yield ray.get(done[0])
     finally:
         if started:

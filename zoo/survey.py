@@ -7,8 +7,10 @@ Hessian top eigenvalue and trace). Per pair of checkpoints that differ only in
 their seed (same config, same epoch; seeds paired in a cycle, each unordered
 pair computed once): `weightspace.zoo.metrics.pair_metrics` (mc on the linear path and on
 a fitted Bezier curve, logit CKA); both rows of a pair carry its values and
-`pair_model_id`. Work fans out like `zoo build` (local processes or Ray);
-units carry the weights as safetensors bytes.
+`pair_model_id`. Work fans out like `zoo build` (local processes or Ray).
+A unit names its checkpoints by path and a local worker reads them; on Ray
+the unit is shipped with the weights' bytes instead, as it is submitted
+(`ship_unit`), since Ray's workers may not share this filesystem.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
     from weightspace.zoo.metrics import landscape_metrics, pair_metrics
 
     cfg = unit["config"]
-    params = load(unit["weights"])
+    params = load(_weights(unit, "path", "weights"))
     model = model_from_config(cfg, unit["path"], tensors=params)
     task = load_task(cfg["dataset"])
     s = unit["settings"]
@@ -63,9 +65,24 @@ def _metrics_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
                             trace_samples=s["trace_samples"], max_examples=s["max_examples"])
     pair = None
     if unit.get("partner") is not None:
-        pair = pair_metrics(model, params, load(unit["partner"]), task, bezier_steps=s["bezier_steps"],
-                            max_examples=s["max_examples"])
+        pair = pair_metrics(model, params, load(_weights(unit, "partner", "partner_weights")), task,
+                            bezier_steps=s["bezier_steps"], max_examples=s["max_examples"])
     return {"key": unit["key"], "metrics": out, "pair": pair, "partner_key": unit.get("partner_key")}
+
+
+def _weights(unit: Mapping[str, Any], path_key: str, bytes_key: str) -> bytes:
+    """A checkpoint's safetensors bytes: shipped with the unit (Ray), else read from its folder."""
+    if unit.get(bytes_key) is not None:
+        return unit[bytes_key]
+    return read_input_bytes(Path(unit[path_key]) / "model.safetensors")
+
+
+def ship_unit(unit: Mapping[str, Any]) -> dict[str, Any]:
+    """The unit as a Ray worker gets it: with its checkpoints' bytes (see the module docstring)."""
+    out = dict(unit, weights=read_input_bytes(Path(unit["path"]) / "model.safetensors"))
+    if unit.get("partner") is not None:
+        out["partner_weights"] = read_input_bytes(Path(unit["partner"]) / "model.safetensors")
+    return out
 
 
 def _pair_key(cfg: Mapping[str, Any]) -> str:
@@ -91,7 +108,7 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
         configs[(r["model_id"], int(r["epoch"]))] = (path, read_json_object(path / "config.json"))
     # seed pairs among the selected rows: same config except seed, cycled in seed order
     partner: dict[tuple[str, int], tuple[str, int]] = {}
-    pair_of: dict[tuple[str, int], tuple[str, int]] = {}
+    second_of: dict[tuple[str, int], tuple[str, int]] = {}   # the first row of a two-seed pair -> the other
     if pairs and settings.pairs:
         groups: dict[str, list[tuple[int, tuple[str, int]]]] = {}
         for key, (_, cfg) in configs.items():
@@ -104,7 +121,7 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
             for i, k in enumerate(keys):
                 nxt = keys[(i + 1) % len(keys)]
                 if len(keys) == 2 and i == 1:
-                    pair_of[k] = keys[0]          # the one pair is computed by the first row
+                    second_of[keys[0]] = k        # the one pair is computed by the first row
                 else:
                     partner[k] = nxt
     settings_d = settings.model_dump()
@@ -112,11 +129,9 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
     for r in todo:
         key = (r["model_id"], int(r["epoch"]))
         path, cfg = configs[key]
-        unit: dict[str, Any] = {"key": key, "path": str(path), "config": cfg, "settings": settings_d,
-                                "weights": read_input_bytes(path / "model.safetensors")}
+        unit: dict[str, Any] = {"key": key, "path": str(path), "config": cfg, "settings": settings_d}
         if key in partner:
-            ppath = configs[partner[key]][0]
-            unit["partner"] = read_input_bytes(ppath / "model.safetensors")
+            unit["partner"] = str(configs[partner[key]][0])
             unit["partner_key"] = partner[key]
         units.append(unit)
     bar = None
@@ -126,16 +141,16 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
         bar = tqdm(total=len(units), desc="metrics", unit="ckpt", dynamic_ncols=True)
     done = 0
     try:
-        for res in map_units(metrics_unit, units, executor=executor, workers=workers, address=address):
+        for res in map_units(metrics_unit, units, executor=executor, workers=workers, address=address,
+                             ship=ship_unit):
             key = tuple(res["key"])
             updates: dict[tuple[str, int], dict[str, Any]] = {key: dict(res["metrics"])}
             if res["pair"] is not None:
                 pk = tuple(res["partner_key"])
                 updates[key].update(res["pair"], pair_model_id=pk[0])
                 # the second row of a two-seed pair shares the values
-                for other, first in pair_of.items():
-                    if first == key and other == pk:
-                        updates.setdefault(other, {}).update(res["pair"], pair_model_id=key[0])
+                if second_of.get(key) == pk:
+                    updates.setdefault(pk, {}).update(res["pair"], pair_model_id=key[0])
             zoo.update_rows(updates)
             done += 1
             if bar is not None:
@@ -143,4 +158,5 @@ def compute_metrics(zoo_dir: str | Path, *, checkpoints: str | None = None, exec
     finally:
         if bar is not None:
             bar.close()
+    zoo.compact()       # the metrics' log lines into catalog.parquet, once
     return done
