@@ -22,7 +22,9 @@ was saved and its share of its batch's training time; from these:
   wchar: model files, catalog, pipes to its workers).
 
 The machine's load average is recorded before and after every build. Results
-go to benchmarks/results/zoo_scale.json.
+go to benchmarks/results/zoo_scale.json; `--table` prints the README's table
+from it and from results/zoo_scale_before.json (the same script run on the
+code before the catalog log).
 """
 
 from __future__ import annotations
@@ -162,6 +164,28 @@ def measure(n: int, executor: str, workers: int, epochs: int, work: Path) -> dic
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after]}
 
 
+def format_table(results: list[tuple[str, dict]]) -> str:
+    """The README's table: one line per build of each (code, results JSON)."""
+    head = ("| code | models | executor | models/min | overhead per model | first 1k | last 1k "
+            "| written per model | peak RSS (PSS) | load |")
+    lines = [head, "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for code, res in results:
+        for r in res["rows"]:
+            lines.append(
+                f"| {code} | {r['models']:,} | {r['executor']} | {r['models_per_min']:,.0f} "
+                f"| {r['overhead_ms_per_model']:.1f} ms | {r['first_thousand']['overhead_ms_per_model']:.1f} ms "
+                f"| {r['last_thousand']['overhead_ms_per_model']:.1f} ms | {r['write_bytes_per_model'] / 1024:.1f} KiB "
+                f"| {r['peak_tree_rss_mib']:,.0f} ({r['peak_tree_pss_mib']:,.0f}) MiB "
+                f"| {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |")
+    return "\n".join(lines)
+
+
+def committed_table() -> str:
+    res = HERE / "results"
+    return format_table([("before", json.loads((res / "zoo_scale_before.json").read_text())),
+                         ("now", json.loads((res / "zoo_scale.json").read_text()))])
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
@@ -173,7 +197,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--label", default="", help="stored with the results (e.g. the commit measured)")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "zoo_scale.json")
+    ap.add_argument("--table", action="store_true", help="print the README table of the committed results")
     args = ap.parse_args()
+    if args.table:
+        print(committed_table())
+        return
     import torch
 
     rows = []
