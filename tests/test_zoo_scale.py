@@ -241,3 +241,15 @@ def test_every_ray_task_gets_the_rule(monkeypatch):
     monkeypatch.setattr(executors, "available_cores", lambda: 6)
     got = list(map_units(lambda u: (u, torch.get_num_threads()), list(range(5)), executor="ray", workers=2))
     assert sorted(got) == [(u, 3) for u in range(5)]
+
+
+def test_readme_zoo_scale_table_is_the_committed_results():
+    """The README's table is `benchmarks/zoo_scale.py --table` of the committed JSONs, so it cannot
+    drift from what was measured."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("zoo_scale", repo / "benchmarks" / "zoo_scale.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.committed_table() in (repo / "README.md").read_text()
