@@ -217,28 +217,42 @@ def threads_of_worker(unit: int) -> int:
     return torch.get_num_threads()
 
 
-@pytest.mark.parametrize("cores, workers, units, want", [(8, 2, 4, 4), (8, 3, 6, 2), (2, 4, 4, 1),
-                                                         (8, 4, 2, 4), (1, 1, 3, 1)])
-def test_threads_per_worker_rule(monkeypatch, cores, workers, units, want):
+@pytest.fixture
+def caller_threads():
+    """Set this process's torch threads for a test (the suite runs with 1), put back after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cores, caller, workers, units, want", [
+    (8, 8, 2, 4, 4), (8, 8, 3, 6, 2), (2, 2, 4, 4, 1), (8, 8, 4, 2, 4), (1, 1, 1, 3, 1),
+    (8, 1, 2, 4, 1), (8, 3, 1, 1, 3)])              # the caller's own count caps it
+def test_threads_per_worker_rule(monkeypatch, caller_threads, cores, caller, workers, units, want):
     monkeypatch.setattr(executors, "available_cores", lambda: cores)
+    caller_threads(caller)
     assert executors.threads_per_worker(workers, units) == want
 
 
-def test_every_local_worker_gets_the_rule_and_the_caller_keeps_its_own(monkeypatch):
+def test_every_local_worker_gets_the_rule_and_the_caller_keeps_its_own(monkeypatch, caller_threads):
     monkeypatch.setattr(executors, "available_cores", lambda: 6)
-    before = torch.get_num_threads()
-    # in this process (one worker): all 6 cores while a unit runs, the caller's count after
-    assert list(map_units(threads_of_worker, [0, 1], workers=1)) == [6, 6]
-    assert torch.get_num_threads() == before
+    caller_threads(5)
+    # in this process (one worker): all 6 cores, capped by the caller's 5, while a unit runs;
+    # the caller's count after
+    assert list(map_units(threads_of_worker, [0, 1], workers=1)) == [5, 5]
+    assert torch.get_num_threads() == 5
     # two worker processes: 6 // 2 each
     assert sorted(map_units(threads_of_worker, [0, 1, 2, 3], workers=2)) == [3, 3, 3, 3]
-    # three workers for two units: two run at once, but the pool counts its own size
+    # three workers for two units: two run at once
     assert sorted(map_units(threads_of_worker, [0, 1], workers=3)) == [3, 3]
+    caller_threads(1)                               # OMP_NUM_THREADS=1 or set_num_threads(1) holds
+    assert sorted(map_units(threads_of_worker, [0, 1], workers=2)) == [1, 1]
 
 
 @pytest.mark.requires("ray")
-def test_every_ray_task_gets_the_rule(monkeypatch):
+def test_every_ray_task_gets_the_rule(monkeypatch, caller_threads):
     monkeypatch.setattr(executors, "available_cores", lambda: 6)
+    caller_threads(6)
     got = list(map_units(lambda u: (u, torch.get_num_threads()), list(range(5)), executor="ray", workers=2))
     assert sorted(got) == [(u, 3) for u in range(5)]
 

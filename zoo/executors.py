@@ -15,8 +15,9 @@ with a few units in flight per worker (bytes never pile up in the parent).
 
 Threads: every unit runs with `threads_per_worker(workers, units)` torch
 threads, the cores this process may use divided by the units that run at once
-(at least 1), set in the worker before the unit starts and put back after it,
-so an in-process unit leaves the caller's setting as it was. Torch's default
+(at least 1, at most the caller's own torch threads), set in the worker before
+the unit starts and put back after it, so an in-process unit leaves the
+caller's setting as it was. Torch's default
 (one thread per core in every worker) oversubscribes the cores as soon as two
 workers run, and small models then train many times slower. A unit on a Ray
 cluster (`address`) gets one thread, its one CPU of the cluster.
@@ -54,9 +55,13 @@ def default_workers() -> int:
 
 
 def threads_per_worker(workers: int, units: int | None = None) -> int:
-    """Torch threads for each unit: the cores divided by the units running at once, at least 1."""
+    """Torch threads for each unit: the cores divided by the units running at once, at least 1,
+    and never more than the caller's own torch threads (OMP_NUM_THREADS=1, or a caller's
+    torch.set_num_threads(1), holds for its workers too)."""
+    import torch
+
     running = max(1, min(workers, units) if units is not None else workers)
-    return max(1, available_cores() // running)
+    return max(1, min(torch.get_num_threads(), available_cores() // running))
 
 
 def run_with_threads(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
