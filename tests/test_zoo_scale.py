@@ -147,6 +147,27 @@ def test_kills_at_every_step_of_writing_the_catalog(tmp_path):
     assert read_catalog(root / CATALOG) == want and not (root / LOG).exists()
 
 
+def test_a_reader_racing_a_compaction_sees_every_row(tmp_path, monkeypatch):
+    """A writer compacts between a reader's read of catalog.parquet and of the log: the reader
+    notices (the log is gone, the catalog is a new file) and reads again, instead of showing the
+    old catalog without the rows the log held."""
+    from weightspace.zoo import store
+
+    root = tmp_path / "z"
+    writer = build_with_log(root)
+    want = Zoo(root).rows
+    real, calls = store.read_log, []
+
+    def compact_first(path, root_):
+        calls.append(path)
+        if len(calls) == 1:
+            writer.compact()                                    # the catalog replaced, the log removed
+        return real(path, root_)
+
+    monkeypatch.setattr(store, "read_log", compact_first)
+    assert Zoo(root).rows == want and len(calls) == 1 and not (root / LOG).exists()
+
+
 def test_a_damaged_log_line_is_refused_naming_the_file_and_line(tmp_path):
     root = tmp_path / "z"
     build_with_log(root)

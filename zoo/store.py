@@ -193,19 +193,43 @@ class Zoo:
         elif not is_zoo(self.root):
             what = "directory does not exist" if not self.root.exists() else f"has no {CATALOG}"
             raise InputError(f"{self.root}: not a zoo ({what}); build one with `wsmerge zoo build SPEC -o {self.root}`")
-        self.rows: list[dict[str, Any]] = (read_catalog(self.catalog_path, self.root)
-                                           if self.catalog_path.is_file() else [])
-        self._index()
-        logged = self.log_path.is_file()
+        entries = self._read()
+        logged = entries is not None
+        for entry in entries or ():
+            self._apply(entry)
         if logged:
-            for entry in read_log(self.log_path, self.root):
-                self._apply(entry)
             self.rows = _catalog_table(self.rows).to_pylist()
             self._index()
         self.adopted = self._recover()
         self._dirty = logged or bool(self.adopted)   # rows that catalog.parquet does not hold yet
         if self.writable and self._dirty:
             self.compact()
+
+    def _read(self) -> list[dict[str, Any]] | None:
+        """Read the catalog into `self.rows`; returns the log's entries (None without a log). A
+        writer that compacts meanwhile (a new catalog.parquet, the log removed) makes it read
+        both again, so a reader never sees the old catalog without the log that completes it."""
+        def stamp() -> tuple[int, int] | None:
+            try:
+                st = self.catalog_path.stat()
+            except FileNotFoundError:
+                return None
+            return st.st_ino, st.st_mtime_ns
+
+        for _ in range(10):
+            before = stamp()
+            self.rows = read_catalog(self.catalog_path, self.root) if before is not None else []
+            self._index()
+            try:
+                entries = read_log(self.log_path, self.root) if self.log_path.is_file() else None
+            except InputError:
+                if self.log_path.exists():
+                    raise
+                entries = None               # removed while read: compacted, read again
+                before = (-1, -1)
+            if stamp() == before:
+                return entries
+        raise InputError(f"{self.root}: the catalog kept changing while it was read; try again")
 
     def _index(self) -> None:
         self._by_key = {(r["model_id"], int(r["epoch"])): r for r in self.rows}
