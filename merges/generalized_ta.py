@@ -126,7 +126,7 @@ def merge_task_vectors(
     return out.add_(base)
 
 
-CHUNK = 1 << 20  # elements per block in the chunked path: a few MB, cache-resident
+CHUNK = 1 << 18  # elements per block in the chunked path: 1 MiB of float32, cache-resident
 SELECT_BLOCK = 1 << 20  # elements per block when counting |delta| for a trim threshold
 SELECT_WHOLE = 1 << 23  # up to this many entries, |delta| is one buffer (32 MiB of float32)
 
