@@ -72,6 +72,7 @@ def test_run_refuses_every_output_that_is_holds_or_lies_in_an_input(tiny_models,
     assert code == 0, err
 
 
+@pytest.mark.requires("hf")  # building the output tokenizer reads it with transformers
 def test_run_refuses_an_output_that_is_the_tokenizer_source(tiny_models, run_cli):
     root = tiny_models.root
     from test_tokenizer_merge import write_tokenizer
