@@ -330,3 +330,26 @@ def test_a_killed_build_s_temporary_model_folder_goes_and_a_live_one_stays(tmp_p
     assert dead.exists() and live.exists()
     Zoo(root, write=True)          # a build opens it for writing
     assert not dead.exists() and live.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_s_temporary_name_records_its_own_process():
+    """The owner's start time is read when the name is made, so a forked child's temporary
+    output counts as live while the child runs (and is not removed), and as stale after."""
+    from weightspace.files import _TEMP_RE, _alive
+
+    names, go = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: make a name, hand it over, wait to be let go
+        os.write(names[1], temp_sibling(Path("/x/out")).name.encode())
+        os.read(go[0], 1)
+        os._exit(0)
+    name = os.read(names[0], 4096).decode()
+    m = _TEMP_RE.match(name)
+    assert m and int(m["pid"]) == pid
+    assert _alive(pid, int(m["start"]))      # the child runs: its work is kept
+    os.write(go[1], b"x")
+    os.waitpid(pid, 0)
+    assert not _alive(pid, int(m["start"]))  # it has exited: a later run may remove it
+    for fd in (*names, *go):
+        os.close(fd)

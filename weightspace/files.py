@@ -231,14 +231,12 @@ def _start_time(pid: int) -> int:
         return 0
 
 
-_START = _start_time(os.getpid())
-
-
 def temp_sibling(path: Path, *, kind: str = "", suffix: str = "") -> Path:
     """A hidden name beside `path` for work in progress: `.NAME.wsmerge-[KIND-]HOST-PID-START-TOKEN`,
     recording which process owns it, so that a later run can remove what a killed one left."""
     k = f"{kind}-" if kind else ""
-    return path.parent / (f".{_stem(path)}.wsmerge-{k}{_HOST}-{os.getpid()}-{_START}-"
+    pid = os.getpid()  # read here, not at import: a forked worker is a process of its own
+    return path.parent / (f".{_stem(path)}.wsmerge-{k}{_HOST}-{pid}-{_start_time(pid)}-"
                           f"{secrets.token_hex(4)}{suffix}")
 
 
