@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=int, default=None, help="fix the number of layers")
     ap.add_argument(
         "--methods",
-        default=",".join(METHODS),
+        default="linear,task_arithmetic,ties",
         help="comma-separated subset of " + ",".join(METHODS),
     )
     ap.add_argument(
