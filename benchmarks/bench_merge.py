@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated checkpoint cases, each a dtype and how sparse the task vectors are: "
         + ", ".join(f"{k} ({d}{f', {z:.0%} zero' if z else ''})" for k, (d, z) in CASES.items())
+        .replace("%", "%%")  # argparse formats help with %
         + " (default: one dense case in --dtype)",
     )
     ap.add_argument(
