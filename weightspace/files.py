@@ -48,13 +48,12 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds it gets the usual file mode,
-    is fsynced and replaces `path` (os.replace); when it fails it is removed. `path` may not be
-    one of `inputs` nor lie inside one (see `check_disjoint`); stale temporary files of `path`
-    left by a killed process are removed first (see `clean_stale`)."""
+    is fsynced and replaces `path` (os.replace); when it fails it is removed. Stale temporary
+    files of `path` left by a killed process are removed first (see `clean_stale`); commands
+    check their output against their inputs before the work (`check_output_file`)."""
     path = Path(path)
-    check_disjoint(path, inputs)
     if path.is_dir():
         raise SpecError(f"output {path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,12 +73,11 @@ def atomic_file(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Itera
 
 
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                            metadata: Mapping[str, str] | None = None, *,
-                            inputs: Iterable[str | Path] = ()) -> Path:
+                            metadata: Mapping[str, str] | None = None) -> Path:
     """`safetensors.torch.save_file`, atomically (see `atomic_file`); tensors made contiguous on CPU."""
     from safetensors.torch import save_file
 
-    with atomic_file(path, inputs=inputs) as tmp:
+    with atomic_file(path) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata=dict(metadata) if metadata is not None else None)
     return Path(path)
@@ -156,13 +154,10 @@ def check_output(out: str | Path, overwrite: bool, *, inputs: Iterable[str | Pat
         raise SpecError(f"output {out} exists and is not a directory")
 
 
-def check_output_file(out: str | Path, overwrite: bool, *, inputs: Iterable[str | Path],
-                      suffix: str | None = None) -> None:
+def check_output_file(out: str | Path, overwrite: bool, *, inputs: Iterable[str | Path]) -> None:
     """`check_output` for a single output file (a Fisher, Gram, coefficient or signature file)."""
     out = Path(out)
     check_disjoint(out, inputs)
-    if suffix is not None and not out.name.endswith(suffix):
-        raise SpecError(f"-o {out}: the output is a {suffix} file")
     clean_stale(out)
     if out.is_dir():
         raise SpecError(f"output {out} is a directory; give a file name")
