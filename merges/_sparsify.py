@@ -94,16 +94,33 @@ def select_magnitude_streamed(blocks: Callable[[], Iterable[torch.Tensor]], r: i
     without holding them together: the histograms of the bit patterns add up block by block, so
     two passes over the blocks (one for bfloat16/float16) give the exact r-th smallest, with how
     many entries are smaller and how many equal it. `blocks()` must yield the same blocks each
-    time (float32, bfloat16 or float16, one dtype)."""
+    time (float32, bfloat16 or float16, one dtype); a block may reuse the previous one's memory,
+    as each is counted before the next is asked for.
+
+    The second pass counts every entry of a block, not only those in the chosen bin: the
+    pattern minus the bin's first, clamped to [-1, 2^16] (one bin each for "below" and "above"),
+    is one histogram, which costs less than gathering the bin's entries (no boolean mask)."""
     counts = None
     n = 0
     pattern = None
+    scratch: torch.Tensor | None = None
+
+    def scratch_for(bits: torch.Tensor) -> torch.Tensor:
+        nonlocal scratch
+        if scratch is None or scratch.numel() < bits.numel() or scratch.device != bits.device:
+            scratch = torch.empty(bits.numel(), dtype=torch.int32, device=bits.device)
+        return scratch[: bits.numel()]
+
     for m in blocks():
         pattern = _PATTERN.get(m.dtype)
         if pattern is None:
             raise TypeError(f"select_magnitude_streamed: {m.dtype} blocks; use select_magnitude")
         bits = m.reshape(-1).contiguous().view(pattern)
-        hi = bits.to(torch.int32) if pattern is torch.int16 else bits >> 16
+        hi = scratch_for(bits)
+        if pattern is torch.int16:
+            hi.copy_(bits)
+        else:
+            torch.bitwise_right_shift(bits, 16, out=hi)
         c = torch.bincount(hi, minlength=1 << 15)
         counts = c if counts is None else counts.add_(c)
         n += bits.numel()
@@ -114,18 +131,12 @@ def select_magnitude_streamed(blocks: Callable[[], Iterable[torch.Tensor]], r: i
     if pattern is torch.int16:
         value = torch.tensor(b, dtype=torch.int16, device=device).view(dtype)
         return value, below, int(counts[b])
-    big = int(counts[b]) * 16 >= n  # a big bin (a block of zeros): count it without gathering
-    low = torch.zeros((1 << 16) + 2 if big else 1 << 16, dtype=torch.int64, device=device)
+    low = torch.zeros((1 << 16) + 2, dtype=torch.int64, device=device)
     for m in blocks():
         bits = m.reshape(-1).contiguous().view(torch.int32)
-        if big:
-            low.add_(torch.bincount((bits - (b << 16)).clamp_(-1, 1 << 16).add_(1), minlength=(1 << 16) + 2))
-            continue
-        inside = bits[(bits >> 16) == b]
-        if inside.numel():
-            low.add_(torch.bincount(inside & 0xFFFF, minlength=1 << 16))
-    if big:
-        low = low[1:-1]
+        offset = torch.sub(bits, b << 16, out=scratch_for(bits)).clamp_(-1, 1 << 16).add_(1)
+        low.add_(torch.bincount(offset, minlength=(1 << 16) + 2))
+    low = low[1:-1]
     lo, below_in = _count_to(low, r - below)
     value = torch.tensor((b << 16) | lo, dtype=torch.int32, device=device).view(torch.float32)
     return value, below + below_in, int(low[lo])

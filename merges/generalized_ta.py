@@ -127,8 +127,7 @@ def merge_task_vectors(
 
 
 CHUNK = 1 << 18  # elements per block in the chunked path: 1 MiB of float32, cache-resident
-SELECT_BLOCK = 1 << 20  # elements per block when counting |delta| for a trim threshold
-SELECT_WHOLE = 1 << 23  # up to this many entries, |delta| is one buffer (32 MiB of float32)
+SELECT_BLOCK = 1 << 18  # elements per block when counting |delta| for a trim threshold
 
 
 @dataclass
@@ -168,20 +167,26 @@ def _keep_counts(numel: int, densities: list[float] | None, n: int) -> tuple[Tri
 
 def _trim_whole(base: torch.Tensor, tensors: list[torch.Tensor], densities: list[float] | None) -> TrimState:
     """Each trimming model's exact threshold (its k-th largest |delta|) and how many entries tied
-    with it are kept; above SELECT_WHOLE entries counted over cache-sized blocks of |delta|
-    (select_magnitude_streamed), so a large tensor gets no task-vector-sized scratch buffer."""
+    with it are kept, counted over cache-sized blocks of |delta| computed into one reused buffer
+    (select_magnitude_streamed): no task-vector-sized scratch, and no fresh memory to fault in
+    per block. Against one whole |delta| buffer, 0.14 s against 0.19 s of CPU time for two
+    16.8M-entry float32 task vectors, and 0.04 s against 0.08 s for 4.2M (one thread)."""
     numel = base.numel()
     st, ks = _keep_counts(numel, densities, len(tensors))
     flat_b = base.reshape(-1)
+    buf = None
     for i, k in ks.items():
         flat_x = tensors[i].reshape(-1)
-        if numel <= SELECT_WHOLE or flat_x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            # one |delta| buffer: up to 32 MiB of float32 it costs less than computing it twice
+        if flat_x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             thr, above = kth_and_count_above(torch.sub(flat_x, flat_b).abs_(), numel - k + 1)
         else:
-            def blocks(x=flat_x):
+            if buf is None:
+                buf = torch.empty(min(SELECT_BLOCK, numel), dtype=flat_x.dtype, device=flat_x.device)
+
+            def blocks(x=flat_x, buf=buf):
                 for s in range(0, numel, SELECT_BLOCK):
-                    yield torch.sub(x[s:s + SELECT_BLOCK], flat_b[s:s + SELECT_BLOCK]).abs_()
+                    e = min(numel, s + SELECT_BLOCK)
+                    yield torch.sub(x[s:e], flat_b[s:e], out=buf[: e - s]).abs_()
 
             # the k-th largest is the (numel - k + 1)-th smallest
             thr, below, equal = select_magnitude_streamed(blocks, numel - k + 1)
@@ -254,6 +259,16 @@ def trim_blocked(
     raise RuntimeError("internal: trim threshold not found")
 
 
+# The block loop works on bit patterns: with the sign bit cleared, a float's pattern orders like
+# its magnitude, and an arithmetic right shift by width - 1 turns a sign bit into an all-ones
+# mask. On CPU torch.where and boolean masks cost 20-25x an add per entry (0.48 ms against
+# 0.02 ms on 256K float32 entries, torch 2.13), and a fresh tensor per operation costs page
+# faults and cache misses, so the fast path selects with integer and/xor into scratch buffers
+# allocated once per tensor: the same choice, bit for bit, as `_merge_block_generic`.
+_BITS = {torch.float32: (torch.int32, 31), torch.bfloat16: (torch.int16, 15),
+         torch.float16: (torch.int16, 15), torch.float64: (torch.int64, 63)}
+
+
 def _merge_block(
     st: TrimState,
     flat_b: torch.Tensor,
@@ -264,7 +279,121 @@ def _merge_block(
     lambda_: float,
     flat_o: torch.Tensor,
 ) -> None:
-    """Trim, elect and sum one stretch of the tensor (flat, in order) into `flat_o`."""
+    """Trim, elect and sum one stretch of the tensor (flat, in order) into `flat_o`.
+
+    Per block of CHUNK entries: d_i = (x_i - b), trimmed to |d_i| > threshold_i plus the ties it
+    keeps (by position), times w_i; pos and neg sum the positive and negative parts; the elected
+    sign is that of pos + neg (`count`: of the summed signs of d_i), a tie electing +; the result
+    is b + lambda * (pos or neg) / (the sum of the weights of the models that agree, 0 counting
+    as 1). Without consensus it is b + lambda * sum_i d_i (/ sum_i w_i with normalize)."""
+    bits = _BITS.get(flat_b.dtype)
+    if bits is None or consensus is None or not all(t is None or bool(torch.isfinite(t))
+                                                    for t in st.thresholds):
+        return _merge_block_generic(st, flat_b, flat_x, weights, consensus, normalize, lambda_, flat_o)
+    itype, shift = bits
+    dtype, device = flat_b.dtype, flat_b.device
+    n, numel = len(flat_x), flat_b.numel()
+    size = min(CHUNK, numel)
+    # a divisor of positive weights is 0 only where no model agrees (and the sum there is 0),
+    # else at least the smallest weight: clamping it to `tiny` is mergekit's "0 counts as 1"
+    tiny = torch.finfo(dtype).tiny
+    clamp_divisor = all(w >= tiny for w in weights)
+    thr_bits = [None if t is None else int(t.view(itype)) for t in st.thresholds]
+    abs_mask = ~(-1 << shift)  # every bit but the sign bit
+    wts = [torch.tensor(w, dtype=dtype) for w in weights]  # rounded to dtype, as mergekit does
+    f = lambda: torch.empty(size, dtype=dtype, device=device)  # noqa: E731
+    i_ = lambda: torch.empty(size, dtype=itype, device=device)  # noqa: E731
+    d_, p_, pos_, neg_, sg_, w_, posw_, negw_ = (f() for _ in range(8))
+    votes_ = f() if consensus == "count" else d_
+    ad_, keep_ = i_(), i_()
+    for s in range(0, numel, CHUNK):
+        e = min(numel, s + CHUNK)
+        m = e - s
+        b = flat_b[s:e]
+        d, p, pos, neg, sg, w, pos_w, neg_w, votes = (
+            t[:m] for t in (d_, p_, pos_, neg_, sg_, w_, posw_, negw_, votes_))
+        ad, keep = ad_[:m], keep_[:m]
+        first = True
+        for i in range(n):
+            if st.keep_none[i]:
+                continue
+            torch.sub(flat_x[i][s:e], b, out=d)
+            db = d.view(itype)
+            if thr_bits[i] is not None:
+                # keep |d| > thr: all ones where thr's pattern minus |d|'s is negative (both are
+                # below 2^(width-1): the difference cannot overflow); dropped entries become +0.0
+                torch.bitwise_and(db, abs_mask, out=ad)
+                torch.neg(ad, out=keep).add_(thr_bits[i]).bitwise_right_shift_(shift)
+                if st.tied_to_keep[i] > 0:
+                    tied = torch.nonzero(ad == thr_bits[i]).squeeze(1)[: st.tied_to_keep[i]]
+                    keep[tied] = -1
+                    st.tied_to_keep[i] -= tied.numel()
+                db.bitwise_and_(keep)
+            d.mul_(wts[i])
+            if first:
+                torch.clamp(d, min=0, out=pos)
+                torch.clamp(d, max=0, out=neg)
+            else:
+                pos.add_(torch.clamp(d, min=0, out=p))
+                neg.add_(torch.clamp(d, max=0, out=p))
+            if consensus == "count" or normalize:
+                torch.sign(d, out=sg)
+                if normalize:  # w_i where d_i > 0 (pos_w), where d_i < 0 (neg_w): sign is 1, 0 or -1
+                    up = pos_w if first else w
+                    torch.clamp(sg, min=0, out=up).mul_(weights[i])
+                    if not first:
+                        pos_w.add_(up)
+                    down = neg_w if first else w
+                    torch.clamp(sg, max=0, out=down).mul_(-weights[i])
+                    if not first:
+                        neg_w.add_(down)
+                if consensus == "count":
+                    if first:
+                        votes.copy_(sg)
+                    else:
+                        votes.add_(sg)
+            first = False
+        o = flat_o[s:e]
+        if first:  # every model keeps nothing
+            o.copy_(b)
+            continue
+        # the elected sign is - where the score's sign bit is set. A score of -0.0 (>= 0, so +)
+        # is the sum of -0.0s, where pos and neg are both -0.0: taking neg there changes no bit
+        if consensus == "count":
+            down_mask = votes.view(itype) >> shift
+        else:
+            down_mask = torch.add(pos, neg, out=d).view(itype).bitwise_right_shift_(shift)
+        pb, nb = pos.view(itype), neg.view(itype)
+        nb.bitwise_xor_(pb).bitwise_and_(down_mask).bitwise_xor_(pb)  # neg now holds the result
+        mixed = neg
+        if normalize:
+            pwb, nwb = pos_w.view(itype), neg_w.view(itype)
+            nwb.bitwise_xor_(pwb).bitwise_and_(down_mask).bitwise_xor_(pwb)
+            divisor = neg_w
+            # exactly zero, as mergekit: a 1e-8 threshold is 0 in float16, so a zero divisor
+            # would survive it and give 0/0 = NaN
+            if clamp_divisor:
+                divisor.clamp_(min=tiny)
+            else:
+                divisor[divisor == 0] = 1
+            mixed.div_(divisor)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        torch.add(b, mixed, out=o)
+
+
+def _merge_block_generic(
+    st: TrimState,
+    flat_b: torch.Tensor,
+    flat_x: list[torch.Tensor],
+    weights: list[float],
+    consensus: Consensus | None,
+    normalize: bool,
+    lambda_: float,
+    flat_o: torch.Tensor,
+) -> None:
+    """`_merge_block` in plain tensor operations: for the dtypes and thresholds the fast path does
+    not take, and its reference in the tests."""
     n, numel = len(flat_x), flat_b.numel()
     total_w = sum(weights)
     for s in range(0, numel, CHUNK):

@@ -404,3 +404,37 @@ def test_chunked_trim_elect_matches_reference_across_block_edges(monkeypatch, ch
     else:
         expected = base + 0.8 * sum(d * wi for d, wi in zip(trimmed, weights))
     close(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("consensus,normalize", [("sum", True), ("sum", False), ("count", True), ("count", False)])
+@pytest.mark.parametrize("weights", [[0.5, 0.5, 0.5], [1.0, -0.5, 0.25], [0.3, 0.0, 1e-30]])
+def test_bit_pattern_block_loop_equals_plain_tensor_operations_bit_for_bit(monkeypatch, dtype, consensus,
+                                                                           normalize, weights):
+    """`_merge_block` selects with integer and/xor on the floats' bit patterns; it must give the
+    bits `_merge_block_generic` (torch.where, boolean masks) gives, on task vectors full of ties:
+    a third exactly zero, values on a coarse grid, a constant run, across many small blocks."""
+    import weightspace.merges.generalized_ta as gta
+
+    monkeypatch.setattr(gta, "CHUNK", 97)
+    monkeypatch.setattr(gta, "SELECT_BLOCK", 61)
+    g = torch.Generator().manual_seed(5)
+    n = 2000
+    base = torch.randn(n, generator=g).to(dtype)
+    xs = []
+    for _ in range(3):
+        d = (torch.randn(n, generator=g) * 8).round() / 64  # few distinct magnitudes: ties
+        d[torch.rand(n, generator=g) < 0.33] = 0
+        d[500:700] = 0.125
+        xs.append((base.double() + d.double()).to(dtype))
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+            torch.float64: torch.int64}[dtype]
+    dens = [0.3, 0.5, 0.9]
+    outs = []
+    for block in (gta._merge_block, gta._merge_block_generic):
+        st = gta._trim_whole(base, xs, dens)
+        out = torch.empty_like(base)
+        block(st, base, xs, weights, consensus, normalize, 0.7, out)
+        assert all(t == 0 for t in st.tied_to_keep)  # every tie the threshold keeps was placed
+        outs.append(out.view(bits))
+    assert torch.equal(outs[0], outs[1])
