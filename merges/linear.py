@@ -16,6 +16,13 @@ import torch
 from weightspace.errors import SpecError
 from weightspace.methods import MergeMethod, Param, TensorParams, register
 
+# On CPU the sum runs over blocks of this many entries in two float32 buffers that stay in
+# cache: a bfloat16 input is widened into one with a plain copy, because addcmul_ of a bfloat16
+# tensor into a float32 one converts entry by entry (0.14-0.15 s against 0.04 s of CPU time for
+# three 16.8M-entry bfloat16 tensors, one thread; float32 0.044-0.058 s either way), and no
+# tensor-sized float32 result is held next to the inputs.
+BLOCK = 1 << 16
+
 
 def weighted_average(
     tensors: list[torch.Tensor], weights: list[float], normalize: bool = True
@@ -29,18 +36,37 @@ def weighted_average(
     dtype = tensors[0].dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
     w = torch.tensor(weights, dtype=work)
-    out = torch.zeros_like(tensors[0], dtype=work)
-    for x, wi in zip(tensors, w):
-        out.addcmul_(x, wi)  # one rounding per model, as mergekit's addcmul_
-    if normalize:
-        total = w.sum()
-        if total == 0:
-            raise SpecError(
-                "linear: the weights sum to 0, so they cannot be normalized; "
-                "change the weights or set normalize: false"
-            )
-        out /= total
-    return out.to(dtype)
+    total = w.sum()
+    if normalize and total == 0:
+        raise SpecError(
+            "linear: the weights sum to 0, so they cannot be normalized; "
+            "change the weights or set normalize: false"
+        )
+    if tensors[0].device.type != "cpu":
+        out = torch.zeros_like(tensors[0], dtype=work)
+        for x, wi in zip(tensors, w):
+            out.addcmul_(x, wi)  # one rounding per model, as mergekit's addcmul_
+        if normalize:
+            out /= total
+        return out.to(dtype)
+    n = tensors[0].numel()
+    flat = [x.reshape(-1) for x in tensors]
+    out = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
+    flat_out = out.view(-1)
+    acc_, wide_ = (torch.empty(min(BLOCK, n), dtype=work) for _ in range(2))
+    for s in range(0, n, BLOCK):
+        e = min(n, s + BLOCK)
+        acc, wide = acc_[: e - s], wide_[: e - s]
+        acc.zero_()
+        for x, wi in zip(flat, w):
+            part = x[s:e]
+            if part.dtype != work:
+                part = wide.copy_(part)
+            acc.addcmul_(part, wi)  # one rounding per model, as mergekit's addcmul_
+        if normalize:
+            acc /= total
+        flat_out[s:e].copy_(acc)
+    return out
 
 
 @register

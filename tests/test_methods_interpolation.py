@@ -39,6 +39,30 @@ def test_linear_of_identical_tensors_is_identity(values, weights):
     torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_in_cache_sized_blocks_is_mergekits_whole_tensor_sum_bit_for_bit(monkeypatch, dtype, normalize):
+    """The CPU path sums blocks in float32 buffers; mergekit 0.1.5 sums the whole tensor in a
+    float32 zeros tensor with addcmul_, divides, and casts back. Same bits, across block edges."""
+    import weightspace.merges.linear as linear
+
+    monkeypatch.setattr(linear, "BLOCK", 7)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(5, 13, generator=g).to(dtype) for _ in range(3)]
+    weights = [0.6, 0.3, 0.45]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.tensor(weights, dtype=work)
+    expected = torch.zeros(5, 13, dtype=work)
+    for x, wi in zip(xs, w):
+        expected.addcmul_(x, wi)
+    if normalize:
+        expected /= w.sum()
+    got = linear.weighted_average(xs, weights, normalize)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}.get(dtype, torch.int16)
+    assert got.dtype == dtype and got.shape == (5, 13)
+    assert torch.equal(got.view(bits), expected.to(dtype).view(bits))
+
+
 # ----------------------------------------------------------------------- SLERP
 
 
