@@ -90,8 +90,8 @@ def moe(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
                    + f"), {summary['layers']} layers, gate_mode {summary['gate_mode']}")
         click.echo(f"{summary['tensors']} tensors, {summary['parameters']:,} parameters; read "
                    f"{human_bytes(summary['read_bytes'])}, write {human_bytes(summary['write_bytes'])}, "
-                   f"peak memory about {human_bytes(summary['peak_bytes'])} (plus the base model "
-                   f"for gate_mode hidden)")
+                   f"peak memory about {human_bytes(summary['peak_bytes'])}"
+                   + (" (plus the base model, run on the prompts)" if s.gate_mode.startswith("hidden") else ""))
         return
     assert out is not None
     progress = not no_progress and sys.stderr.isatty()

@@ -153,7 +153,7 @@ def choose_architecture(spec: MoESpec, model_types: list[str], source: str) -> s
     names = list(_ARCHS)
     if spec.architecture:
         names = [a for a in names if a.lower().startswith(spec.architecture.lower())]
-        if not names:
+        if not {"Mixtral", "Qwen MoE"} & set(names):
             raise SpecError(f"{source}: architecture {spec.architecture!r} matches none of "
                             f"mixtral, qwen (Qwen2-MoE); deepseek and qwen3 are mergekit's and "
                             f"not built here")
@@ -320,13 +320,13 @@ def _check_same_shapes(spec: MoESpec, base: WeightSpace, experts: list[WeightSpa
         ecfg = s.meta.get("config") or {}
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size"):
             if ecfg.get(key) != cfg.get(key):
-                raise InputError(f"{source}: {what} ({s.source}) has {key} {ecfg.get(key)}, the base "
+                raise SpecError(f"{source}: {what} ({s.source}) has {key} {ecfg.get(key)}, the base "
                                  f"model {cfg.get(key)}; experts must have the base's shape")
         for n in mlp:
             if n not in s:
-                raise InputError(f"{source}: {what} ({s.source}) lacks tensor {n!r}")
+                raise SpecError(f"{source}: {what} ({s.source}) lacks tensor {n!r}")
             if s[n].shape != base[n].shape:
-                raise InputError(f"{source}: {what} ({s.source}): tensor {n!r} has shape "
+                raise SpecError(f"{source}: {what} ({s.source}): tensor {n!r} has shape "
                                  f"{list(s[n].shape)}, the base model {list(base[n].shape)}")
 
 
@@ -338,9 +338,40 @@ def _config_dtype(cfg: dict) -> torch.dtype | None:
         return None
 
 
+# The defaults of transformers 5's LlamaConfig, MistralConfig and Qwen2Config where the MoE's config
+# class has other ones: a key the base's config.json leaves out means the base's default, and
+# left out of the MoE's config it would mean Mixtral's (rope_theta 1e6 for 1e4, rms_norm_eps 1e-5
+# for 1e-6, ...). mergekit writes them all (it goes through the source's config class).
+_COMMON = {"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2,
+           "hidden_act": "silu", "tie_word_embeddings": False, "attention_dropout": 0.0}
+SOURCE_DEFAULTS = {
+    "llama": {**_COMMON, "intermediate_size": 11008, "max_position_embeddings": 2048},
+    "mistral": {**_COMMON, "intermediate_size": 14336, "max_position_embeddings": 131072,
+                "num_key_value_heads": 8},
+    "qwen2": {**_COMMON, "vocab_size": 151936, "intermediate_size": 22016,
+              "max_position_embeddings": 32768, "num_key_value_heads": 32, "bos_token_id": None,
+              "eos_token_id": None},
+}
+
+
+def with_source_defaults(cfg: dict) -> dict:
+    """`cfg` with the defaults of its model_type written in where it leaves them out."""
+    out = dict(cfg)
+    defaults = dict(SOURCE_DEFAULTS.get(cfg.get("model_type"), {}))
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        defaults.pop("rope_theta")
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    out.setdefault("num_key_value_heads", out["num_attention_heads"])  # Llama's: one per head
+    return out
+
+
 def _out_config(cfg: dict, arch: str, spec: MoESpec, out_dtype: torch.dtype | None) -> dict:
     """The base's config.json turned into the MoE's, as mergekit's `_generate_config` does."""
-    out = {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")}
+    out = {k: v for k, v in with_source_defaults(cfg).items()
+           if k not in ("_name_or_path", "transformers_version")}
     n, k = len(spec.experts), spec.experts_per_token
     if arch == "mixtral":
         out.update(model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=n,

@@ -83,8 +83,18 @@ def load_moe_spec(path: str | Path) -> MoESpec:
 
 def parse_moe_spec(text: str, source: str = "<moe spec>") -> MoESpec:
     spec = parse_yaml_model(text, source, MoESpec, what="MoE spec",
-                            hint="a MoE spec must be a YAML mapping with base_model and experts")
+                            hint="a MoE spec must be a YAML mapping with base_model and experts",
+                            fields_at=_fields_at)
     return spec
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys allowed at a field path (for 'did you mean')."""
+    if not loc:
+        return list(MoESpec.model_fields)
+    if loc[0] in ("experts", "shared_experts"):
+        return list(Expert.model_fields)
+    return []
 
 
 def check_spec(spec: MoESpec, source: str, *, allow_all_same: bool = False) -> None:
