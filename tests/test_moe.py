@@ -365,3 +365,39 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, run_cli, models, monke
     code, err, out = build(run_cli, tmp_path, spec_text(models, ["ft0", "ft1"]))
     assert code == 1 and "disk on fire" in err
     assert os.listdir(tmp_path) == ["moe.yaml"]
+
+
+def write_tiny_qwen2(d: Path, seed: int) -> Path:
+    """A tiny Llama's tensors plus q/k/v biases, as a Qwen2 checkpoint."""
+    from weightspace.ir import WeightSpace
+    from weightspace.zoo.tiny import tiny_llama_config, tiny_llama_tensors
+
+    cfg = {**tiny_llama_config(layers=L), "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+    t = tiny_llama_tensors(cfg, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for n in range(L):
+        for p, size in (("q", H), ("k", 16), ("v", 16)):
+            t[f"model.layers.{n}.self_attn.{p}_proj.bias"] = torch.randn(size, generator=g) * 0.02
+    WeightSpace.from_tensors(t).save(d, config=cfg)
+    return d
+
+
+@pytest.mark.requires("hf")
+def test_qwen2_experts_make_a_qwen2_moe_with_their_biases_and_need_a_shared_expert(tmp_path, run_cli):
+    from transformers import AutoModelForCausalLM
+
+    m = tmp_path / "m"
+    for k in range(3):
+        write_tiny_qwen2(m / f"q{k}", seed=k)
+    base = f"base_model: {m / 'q0'}\ngate_mode: random\nexperts:\n" + "".join(
+        f"  - source_model: {m / f'q{k}'}\n" for k in (1, 2))
+    code, err, out = build(run_cli, tmp_path, base)
+    assert code == 2 and "no MoE architecture fits these models (qwen2, 0 shared expert(s))" in err
+    code, err, out = build(run_cli, tmp_path, base + f"shared_experts:\n  - source_model: {m / 'q0'}\n")
+    assert code == 0, err
+    got = load_file(out / "model.safetensors")
+    q0 = load_file(m / "q0" / "model.safetensors")
+    assert torch.equal(got["model.layers.1.self_attn.v_proj.bias"], q0["model.layers.1.self_attn.v_proj.bias"])
+    moe, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
