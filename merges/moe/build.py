@@ -480,19 +480,9 @@ def run_moe(plan: MoEPlan, out: str | Path, *, device: str = "cpu",
     text = recipe if recipe is not None else plan.spec.model_dump_json(exclude_none=True)
     sink = CheckpointSink(out, plan.outputs(), shard_size=shard_size, overwrite=overwrite,
                           metadata={"weightspace_moe_spec": text}, inputs=plan.inputs())
-    gates = compute_gates(plan, device=device, progress=progress)
-    if warn is not None and (bad := degenerate_layers(gates)):
-        warn(f"layer(s) {', '.join(map(str, bad))}: the router rows are nearly dependent (condition "
-             f"number > 5); the prompts may be too similar and some experts seldom chosen")
-    n = len(plan.spec.experts)
-    steps = list(plan.steps)
-    for layer, (router, shared) in enumerate(plan.router_names):
-        steps.append(_copy_step(router, MemoryRef(router, gates[layer, :n].contiguous()), plan.router_dtype))
-        if shared is not None:
-            steps.append(_copy_step(shared, MemoryRef(shared, gates[layer, n:n + 1].contiguous()),
-                                    plan.router_dtype))
-    by_name = {s.name: s for s in steps}
     try:
+        steps = _with_routers(plan, compute_gates(plan, device=device, progress=progress), warn)
+        by_name = {s.name: s for s in steps}
         stats = execute([by_name[n] for n in sink.order], sink, device="cpu", compute_dtype=torch.float32,
                         progress=progress, desc="moe")
         sink.finish(config=plan.config, files=files, card=model_card(_card(plan, text)) if write_card else None,
@@ -503,6 +493,21 @@ def run_moe(plan: MoEPlan, out: str | Path, *, device: str = "cpu",
     stats["out"] = str(out)
     stats["shards"] = len(sink.names)
     return stats
+
+
+def _with_routers(plan: MoEPlan, gates: torch.Tensor, warn: Any) -> list[Step]:
+    """The plan's steps plus one per router tensor (rows of `gates`, (L, E + shared, H))."""
+    if warn is not None and (bad := degenerate_layers(gates)):
+        warn(f"layer(s) {', '.join(map(str, bad))}: the router rows are nearly dependent (condition "
+             f"number > 5); the prompts may be too similar and some experts seldom chosen")
+    n = len(plan.spec.experts)
+    steps = list(plan.steps)
+    for layer, (router, shared) in enumerate(plan.router_names):
+        steps.append(_copy_step(router, MemoryRef(router, gates[layer, :n].contiguous()), plan.router_dtype))
+        if shared is not None:
+            steps.append(_copy_step(shared, MemoryRef(shared, gates[layer, n:n + 1].contiguous()),
+                                    plan.router_dtype))
+    return steps
 
 
 def _card(plan: MoEPlan, recipe: str) -> Card:
