@@ -401,3 +401,11 @@ def test_qwen2_experts_make_a_qwen2_moe_with_their_biases_and_need_a_shared_expe
     moe, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(moe).__name__ == "Qwen2MoeForCausalLM"
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+
+
+def test_wsmerge_run_on_a_moe_config_points_to_wsmerge_moe(tmp_path, run_cli):
+    repo = Path(__file__).resolve().parent.parent
+    code, _, err = run_cli("run", repo / "examples" / "moe.yaml", tmp_path / "o")
+    assert code == 2
+    assert "mixture-of-experts config" in err and "wsmerge moe" in err
+    assert not (tmp_path / "o").exists()

@@ -463,6 +463,9 @@ def _validate(data: Any, node: yaml.Node | None, source: str, model: type[M], *,
               fields_at: Callable[[tuple], list[str]] | None = None) -> M:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: {hint}")
+    if model is MergeSpec and "merge_method" not in data and "experts" in data:
+        raise SpecError(f"{source}: this is a mixture-of-experts config (mergekit-moe's `experts`), "
+                        f"not a merge spec: build it with `wsmerge moe {source} OUT`")
     _check_text(data, node, source)
     try:
         return model.model_validate(data)
