@@ -24,6 +24,7 @@ from weightspace.cli.generate import generate
 from weightspace.cli.hub import upload
 from weightspace.cli.info import inspect, methods
 from weightspace.cli.learngene import learngene
+from weightspace.cli.lora import lora
 from weightspace.cli.moe import moe
 from weightspace.cli.options import DEBUG_ENV, Group, Interrupted
 from weightspace.cli.run import run
@@ -63,7 +64,7 @@ def wsmerge() -> None:
 
 
 for _command in (run, inspect, methods, demo, align, zoo, fisher, gram, atlas, rws, learngene, generate,
-                 upload, moe):
+                 upload, lora, moe):
     wsmerge.add_command(_command)
 
 

@@ -401,3 +401,67 @@ def test_result_loads_in_peft_and_as_base_plus_adapter(peft_adapters, tmp_path):
     torch.testing.assert_close(dense[f"{name}.weight"], want, rtol=1e-5, atol=1e-6)
     for n in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"):
         torch.testing.assert_close(ours[n].load(), dense[n], rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the command
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_cli_dry_run_plans_and_the_run_writes_a_loadable_adapter(run_cli, tmp_path):
+    from weightspace.sources import load_local, load_space
+
+    spec = EXAMPLES / "lora" / "merge.yaml"
+    code, out, err = run_cli("lora", "merge", spec, "--dry-run")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("ties_svd: 2 adapters -> r 8, lora_alpha 8, 20 modules")
+    code, out, err = run_cli("lora", "merge", spec, "--dry-run", "--json")
+    plan = json.loads(out)
+    # q, v, o (sql) and q, v, up, down (math) on 4 layers; r * (in + out) each
+    assert (plan["r"], plan["modules"], plan["parameters"]) == (
+        8, 20, 8 * 4 * ((32 + 32) + (32 + 16) + (32 + 32) + (32 + 64) + (64 + 32)))
+    code, out, err = run_cli("lora", "merge", spec, "-o", tmp_path / "m")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]          # nothing else left beside it
+    t = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
+    assert len(t) == 40 and all(v.shape[0] == 8 or v.shape[1] == 8 for v in t.values())
+    merged_model = load_space(f"{EXAMPLES / 'models' / 'base'}+{tmp_path / 'm'}")
+    name = "model.layers.2.mlp.up_proj"
+    want = load_local(EXAMPLES / "models" / "base")[f"{name}.weight"].load() + \
+        t[f"{P}{name}.lora_B.weight"] @ t[f"{P}{name}.lora_A.weight"]           # lora_alpha = r: scale 1
+    torch.testing.assert_close(merged_model[f"{name}.weight"].load(), want)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dry-run"], None),
+    ([], "missing -o OUT"),
+    (["-o", "{ex}/lora/adapters/sql/out"], "lies inside the input"),
+])
+def test_cli_usage_errors(run_cli, tmp_path, args, message):
+    import shutil
+
+    shutil.copytree(EXAMPLES / "lora", tmp_path / "lora")
+    shutil.copytree(EXAMPLES / "models" / "base", tmp_path / "models" / "base")
+    code, out, err = run_cli("lora", "merge", tmp_path / "lora" / "merge.yaml",
+                             *[a.format(ex=tmp_path) for a in args])
+    if message is None:
+        assert code == 0
+        return
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "lora" / "adapters" / "sql" / "out").exists()
+
+
+def test_cli_spec_error_exit_2_and_a_failed_run_leaves_nothing(run_cli, two, monkeypatch):
+    root, a, b = two
+    spec = spec_file(root, "tie")
+    code, _, err = run_cli("lora", "merge", spec, "-o", root / "out")
+    assert code == 2 and "unknown combination type 'tie' (did you mean 'ties'?)" in err
+    from weightspace.lora import combine
+
+    def boom(*args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(combine, "combine_module", boom)
+    code, _, err = run_cli("lora", "merge", spec_file(root, "svd"), "-o", root / "out")
+    assert code == 1 and "disk on fire" in err
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b", "svd.yaml", "tie.yaml"]

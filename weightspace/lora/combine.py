@@ -282,13 +282,15 @@ class LoraMergePlan:
     def summary(self) -> dict[str, Any]:
         el = self.dtype.itemsize
         out_params = sum(self.rank * (s.in_features + s.out_features) for s in self.steps)
-        read = sum(r.nbytes() for s in self.sources for a, b, _ in s.modules.values() for r in (a, b))
+        read = sum(r.nbytes for s in self.sources for a, b, _ in s.modules.values() for r in (a, b))
+        saved = sum(r.nbytes for r in self.saved.values())
         return {"combination_type": self.kind, "r": self.rank, "lora_alpha": self.config["lora_alpha"],
                 "target_modules": self.config["target_modules"], "modules": len(self.steps),
                 "adapters": [{"adapter": s.ref, "weight": s.weight, "r": s.ranks_max,
                               "modules": len(s.modules)} for s in self.sources],
-                "dtype": str(self.dtype).replace("torch.", ""), "read_bytes": read,
-                "write_bytes": out_params * el, "parameters": out_params}
+                "dtype": str(self.dtype).replace("torch.", ""), "read_bytes": read + saved,
+                "write_bytes": out_params * el + saved, "parameters": out_params,
+                "saved_layers": sorted(self.saved), "notes": self.notes}
 
 
 def _locate_adapter(ref: str, spec_dir: Path | None, field_name: str) -> Path:
