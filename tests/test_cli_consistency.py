@@ -36,7 +36,8 @@ def test_every_command_takes_verbose_and_device_options_are_one_definition():
             if "--device" in getattr(p, "opts", []):
                 devices.append(path)
                 assert p.default == "auto" and p.callback is _resolve_device, path
-    assert {" ".join(p[1:]) for p in devices} == {"run", "demo", "atlas learn", "learngene train", "moe"}
+    assert {" ".join(p[1:]) for p in devices} == {"run", "demo", "atlas learn", "learngene train", "moe",
+                                                 "lora merge"}
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
