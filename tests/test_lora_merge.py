@@ -231,6 +231,9 @@ def test_refusals_and_mixed_target_module_kinds(two):
     (b / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ".*q_proj"}))
     with pytest.raises(SpecError, match="mix module-name lists and regular expressions"):
         plan_lora_merge(load_lora_merge_spec(spec_file(root, "svd")), spec_dir=root)
+    with pytest.raises(SpecError, match="base_model: ./nobase: no such file"):
+        plan_lora_merge(load_lora_merge_spec(spec_file(root, "svd", extra="base_model: ./nobase\n")),
+                        spec_dir=root)
     with pytest.raises(SpecError, match="adapters\\[1\\].adapter: ./missing: no such file"):
         plan_lora_merge(load_lora_merge_spec(spec_file(root, "svd", names=("a", "missing"))), spec_dir=root)
 

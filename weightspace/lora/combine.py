@@ -401,8 +401,9 @@ def _check_against_base(spec: LoraMergeSpec, spec_dir: Path | None, sources: lis
 
     try:
         base = load_space(spec.base_model, base_dir=spec_dir)
-    except WeightspaceError as e:
-        raise type(e)(f"base_model: {e}") from None
+    except WeightspaceError as e:  # a missing path is the spec's fault (2), a broken model not (1)
+        missing = isinstance(e, InputError) and "no such file or directory" in str(e)
+        raise (SpecError if missing else type(e))(f"base_model: {e}") from None
     for i, s in enumerate(sources):
         try:
             apply_adapter(base, read_adapter(s.path))
