@@ -35,8 +35,10 @@ unties a tied output layer.
 
 A module per job: `adapter` (the format: adapter_config.json and its checks, peft's tensor
 names, the refusals, the Hub download), `apply` (`apply_adapter`: which base tensor each
-module changes, and how), `refs` (`LoraRef`: the math, when a tensor is loaded), `combine`
-(adapter-space merges: peft's `add_weighted_adapter` from a spec, `wsmerge lora merge`).
+module changes, and how), `refs` (`LoraRef`: the math, when a tensor is loaded); and
+`weightspace.lora.combine` (adapter-space merges, `wsmerge lora merge`: peft's
+`add_weighted_adapter` from a spec), imported by name, since it reads adapters through
+weightspace.sources, which imports this package.
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
 """
@@ -50,15 +52,7 @@ from weightspace.lora.adapter import (
     resolve_adapter_on_hub,
 )
 from weightspace.lora.apply import apply_adapter
-from weightspace.lora.combine import (
-    COMBINATION_TYPES,
-    LoraMergeSpec,
-    load_lora_merge_spec,
-    plan_lora_merge,
-    write_lora_merge,
-)
 from weightspace.lora.refs import LoraRef
 
-__all__ = ["COMBINATION_TYPES", "Adapter", "LoraConfig", "LoraMergeSpec", "LoraRef", "apply_adapter",
-           "load_lora_merge_spec", "plan_lora_merge", "read_adapter_config", "resolve_adapter_on_hub",
-           "write_lora_merge"]
+__all__ = ["Adapter", "LoraConfig", "LoraRef", "apply_adapter", "read_adapter_config",
+           "resolve_adapter_on_hub"]
