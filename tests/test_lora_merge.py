@@ -439,6 +439,7 @@ def test_cli_dry_run_plans_and_the_run_writes_a_loadable_adapter(run_cli, tmp_pa
     (["--dry-run"], None),
     ([], "missing -o OUT"),
     (["-o", "{ex}/lora/adapters/sql/out"], "lies inside the input"),
+    (["-o", "{ex}/models/base/out"], "lies inside the input"),         # base_model: read too
 ])
 def test_cli_usage_errors(run_cli, tmp_path, args, message):
     import shutil
@@ -452,6 +453,7 @@ def test_cli_usage_errors(run_cli, tmp_path, args, message):
         return
     assert code == 2 and message in err, err
     assert not (tmp_path / "lora" / "adapters" / "sql" / "out").exists()
+    assert not (tmp_path / "models" / "base" / "out").exists()
 
 
 def test_cli_spec_error_exit_2_and_a_failed_run_leaves_nothing(run_cli, two, monkeypatch):

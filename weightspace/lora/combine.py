@@ -275,9 +275,12 @@ class LoraMergePlan:
     spec_path: Path | None = None
     notes: list[str] = field(default_factory=list)
 
+    base_path: Path | None = None  # base_model, when it is a local folder
+
     def inputs(self) -> list[Path]:
         """Every file and folder the merge reads (the output may overlap none)."""
-        return [*(s.path for s in self.sources), *([self.spec_path] if self.spec_path else [])]
+        return [*(s.path for s in self.sources), *([self.spec_path] if self.spec_path else []),
+                *([self.base_path] if self.base_path else [])]
 
     def summary(self) -> dict[str, Any]:
         el = self.dtype.itemsize
@@ -450,8 +453,12 @@ def plan_lora_merge(spec: LoraMergeSpec, *, spec_dir: str | Path | None = None,
                      f"needs two or more)")
         kind = "linear"
     _check_bases(spec, sources, notes)
+    base_path = None
     if spec.base_model is not None:
         _check_against_base(spec, spec_dir, sources)
+        from weightspace.sources import locate
+
+        base_path = locate(spec.base_model, spec_dir).path
 
     ranks = [s.ranks_max for s in sources]
     if kind in _FACTORWISE:
@@ -486,7 +493,7 @@ def plan_lora_merge(spec: LoraMergeSpec, *, spec_dir: str | Path | None = None,
     return LoraMergePlan(spec=spec, kind=kind, rank=rank, sources=sources, steps=steps, saved=saved,
                          config=raw,
                          dtype=_DTYPES[spec.dtype], spec_path=Path(spec_path) if spec_path else None,
-                         notes=notes)
+                         notes=notes, base_path=Path(base_path) if base_path else None)
 
 
 def _steps(kind: str, sources: list[Source]) -> list[ModuleStep]:
