@@ -470,3 +470,53 @@ def test_cli_spec_error_exit_2_and_a_failed_run_leaves_nothing(run_cli, two, mon
     code, _, err = run_cli("lora", "merge", spec_file(root, "svd"), "-o", root / "out")
     assert code == 1 and "disk on fire" in err
     assert sorted(p.name for p in root.iterdir()) == ["a", "b", "svd.yaml", "tie.yaml"]
+
+
+def test_svd_rank_above_a_layers_rank_pads_and_rslora_is_folded_in(tmp_path):
+    # v0 is [16, 32]: rank at most 16; svd_rank 20 keeps the exact delta, zero-padded to r 20
+    write_adapter(tmp_path / "a", {V0: factors(1, 16, 32, 12)}, 12, 12, use_rslora=True)
+    write_adapter(tmp_path / "b", {V0: factors(2, 16, 32, 12)}, 12, 24)
+    t, cfg = merged(tmp_path, spec_file(tmp_path, "svd", params="svd_rank: 20"))
+    a, b = t[f"{P}{V0}.lora_A.weight"], t[f"{P}{V0}.lora_B.weight"]
+    assert a.shape == (20, 32) and b.shape == (16, 20)
+    assert torch.count_nonzero(a[16:]) == 0 and torch.count_nonzero(b[:, 16:]) == 0
+    (a1, b1), (a2, b2) = factors(1, 16, 32, 12), factors(2, 16, 32, 12)
+    want = 0.7 * (12 / math.sqrt(12)) * b1 @ a1 + 0.3 * (24 / 12) * b2 @ a2
+    torch.testing.assert_close(b @ a, want, rtol=1e-4, atol=1e-4)
+    # the first adapter's config, the scale 1 written out: lora_alpha = r, no rslora
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"]) == (20, 20, False)
+
+
+@pytest.mark.slow  # two wsmerge processes against a local fake Hub: about 7 s
+def test_adapters_from_the_hub_are_downloaded(two):
+    import os
+    import subprocess
+    import sys
+
+    from tests.fake_hub import FakeHub
+
+    root, a, b = two
+    spec = root / "hub.yaml"
+    spec.write_text("combination_type: cat\nadapters:\n  - adapter: org/sql@v1\n    parameters: {weight: 0.7}\n"
+                    "  - adapter: ./b\n    parameters: {weight: 0.3}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "WSMERGE_DEBUG"))}
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)
+    with FakeHub() as hub:
+        hub.add_repo("org/sql", {p.name: p.read_bytes() for p in a.iterdir()}, tag="v1")
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(root / "hf"), HF_HUB_DISABLE_XET="1",
+                   HF_HUB_DISABLE_TELEMETRY="1")
+
+        def wsmerge(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "weightspace.cli.main", "lora", "merge", *args],
+                                  cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+        r = wsmerge(str(spec), "-o", str(root / "hub-out"))
+        assert r.returncode == 0, r.stderr
+        assert ("GET", "/api/models/org/sql/revision/v1") in hub.requests
+        spec.write_text(spec.read_text().replace("org/sql@v1", "org/nosql"))
+        r = wsmerge(str(spec), "-o", str(root / "hub-out2"))
+        assert r.returncode == 1 and "adapters[0].adapter: org/nosql: no such adapter on the Hub" in r.stderr
+    local, _ = merged(root, spec_file(root, "cat"))
+    hub_made = load_file(str(root / "hub-out" / "adapter_model.safetensors"))
+    assert all(torch.equal(local[k], hub_made[k]) for k in local)

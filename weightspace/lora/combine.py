@@ -307,7 +307,10 @@ def _locate_adapter(ref: str, spec_dir: Path | None, field_name: str) -> Path:
     if loc.path is not None:
         return Path(loc.path)
     if loc.hub_id is not None:
-        return resolve_adapter_on_hub(loc.hub_id)
+        try:
+            return resolve_adapter_on_hub(loc.hub_id)
+        except InputError as e:  # not found, offline, gated: a runtime failure (1), named by field
+            raise InputError(f"{field_name}: {e}") from None
     raise SpecError(f"{field_name}: {missing_path(ref, loc.looked)}")
 
 
