@@ -32,6 +32,7 @@ from weightspace.cli.rws import rws
 from weightspace.cli.stats import fisher, gram
 from weightspace.cli.zoo import zoo
 from weightspace.errors import WeightspaceError
+from weightspace.memory import release_freed_buffers
 
 
 def _debug() -> bool:
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    release_freed_buffers()  # the console script's process: peak memory flat in model size
     sys.exit(main())
 
 
