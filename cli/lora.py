@@ -31,7 +31,7 @@ def lora() -> None:
     Examples (from the repository root):
       wsmerge lora extract examples/models/ft_a --base examples/models/base --rank 8 \\
           -o runs/ft_a-lora
-      wsmerge inspect examples/models/base+runs/ft_a-lora --vs examples/models/ft_a
+      wsmerge inspect ./examples/models/base+runs/ft_a-lora --vs examples/models/ft_a
       wsmerge lora merge examples/lora/merge.yaml -o runs/lora-merged
     """
 
