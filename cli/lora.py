@@ -177,7 +177,9 @@ def _print_report(out: Path, r: dict) -> None:
     saved = [c for c in changed if c["saved"]]
     left = [c for c in changed if not c["saved"]]
     if saved:
-        click.echo(f"saved whole (modules_to_save): {', '.join(sorted({c['module'] for c in saved}))}")
+        mods = sorted({c["module"] for c in saved})
+        click.echo(f"saved whole (modules_to_save): {', '.join(mods[:6])}"
+                   + (f", ... ({len(mods)} in all)" if len(mods) > 6 else ""))
     if left:
         names = ", ".join(c["tensor"] for c in left[:6]) + (f", ... ({len(left)} in all)"
                                                             if len(left) > 6 else "")

@@ -52,14 +52,16 @@ from typing import Any
 import torch
 
 from weightspace.errors import InputError, SpecError
-from weightspace.ir import WeightSpace
+from weightspace.ir import TensorRef, WeightSpace
 from weightspace.lora.adapter import CONFIG_NAME, PREFIX, pattern_key
 from weightspace.lora.apply import CONV1D_MODEL_TYPES
+from weightspace.safetensors_io import ShardWriter, layout_order
 from weightspace.structure import parse_layer
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 REPORT_FILE = "extraction_report.json"
 OVERSAMPLE, POWER_ITERATIONS = 16, 4
+PREFETCH_BYTES = 64 * 2**20
 SAVE_KINDS = ("embed", "norm", "other", "all", "none")
 
 _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|"
@@ -289,8 +291,6 @@ def run_extraction(plan: ExtractionPlan, out: str | Path, *, overwrite: bool = F
     """Factor every planned module and write the adapter directory `out` atomically:
     adapter_config.json, adapter_model.safetensors and extraction_report.json. `dtype`: the
     factors' dtype (default: the fine-tune's weight dtype). Returns the report."""
-    from safetensors.torch import save_file
-
     from weightspace.executor import Step, execute, resolve_device
     from weightspace.files import atomic_dir, check_output
     from weightspace.sink import inputs_of
@@ -299,7 +299,8 @@ def run_extraction(plan: ExtractionPlan, out: str | Path, *, overwrite: bool = F
     every_input = [*inputs_of(ft), *inputs_of(base), *inputs]
     check_output(out, overwrite, inputs=every_input)  # before the first tensor is read
     dev = resolve_device(device)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}   # the factors (small), by peft name
+    whole: dict[str, TensorRef] = {}        # modules_to_save tensors, by peft name: read at the end
     modules: list[dict] = []
     changed_whole: list[dict] = []
     bias_deltas: dict[str, torch.Tensor] = {}
@@ -310,17 +311,16 @@ def run_extraction(plan: ExtractionPlan, out: str | Path, *, overwrite: bool = F
     def compare(name: str) -> Callable[[list[torch.Tensor]], None]:
         def run(ts: list[torch.Tensor]) -> None:
             f, b = ts
-            d = f.double() - b.double() if f.is_floating_point() else None
-            differs = not torch.equal(f, b)
-            if differs:
-                rel = (float(d.norm() / b.double().norm()) if d is not None and float(b.double().norm())
-                       else None)
+            if not torch.equal(f, b):
+                rel = None
+                if f.is_floating_point() and (nb := float(b.norm())) > 0:
+                    rel = float((f - b).norm()) / nb
                 mod = _module(name)
                 saved = _save_whole(mod, plan.save)
                 changed_whole.append({"tensor": name, "module": mod, "shape": list(f.shape),
                                       "rel_change": rel, "saved": saved})
-                if saved:
-                    tensors[PREFIX + name] = f.to("cpu").to(ft[name].dtype)
+                if saved:  # read again from the fine-tune when the adapter is written
+                    whole[PREFIX + name] = ft[name]
             _tick(bar)
         return run
 
@@ -335,7 +335,7 @@ def run_extraction(plan: ExtractionPlan, out: str | Path, *, overwrite: bool = F
                     bias_deltas[t.module] = db.cpu()
             if t.transposed:
                 delta = delta.mT
-            total_sq = float(delta.double().pow(2).sum())
+            total_sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
             if total_sq == 0.0:
                 unchanged.append(t.module)
                 _tick(bar)
@@ -371,7 +371,9 @@ def run_extraction(plan: ExtractionPlan, out: str | Path, *, overwrite: bool = F
         refs = [ft[t.weight], base[t.weight]] + ([ft[t.bias], base[t.bias]] if t.bias else [])
         steps.append(Step(t.weight, None, torch.float32, refs, factor(t)))
     try:
-        execute(steps, _NoSink(), device=dev, compute_dtype=torch.float32, progress=False)
+        # the SVD, not the reading, takes the time: a short prefetch keeps memory near one layer
+        execute(steps, _NoSink(), device=dev, compute_dtype=torch.float32, progress=False,
+                prefetch=2, prefetch_bytes=PREFETCH_BYTES)
     finally:
         if bar is not None:
             bar.close()
@@ -387,18 +389,35 @@ def run_extraction(plan: ExtractionPlan, out: str | Path, *, overwrite: bool = F
         "modules": modules, "unchanged_modules": unchanged,
         "changed_not_factored": changed_whole,
         "bias_deltas": sorted(bias_deltas) if lora_bias else [],
-        "adapter_values": sum(v.numel() for v in tensors.values()),
+        "adapter_values": sum(v.numel() for v in tensors.values()) + sum(r.numel for r in whole.values()),
         "seconds": round(time.perf_counter() - t0, 3), "notes": plan.notes,
     }
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_adapter_weights(tmp / WEIGHTS_FILE, tensors, whole)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
     atomic_dir(out, overwrite, write, inputs=every_input)
     report["config"] = config
     return report
+
+
+def write_adapter_weights(path: Path, tensors: dict[str, torch.Tensor],
+                          whole: dict[str, TensorRef]) -> None:
+    """adapter_model.safetensors, streamed: the factors from memory, the tensors saved whole read
+    one at a time from their file."""
+    specs = {k: (k, v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    specs.update({k: (k, r.dtype, tuple(r.shape)) for k, r in whole.items()})
+    order = layout_order([(k, s[1]) for k, s in specs.items()])
+    writer = ShardWriter(path, [specs[k] for k in order], {"format": "pt"})
+    try:
+        for k in order:
+            writer.write(k, tensors[k] if k in tensors else whole[k].load())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 class _NoSink:
