@@ -403,3 +403,25 @@ def test_cli_plot_draws_the_errors_by_depth(pair, tmp_path, run_cli, require_ext
                            tmp_path / "ad", "--plot", tmp_path / "p.png")
     assert code == 0, err
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpt2_conv1d_layers_are_factored_transposed_with_fan_in_fan_out(tmp_path):
+    """GPT-2 stores its Conv1D weights as (in, out): the delta factored is dW^T, and the config
+    says fan_in_fan_out, as peft expects for those layers."""
+    g = torch.Generator().manual_seed(0)
+    bt = {"h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g),
+          "h.0.mlp.c_fc.weight": torch.randn(8, 32, generator=g), "wte.weight": torch.randn(10, 8, generator=g)}
+    ft = {k: v + (torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
+                  if "wte" not in k else 0) for k, v in bt.items()}
+    for name, t in (("base", bt), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file(t, tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    extract_lora(tmp_path / "ft", tmp_path / "base", tmp_path / "ad", rank=2)
+    config, w, _ = adapter(tmp_path / "ad")
+    assert config["fan_in_fan_out"] is True and config["target_modules"] == ["c_attn", "c_fc"]
+    assert w["base_model.model.h.0.attn.c_attn.lora_A.weight"].shape == (2, 8)    # [r, in]
+    assert w["base_model.model.h.0.attn.c_attn.lora_B.weight"].shape == (24, 2)   # [out, r]
+    merged = load_space(f"{tmp_path / 'base'}+{tmp_path / 'ad'}").materialize()
+    for k in ft:
+        assert torch.allclose(merged[k], ft[k], atol=1e-5), k

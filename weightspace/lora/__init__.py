@@ -33,12 +33,16 @@ variants, initialisations that change the base weights (PiSSA, OLoRA, CorDA,
 LoftQ, LoRA-GA), convolution layers, trainable tokens, `modules_to_save` that
 unties a tied output layer.
 
+The other way round, `extract_lora(finetuned, base, out, rank=32)` (or `energy=0.9`) writes
+a fine-tune's task vector as a peft adapter: per linear layer a truncated SVD dW ~ B @ A with
+lora_alpha = r (scale 1), B = U sqrt(S), A = sqrt(S) V^T (see weightspace.lora.extract).
+
 A module per job: `adapter` (the format: adapter_config.json and its checks, peft's tensor
 names, the refusals, the Hub download), `apply` (`apply_adapter`: which base tensor each
-module changes, and how), `refs` (`LoraRef`: the math, when a tensor is loaded); and
-`weightspace.lora.combine` (adapter-space merges, `wsmerge lora merge`: peft's
-`add_weighted_adapter` from a spec), imported by name, since it reads adapters through
-weightspace.sources, which imports this package.
+module changes, and how), `refs` (`LoraRef`: the math, when a tensor is loaded), `extract`
+(`extract_lora`: adapters from fine-tunes); and `weightspace.lora.combine` (adapter-space
+merges, `wsmerge lora merge`: peft's `add_weighted_adapter` from a spec), imported by name,
+since it reads adapters through weightspace.sources, which imports this package.
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
 """
@@ -52,7 +56,8 @@ from weightspace.lora.adapter import (
     resolve_adapter_on_hub,
 )
 from weightspace.lora.apply import apply_adapter
+from weightspace.lora.extract import extract_lora, plan_extraction, run_extraction
 from weightspace.lora.refs import LoraRef
 
-__all__ = ["Adapter", "LoraConfig", "LoraRef", "apply_adapter", "read_adapter_config",
-           "resolve_adapter_on_hub"]
+__all__ = ["Adapter", "LoraConfig", "LoraRef", "apply_adapter", "extract_lora", "plan_extraction",
+           "read_adapter_config", "resolve_adapter_on_hub", "run_extraction"]
