@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--sample-optimum", type=int, default=6,
                     help="modules whose Eckart–Young optimum is computed (full SVD each)")
+    ap.add_argument("--omp-threads", type=int, default=None,
+                    help="OMP_NUM_THREADS for every child (both tools and the floor); default: "
+                         "torch's own choice")
     ap.add_argument("--json", type=Path, default=None)
     return ap
 
@@ -123,6 +126,8 @@ def optimum(mods: list[str], rank: int, base: Path, ft: Path) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.omp_threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.omp_threads)  # child_env() passes it on
     ckpt = make_checkpoints(args.params, argparse.Namespace(
         dtype=args.dtype, n_models=args.n_models, seed=args.seed, workdir=args.workdir,
         ckpt_shard_size=args.ckpt_shard_size, hidden_size=None, layers=None))
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"params": args.params, "tag": ckpt.tag, "num_params": ckpt.settings["num_params"],
               "shape": ckpt.settings["shape"], "dtype": args.dtype, "rank": args.rank,
               "model_bytes": ckpt.model_bytes, "cpus": os.cpu_count(), "notes": notes,
+              "omp_threads": args.omp_threads, "svd": args.svd,
               "load_start": [round(x, 2) for x in os.getloadavg()], "runs": {}}
     for rep in range(args.repeat):
         for name, (cmd, out) in cmds.items():

@@ -102,7 +102,7 @@ def extract(finetuned: str, base: str, out: Path | None, rank: int | None, energ
           --plot runs/ft_c-lora.png -o runs/ft_c-lora
     """
     from weightspace.errors import SpecError
-    from weightspace.files import check_output
+    from weightspace.files import check_disjoint, check_output
     from weightspace.lora.extract import plan_extraction, plot_report, run_extraction
     from weightspace.sources import load_space
     from weightspace.spec import parse_dtype
@@ -119,7 +119,9 @@ def extract(finetuned: str, base: str, out: Path | None, rank: int | None, energ
         raise click.UsageError("--plot draws the extraction's errors; it cannot be combined with --dry-run")
     check_plot(plot)
     if out is not None and not dry_run:
-        check_output(out, overwrite, inputs=[finetuned, base, *([plot] if plot else [])])
+        check_output(out, overwrite, inputs=[finetuned, base])
+    if plot is not None:
+        check_disjoint(plot, [finetuned, base])
     ft, bs = load_space(finetuned), load_space(base)
     try:
         plan = plan_extraction(ft, bs, rank=rank, energy=energy, max_rank=max_rank,
