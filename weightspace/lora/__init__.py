@@ -33,7 +33,8 @@ variants, initialisations that change the base weights (PiSSA, OLoRA, CorDA,
 LoftQ, LoRA-GA), convolution layers, trainable tokens, `modules_to_save` that
 unties a tied output layer.
 
-The other way round, `extract_lora(finetuned, base, out, rank=32)` (or `energy=0.9`) writes
+The other way round, `weightspace.lora.extract.extract_lora(finetuned, base, out, rank=32)`
+(or `energy=0.9`; not re-exported here: it opens models through weightspace.sources) writes
 a fine-tune's task vector as a peft adapter: per linear layer a truncated SVD dW ~ B @ A with
 lora_alpha = r (scale 1), B = U sqrt(S), A = sqrt(S) V^T (see weightspace.lora.extract).
 
@@ -56,8 +57,7 @@ from weightspace.lora.adapter import (
     resolve_adapter_on_hub,
 )
 from weightspace.lora.apply import apply_adapter
-from weightspace.lora.extract import extract_lora, plan_extraction, run_extraction
 from weightspace.lora.refs import LoraRef
 
-__all__ = ["Adapter", "LoraConfig", "LoraRef", "apply_adapter", "extract_lora", "plan_extraction",
-           "read_adapter_config", "resolve_adapter_on_hub", "run_extraction"]
+__all__ = ["Adapter", "LoraConfig", "LoraRef", "apply_adapter", "read_adapter_config",
+           "resolve_adapter_on_hub"]
