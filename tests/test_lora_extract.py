@@ -425,3 +425,17 @@ def test_gpt2_conv1d_layers_are_factored_transposed_with_fan_in_fan_out(tmp_path
     merged = load_space(f"{tmp_path / 'base'}+{tmp_path / 'ad'}").materialize()
     for k in ft:
         assert torch.allclose(merged[k], ft[k], atol=1e-5), k
+
+
+def test_cli_save_modules_names_a_module_that_exists(pair, tmp_path, run_cli):
+    base, ft = pair
+    code, _, err = run_cli("lora", "extract", ft, "--base", base, "--rank", 4, "--save-modules",
+                           "embed,model.nrm", "-o", tmp_path / "ad")
+    assert code == 2 and "--save-modules 'model.nrm': no module" in err and "'model.norm'" in err
+    assert_nothing_written(tmp_path / "ad")
+    # a linear layer named there is saved whole instead of factored
+    code, _, err = run_cli("lora", "extract", ft, "--base", base, "--rank", 4, "--save-modules",
+                           "lm_head", "-o", tmp_path / "ad")
+    config, w, report = adapter(tmp_path / "ad")
+    assert code == 0 and config["modules_to_save"] == ["lm_head"] and "lm_head" not in config["target_modules"]
+    assert torch.equal(w["base_model.model.lm_head.weight"], tensors(ft)["lm_head.weight"])

@@ -39,6 +39,7 @@ Hu et al. 2021 (LoRA); Halko, Martinsson & Tropp 2011 (randomized SVD).
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -83,11 +84,8 @@ def truncated_svd(delta: torch.Tensor, k: int, *, method: str = "auto",
     (torch.svd_lowrank with k + OVERSAMPLE columns, POWER_ITERATIONS power iterations, seeded)
     or auto (randomized only when k + OVERSAMPLE is at most a quarter of min(m, n) and the
     matrix has at least 512 rows and columns: there it is several times faster)."""
-    m, n = delta.shape
-    small = min(m, n)
-    q = min(small, k + OVERSAMPLE)
-    randomized = method == "randomized" or (method == "auto" and small >= 512 and 4 * q <= small)
-    if randomized and q < small:
+    if _svd_kind(tuple(delta.shape), k, method) == "randomized":
+        q = min(min(delta.shape), k + OVERSAMPLE)
         # torch.svd_lowrank draws its test matrix from the global generator: seed it, and
         # restore the caller's state
         devices = [delta.device] if delta.device.type == "cuda" else []
@@ -166,6 +164,7 @@ class ExtractionPlan:
 
 
 def _svd_kind(shape: tuple[int, int], k: int, method: str) -> str:
+    """Which SVD `truncated_svd` runs for a matrix of `shape` and rank `k` (see there)."""
     small = min(shape)
     q = min(small, k + OVERSAMPLE)
     if method == "randomized" or (method == "auto" and small >= 512 and 4 * q <= small):
@@ -206,6 +205,13 @@ def plan_extraction(finetuned: WeightSpace, base: WeightSpace, *, rank: int | No
         raise SpecError(f"svd must be auto, full or randomized, got {svd!r}")
     save = _parse_save(save_modules)
     _check_same_tensors(finetuned, base)
+    modules = {_module(n) for n in finetuned}
+    for name in save:
+        if name not in SAVE_KINDS and not any(_matches_names(m, [name]) for m in modules):
+            close = difflib.get_close_matches(name, sorted(modules), n=1, cutoff=0.6)
+            raise SpecError(f"--save-modules {name!r}: no module of {finetuned.source} is called "
+                            f"that (kinds: {', '.join(SAVE_KINDS[:-1])}, or module names"
+                            + (f"; closest: {close[0]!r})" if close else ")"))
     model_type = (base.meta.get("config") or finetuned.meta.get("config") or {}).get("model_type")
     conv1d = model_type in CONV1D_MODEL_TYPES
     targets: list[Target] = []
