@@ -439,3 +439,25 @@ def test_cli_save_modules_names_a_module_that_exists(pair, tmp_path, run_cli):
     config, w, report = adapter(tmp_path / "ad")
     assert code == 0 and config["modules_to_save"] == ["lm_head"] and "lm_head" not in config["target_modules"]
     assert torch.equal(w["base_model.model.lm_head.weight"], tensors(ft)["lm_head.weight"])
+
+
+def test_factors_take_the_finetunes_dtype_unless_told(tmp_path, run_cli):
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    write_tiny_llama(base, seed=0, layers=1, dtype=torch.bfloat16)
+    write_tiny_llama(ft, seed=0, delta_seed=1, layers=1, dtype=torch.bfloat16)
+    for args, want in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        out = tmp_path / f"ad-{want}"
+        code, _, err = run_cli("lora", "extract", ft, "--base", base, "--rank", 4, "-o", out, *args)
+        assert code == 0, err
+        _, w, report = adapter(out)
+        assert {t.dtype for t in w.values()} == {want}
+        # the SVD ran in float32 on the exact bf16 difference; the error is that of the stored
+        # factors: the optimum in float32, a little above it (rounding) in bf16
+        d = (tensors(ft)["lm_head.weight"].float() - tensors(base)["lm_head.weight"].float()).double()
+        s = torch.linalg.svdvals(d)
+        best = float(s[4:].pow(2).sum().sqrt() / d.norm())
+        m = next(m for m in report["modules"] if m["module"] == "lm_head")
+        stored = float((d - (w["base_model.model.lm_head.lora_B.weight"].double()
+                             @ w["base_model.model.lm_head.lora_A.weight"].double())).norm() / d.norm())
+        assert m["rel_error"] == pytest.approx(stored, abs=1e-5)
+        assert best - 1e-6 <= stored < best + 5e-3

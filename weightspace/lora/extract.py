@@ -20,7 +20,8 @@ The rank is `rank` (capped at min(out, in), with a warning: a capped layer is ex
 `max_rank`. The SVD is torch.linalg.svd where that is cheap (small matrices, or a rank near the
 matrix's size) and otherwise a randomized SVD (torch.svd_lowrank, Halko et al. 2011) with
 k + 16 columns and 4 power iterations; `svd="full"` forces the exact one. Its error is
-reported, computed from the factors (||dW - B A||_F / ||dW||_F), never assumed.
+reported, computed from the factors as stored (||dW - B A||_F / ||dW||_F, after their cast to
+the output dtype), never assumed.
 
 Other tensors are compared too. A linear layer's bias that changed is stored as peft's
 `lora_B.bias` (`lora_bias: true`: merged bias = base + scale * b, exact). Embeddings, norms and
@@ -350,9 +351,11 @@ def run_extraction(plan: ExtractionPlan, out: str | Path, *, overwrite: bool = F
             u, s, vh, how = truncated_svd(delta, cap, method=plan.svd, seed=seed)
             k = min(cap, len(s)) if plan.energy is None else min(energy_rank(s, total_sq, plan.energy), cap)
             bf, af = split_factors(u, s, vh, k)
-            err = float((delta - bf @ af).norm() / math.sqrt(total_sq))
-            kept = float((s[:k].double() ** 2).sum() / total_sq)
             out_dtype = dtype or ft[t.weight].dtype
+            if out_dtype != bf.dtype:  # the error of the factors as stored
+                bf, af = bf.to(out_dtype), af.to(out_dtype)
+            err = float((delta - bf.float() @ af.float()).norm() / math.sqrt(total_sq))
+            kept = float((s[:k].double() ** 2).sum() / total_sq)
             key = PREFIX + t.module
             if t.kind == "embedding":  # peft: weight [num, dim] += (B @ A)^T; A [r, num], B [dim, r]
                 tensors[f"{key}.lora_embedding_A"] = af.to("cpu", out_dtype).contiguous()
