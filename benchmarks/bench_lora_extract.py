@@ -15,7 +15,7 @@ the Eckart–Young optimum (from torch.linalg.svdvals) for a sample of modules.
 
 Example::
 
-    flock /tmp/i19-bench.lock python benchmarks/bench_lora_extract.py --params 134M --rank 64 \\
+    python benchmarks/bench_lora_extract.py --params 134M --rank 64 \\
         --mergekit /tmp/mkvenv/bin/mergekit-extract-lora --json benchmarks/results/lora_extract_134M.json
 """
 

@@ -57,7 +57,9 @@ def wsmerge() -> None:
     trained models), fisher and gram (statistics for data-aware merges), atlas
     (learned task-vector coefficients), align (permutation alignment), rws
     (robust weight signatures), learngene (genes that grow networks of any
-    depth) and generate (weight generators).
+    depth), generate (weight generators), lora (extract a LoRA adapter from a
+    fine-tune, merge adapters in adapter space) and moe (a mixture of experts
+    from dense fine-tunes).
 
     Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage, 130 interrupted.
     Pass -v after any command (or set WSMERGE_DEBUG=1) to see tracebacks.

@@ -267,3 +267,11 @@ def test_dry_run_peak_memory_is_the_plans_own(tmp_path, run_cli, monkeypatch):
     assert budget < capped <= budget + 6 * max(s.out_bytes for s in steps) + 2 * max(loaded)
     # a step larger than the budget is let through alone: never reported below its own inputs
     assert ex.estimate_peak_bytes(steps, torch.float32, prefetch_bytes=1) >= max(loaded)
+
+
+def test_the_top_level_help_names_every_command():
+    from weightspace.cli.main import wsmerge
+
+    text = " ".join((wsmerge.help or "").split())
+    missing = [name for name in wsmerge.commands if not re.search(rf"\b{re.escape(name)}\b", text)]
+    assert not missing, f"wsmerge --help does not mention: {missing}"

@@ -1,4 +1,4 @@
-"""weightspace.memory: freed tensors of 1 MiB and more go back to the OS (glibc), so a long
+"""weightspace.memory: freed tensors of 8 MiB and more go back to the OS (glibc), so a long
 merge's peak RSS does not keep the holes of every tensor it has freed."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-# Allocate 48 tensors of 4 MiB (touching every page), free every other one: with the mmap
+# Allocate 12 tensors of 16 MiB (touching every page), free every other one: with the mmap
 # threshold fixed each freed tensor is unmapped, so RSS falls by about 96 MiB. (With glibc's
-# default the threshold rises to 4 MiB at the first free, the rest come from the heap, and the
+# default the threshold rises to 16 MiB at the first free, the rest come from the heap, and the
 # freed ones stay resident as holes between the kept ones.)
 PROBE = r"""
 import sys, torch
@@ -19,8 +19,8 @@ from weightspace.memory import release_freed_buffers
 set_ = release_freed_buffers() if sys.argv[1] == "set" else None
 page = __import__("os").sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page / 2**20
-probe = torch.ones(1 << 20); del probe           # one large free first, as in any real run
-ts = [torch.ones(1 << 20) for _ in range(48)]     # 4 MiB of float32 each
+probe = torch.ones(1 << 22); del probe           # one large free first, as in any real run
+ts = [torch.ones(1 << 22) for _ in range(12)]     # 16 MiB of float32 each
 before = rss()
 del ts[::2]
 print(set_, round(before - rss()))
