@@ -74,8 +74,8 @@ def select_magnitude(mag: torch.Tensor, r: int) -> tuple[torch.Tensor, int, int]
 
     `mag` holds magnitudes (|x|: no negative values, no -0.0). float32, bfloat16 and float16 are
     selected by counting their bit patterns (see above): on 16.8M float32 magnitudes half of
-    which are zero, 0.09 s against numpy's introselect's 0.49-0.50 s where k falls in the zeros,
-    and 0.08 s against 0.07-0.09 s on distinct values (2-core machine, `python
+    which are zero, 0.085-0.089 s against numpy's introselect's 0.48 s where k falls in the
+    zeros, and 0.073-0.079 s against 0.070-0.089 s on distinct values (2-core machine, `python
     benchmarks/bench_select.py`). Other dtypes use `torch.kthvalue`.
     """
     flat = mag.reshape(-1)
