@@ -121,8 +121,8 @@ def mergekit_flags(f: Callable) -> Callable:
         _flag("--quiet/--no-quiet", name="quiet", default=None,
               help="No progress bar and no summary line (errors are still printed)."),
         _flag("-j", "--num-threads", name="num_threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for the math (torch.set_num_threads; the merge itself computes with "
-                   "1 by default, or with OMP_NUM_THREADS where it is set)."),
+              help="CPU threads for the math (torch.set_num_threads; an elementwise merge such as "
+                   "linear computes with 1 by default, or with OMP_NUM_THREADS where it is set)."),
         _flag("--transformers-cache", name="transformers_cache", default=None, metavar="DIR",
               help="Hub cache for models given by id (HF_HUB_CACHE for this run)."),
         _flag("--gpu-rich", name="cuda", is_flag=True, default=None, hidden=True),

@@ -269,7 +269,7 @@ def _mergekit_device_and_shards(ctx: click.Context, mk: MergekitFlags, device: s
         import torch
 
         torch.set_num_threads(mk.num_threads)
-        # the streaming executor computes with one thread unless OMP_NUM_THREADS says otherwise
+        # an elementwise merge computes with one thread unless OMP_NUM_THREADS says otherwise
         os.environ["OMP_NUM_THREADS"] = str(mk.num_threads)
     if mk.transformers_cache is not None:
         os.environ["HF_HUB_CACHE"] = mk.transformers_cache

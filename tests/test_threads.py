@@ -1,10 +1,10 @@
-"""The streaming executor computes with one torch thread on CPU (weightspace.executor.stream_threads),
-unless OMP_NUM_THREADS is set, as `wsmerge run -j N` sets it; the caller's count is put back."""
+"""Threads: an elementwise merge on CPU computes with one torch thread (executor.stream_threads)
+unless OMP_NUM_THREADS is set, as `wsmerge run -j N` sets it; a method with reductions keeps
+torch's count (its last bits depend on it, as mergekit's do); the count is put back after."""
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
 from weightspace.executor import Step, execute
@@ -22,7 +22,7 @@ class _ListSink:
         pass
 
 
-def _threads_seen_by_compute() -> tuple[list[int], dict]:
+def _threads_seen(threads) -> list[int]:
     seen: list[int] = []
 
     def compute(ts):
@@ -31,40 +31,46 @@ def _threads_seen_by_compute() -> tuple[list[int], dict]:
 
     sink = _ListSink()
     steps = [Step(f"t{i}", (3,), torch.float32, [MemoryRef(f"t{i}", torch.ones(3))], compute) for i in range(3)]
-    execute(steps, sink, device="cpu", progress=False)
-    return seen, sink.got
+    execute(steps, sink, device="cpu", progress=False, threads=threads)
+    assert torch.equal(sink.got["t1"], torch.full((3,), 2.0))
+    return seen
 
 
-def test_cpu_compute_runs_on_one_thread_and_the_count_is_put_back(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+@pytest.fixture
+def two_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        seen, got = _threads_seen_by_compute()
-        assert seen == [1, 1, 1]
-        assert torch.get_num_threads() == 2
-        assert torch.equal(got["t1"], torch.full((3,), 2.0))
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
 
 
-def test_omp_num_threads_in_the_environment_is_left_to_torch(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        assert _threads_seen_by_compute()[0] == [2, 2, 2]
-    finally:
-        torch.set_num_threads(before)
+def test_execute_runs_with_the_threads_asked_for_and_puts_the_count_back(two_threads):
+    assert _threads_seen(1) == [1, 1, 1]
+    assert torch.get_num_threads() == 2
+    assert _threads_seen(None) == [2, 2, 2]
 
 
-def test_run_j_sets_the_thread_count_the_merge_computes_with(tiny_models, run_cli, monkeypatch, tmp_path):
-    # -j writes OMP_NUM_THREADS into this process's environment: monkeypatch puts it back
-    monkeypatch.setenv("OMP_NUM_THREADS", "")
-    before = torch.get_num_threads()
-    seen = []
+def _spec(tmp_path, tiny_models, method):
+    spec = tmp_path / f"{method}.yaml"
+    base = f"base_model: {tiny_models.base}\n" if method != "linear" else ""
+    params = "" if method == "model_stock" else "\n    parameters: {weight: 0.5}"
+    spec.write_text(f"merge_method: {method}\n{base}models:\n"
+                    f"  - model: {tiny_models.ft_a}{params}\n  - model: {tiny_models.ft_b}{params}\n")
+    return spec
+
+
+@pytest.mark.parametrize("method, args, expect", [
+    ("linear", (), 1),                  # elementwise: one thread
+    ("task_arithmetic", (), 1),
+    ("model_stock", (), 2),             # cosines over whole tensors: torch's count
+    ("linear", ("-j", "2"), 2),         # -j sets OMP_NUM_THREADS: the count asked for
+])
+def test_wsmerge_run_threads_by_method(tiny_models, run_cli, monkeypatch, tmp_path, two_threads,
+                                       method, args, expect):
     import weightspace.executor as ex
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # unset for the policy; -j's write is undone after
+    seen = []
     orig = ex._Run.compute
 
     def compute(self, s, ts):
@@ -72,13 +78,8 @@ def test_run_j_sets_the_thread_count_the_merge_computes_with(tiny_models, run_cl
         return orig(self, s, ts)
 
     monkeypatch.setattr(ex._Run, "compute", compute)
-    spec = tmp_path / "linear.yaml"
-    spec.write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_models.ft_a}\n    parameters: {{weight: 0.5}}\n"
-                    f"  - model: {tiny_models.ft_b}\n    parameters: {{weight: 0.5}}\n")
-    try:
-        code, _, err = run_cli("run", str(spec), str(tmp_path / "out"), "-j", "2", "--no-progress")
-        assert code == 0, err
-        assert seen and set(seen) == {2}
-        assert os.environ["OMP_NUM_THREADS"] == "2"
-    finally:
-        torch.set_num_threads(before)
+    code, _, err = run_cli("run", str(_spec(tmp_path, tiny_models, method)), str(tmp_path / "out"),
+                           "--no-progress", *args)
+    assert code == 0, err
+    assert seen and set(seen) == {expect}
+    assert torch.get_num_threads() == 2

@@ -141,14 +141,17 @@ def estimate_peak_bytes(steps: Sequence[Step], compute_dtype: torch.dtype | None
 
 
 def stream_threads() -> int | None:
-    """Torch threads a CPU run computes with: 1, or torch's own count (None) where the
+    """Torch threads for an elementwise merge on CPU: 1, or torch's own count (None) where the
     environment sets OMP_NUM_THREADS (as `wsmerge run -j N` does).
 
-    One thread, because the work is a stream of cache-sized operations beside a reader and a
-    writer thread: on the 2-core VM, three 134M fp32 merges with one thread against torch's
-    two took 5.5-5.8 s against 5.7-6.8 s (TIES) and 2.7-3.1 s against 3.3-3.5 s (linear), bf16
-    TIES 4.5 s against 4.0-4.7 s; and with two other processes busy on the cores, TIES took
-    9.0-9.4 s against 21-38 s, where two OpenMP workers wait on each other at every operation."""
+    One thread, because such a merge is a stream of cache-sized operations beside a reader and
+    a writer thread: three 134M fp32 merges on the 2-core VM, median of 3, linear 2.96 s against
+    3.31 s and task_arithmetic 2.92 s against 3.26 s (one thread against torch's two); with two
+    other processes busy on the cores, TIES took 9.0-9.4 s with one thread against 21-38 s,
+    where two OpenMP workers wait on each other at every operation. An elementwise result does
+    not depend on the thread count (no entry is a sum over others); a reduction's last bits do,
+    so methods with one (model_stock's and slerp's dot products) keep torch's count, which is
+    also mergekit's, and give its bits."""
     return None if os.environ.get("OMP_NUM_THREADS") else 1
 
 
@@ -163,13 +166,15 @@ def execute(
     progress: bool = True,
     allow_nonfinite: bool = False,
     desc: str = "merging",
+    threads: int | None = None,
 ) -> dict:
-    """Run `steps` in order, writing each result to `sink`; aborts the sink on failure.
+    """Run `steps` in order, writing each result to `sink`; aborts the sink on failure. On CPU
+    `threads` (None: torch's count) is the torch thread count for the run, put back after it.
 
     Returns timing stats: {"steps", "read_bytes", "written_bytes", "seconds"}.
     """
     return _Run(steps, sink, resolve_device(device), compute_dtype, prefetch, prefetch_bytes,
-                allow_nonfinite).run(progress, desc)
+                allow_nonfinite, threads).run(progress, desc)
 
 
 class _Run:
@@ -177,8 +182,8 @@ class _Run:
     (write), joined by two bounded queues and a byte budget."""
 
     def __init__(self, steps: Sequence[Step], sink, dev: torch.device, compute_dtype: torch.dtype | None,
-                 prefetch: int, prefetch_bytes: int, allow_nonfinite: bool):
-        self.steps, self.sink, self.dev = steps, sink, dev
+                 prefetch: int, prefetch_bytes: int, allow_nonfinite: bool, threads: int | None = None):
+        self.steps, self.sink, self.dev, self.threads = steps, sink, dev, threads
         self.compute_dtype, self.allow_nonfinite = compute_dtype, allow_nonfinite
         self.on_cpu = dev.type == "cpu"
         self.in_q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -197,7 +202,7 @@ class _Run:
             self.bar = tqdm(total=total_out, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                             leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
-        threads = stream_threads() if self.on_cpu else None
+        threads = self.threads if self.on_cpu else None
         before = torch.get_num_threads()
         if threads is not None and threads != before:
             torch.set_num_threads(threads)

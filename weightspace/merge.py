@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from weightspace.card import Card, model_card
-from weightspace.executor import Step, execute
+from weightspace.executor import Step, execute, stream_threads
 from weightspace.inputs import check_carried
 from weightspace.params import evaluate
 from weightspace.plan import MergePlan, plan_merge
@@ -42,7 +42,8 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
     try:
         stats = execute(ordered, sink, device=device, compute_dtype=plan.compute_dtype,
                         progress=progress, allow_nonfinite=allow_nonfinite,
-                        desc=plan.method.name)
+                        desc=plan.method.name,
+                        threads=stream_threads() if plan.method.elementwise else None)
         sink.finish(config=plan.config, files=plan.tokenizer_files if copy_tokenizer else {},
                     card=model_card(card_of(plan)) if write_card else None,
                     texts={"mergekit_config.yml": recipe},

@@ -187,7 +187,8 @@ class MergeMethod:
     ignored_params: ClassVar[dict[str, str]] = {}
     layer_stacking: ClassVar[bool] = False  # passthrough: slices may stack layers
     # True when each output entry depends only on the same entry of the inputs:
-    # the executor may then stream a large tensor in row blocks.
+    # the executor may then stream a large tensor in row blocks, and compute with one
+    # thread (the result does not depend on the thread count: executor.stream_threads).
     elementwise: ClassVar[bool] = False
 
     def all_global_params(self) -> tuple[Param, ...]:
