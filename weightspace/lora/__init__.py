@@ -41,8 +41,9 @@ lora_alpha = r (scale 1), B = U sqrt(S), A = sqrt(S) V^T (see weightspace.lora.e
 A module per job: `adapter` (the format: adapter_config.json and its checks, peft's tensor
 names, the refusals, the Hub download), `apply` (`apply_adapter`: which base tensor each
 module changes, and how), `refs` (`LoraRef`: the math, when a tensor is loaded), `extract`
-(`extract_lora`: adapters from fine-tunes); and `weightspace.lora.combine` (adapter-space
-merges, `wsmerge lora merge`: peft's `add_weighted_adapter` from a spec), imported by name,
+(`extract_lora`: adapters from fine-tunes), `merge_utils` (peft's combinations as pure tensor
+functions); and `weightspace.lora.combine` (adapter-space merges, `wsmerge lora merge`: peft's
+`add_weighted_adapter` from a spec, the plan and the streaming writer), imported by name,
 since it reads adapters through weightspace.sources, which imports this package.
 
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
