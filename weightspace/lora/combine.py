@@ -253,6 +253,7 @@ def _locate_adapter(ref: str, spec_dir: Path | None, field_name: str) -> Path:
 def _read_source(entry: AdapterEntry, path: Path, field_name: str) -> Source:
     from weightspace.files import read_json_object
     from weightspace.lora.adapter import CONFIG_NAME, classify, pattern_key
+    from weightspace.lora.apply import _factors
     from weightspace.sources import read_adapter
 
     adapter = read_adapter(path)
@@ -278,14 +279,7 @@ def _read_source(entry: AdapterEntry, path: Path, field_name: str) -> Source:
         if "bias" in p:
             raise SpecError(f"{field_name}: {path}: module {mod!r} has a lora_B bias (lora_bias: "
                             f"true); peft's add_weighted_adapter cannot combine those")
-        emb = "EA" in p or "EB" in p
-        a_role, b_role = ("EA", "EB") if emb else ("A", "B")
-        if emb and ("A" in p or "B" in p):
-            raise InputError(f"{where}: module {mod!r} has both lora_A/B and lora_embedding_A/B weights")
-        for role, label in ((a_role, "lora_A"), (b_role, "lora_B")):
-            if role not in p:
-                raise InputError(f"{where}: module {mod!r} has no {label} weight")
-        a, b = p[a_role][1], p[b_role][1]
+        emb, a, b = _factors(mod, m, where)  # the base+adapter reader's own checks
         if len(a.shape) != 2 or len(b.shape) != 2:
             raise SpecError(f"{field_name}: {path}: module {mod!r}: LoRA on convolution layers "
                             f"(lora_A {list(a.shape)}) is not supported")
