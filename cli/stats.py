@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from weightspace.cli.options import Command
+from weightspace.cli.options import Command, device_option
 
 _COMMON = [
     click.argument("model"),
@@ -29,6 +29,7 @@ _COMMON = [
     click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
                  help="Truncate text examples to this many tokens."),
     click.option("--seed", type=int, default=0, show_default=True),
+    device_option,
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
     click.option("--no-progress", is_flag=True, help="No progress bar."),
 ]
@@ -41,10 +42,10 @@ def _common(fn):
 
 
 def _open(model: str, data: str, split: str, n_examples: int, batch_size: int, task: str,
-          num_labels: int | None, max_length: int, seed: int):
+          num_labels: int | None, max_length: int, seed: int, device: str = "cpu"):
     from weightspace.zoo.bind import open_batches, open_model
 
-    adapter = open_model(model, task=task, num_labels=num_labels, seed=seed)
+    adapter = open_model(model, task=task, num_labels=num_labels, seed=seed, device=device)
     tok = model if Path(model).is_dir() else None
     batches = open_batches(data, adapter, split=split, batch_size=batch_size, n_examples=n_examples,
                            tokenizer=tok, max_length=max_length)
@@ -69,8 +70,8 @@ def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Label draws per example (sampled).")
 def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
-           num_labels: int | None, max_length: int, seed: int, overwrite: bool, no_progress: bool,
-           estimator: str, samples: int) -> None:
+           num_labels: int | None, max_length: int, seed: int, device: str, overwrite: bool,
+           no_progress: bool, estimator: str, samples: int) -> None:
     """Diagonal Fisher information of MODEL on DATA, as a companion weight space.
 
     Squares of per-example gradients of the log-likelihood (never the square
@@ -90,7 +91,8 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
     from weightspace.merges.fisher import fisher_diagonal, save_fisher
 
     _check_out(out, overwrite, model, data)
-    adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed)
+    adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed,
+                             device)
     t0 = time.perf_counter()
     space = fisher_diagonal(adapter, batches, estimator=estimator, n_samples=samples, n_examples=n_examples,
                             seed=seed, progress=not no_progress and sys.stderr.isatty())
@@ -106,8 +108,8 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
 @click.option("--padding", type=click.Choice(["exclude", "include"]), default="exclude", show_default=True,
               help="Padding tokens' inputs: left out, or counted as the RegMean authors' compute_grams does.")
 def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
-         num_labels: int | None, max_length: int, seed: int, overwrite: bool, no_progress: bool,
-         padding: str) -> None:
+         num_labels: int | None, max_length: int, seed: int, device: str, overwrite: bool,
+         no_progress: bool, padding: str) -> None:
     """Gram matrices of every linear layer's inputs (RegMean), as a companion weight space.
 
     For each torch.nn.Linear layer, G = X^T X / N over the N input rows
@@ -128,7 +130,8 @@ def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_si
     from weightspace.merges.regmean import describe_skipped, gram_matrices, save_gram
 
     _check_out(out, overwrite, model, data)
-    adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed)
+    adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed,
+                             device)
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the skipped layers are reported below, once
         warnings.filterwarnings("ignore", message="gram_matrices: no Gram for")

@@ -48,8 +48,13 @@ def _local_dir(model: str | Path) -> Path:
 
 
 def open_model(model: str | Path, *, task: str = "auto", num_labels: int | None = None,
-               seed: int = 0) -> Adapter:
-    """An adapter over the model at `model` (a zoo checkpoint or a transformers directory)."""
+               seed: int = 0, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Adapter:
+    """An adapter over the model at `model` (a zoo checkpoint or a transformers directory).
+
+    The module is put on `device`; `dtype` None keeps the checkpoint's floating dtype
+    (a transformers model loads with ``dtype="auto"``), a dtype casts its floating tensors.
+    """
     if task not in TASKS:
         raise SpecError(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     space = load_space(model)
@@ -59,12 +64,16 @@ def open_model(model: str | Path, *, task: str = "auto", num_labels: int | None 
 
         module = model_from_config(cfg, str(model), tensors=space)
         load_into(module, space)
+        module.to(device=device, dtype=dtype)
         module.eval()
         return ClassifierAdapter(module, num_classes=int(cfg["num_classes"]))
-    return _open_hf(model, cfg, task, num_labels, seed)
+    adapter = _open_hf(model, cfg, task, num_labels, seed, dtype)
+    adapter.module.to(device)
+    return adapter
 
 
-def _open_hf(model: str | Path, cfg: dict, task: str, num_labels: int | None, seed: int) -> Adapter:
+def _open_hf(model: str | Path, cfg: dict, task: str, num_labels: int | None, seed: int,
+             dtype: torch.dtype | None = None) -> Adapter:
     if not cfg:
         raise InputError(f"{model}: no config.json, so the architecture is unknown; a zoo checkpoint "
                          f"or a transformers model directory is needed")
@@ -80,7 +89,8 @@ def _open_hf(model: str | Path, cfg: dict, task: str, num_labels: int | None, se
             raise SpecError(f"{model}: {', '.join(archs) or cfg.get('model_type', '?')} has no "
                             f"classification or language-model head; pass --num-labels N to add a "
                             f"seeded classification head, or --task causal-lm")
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False,
+                              "dtype": "auto" if dtype is None else dtype}
     torch.manual_seed(seed)                      # a newly added head is initialized from this seed
     try:
         if task == "causal-lm":
