@@ -15,8 +15,9 @@ _COMMON = [
     click.option("--data", required=True,
                  help="A zoo dataset reference (digits, digits:classes=0-4, ...) for zoo models; "
                       "a JSONL ({\"text\", \"label\"} per line) or text file for transformers models."),
-    click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-                 help="Output .safetensors file (written atomically)."),
+    click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
+                 help="Output: a .safetensors file, or a directory (sharded safetensors and an "
+                      "index); written atomically."),
     click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True,
                  help="Split of a zoo dataset."),
     click.option("--n-examples", type=click.IntRange(min=1), default=4096, show_default=True,
@@ -53,13 +54,18 @@ def _open(model: str, data: str, split: str, n_examples: int, batch_size: int, t
 
 
 def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
-    """-o OUT is a .safetensors file that is none of the inputs nor inside one; an existing one
-    needs --overwrite."""
-    from weightspace.files import check_output_file
+    """-o OUT is a .safetensors file or a directory (a name without a suffix: sharded safetensors
+    and an index, like a checkpoint); it is none of the inputs nor inside one, and an existing
+    one needs --overwrite."""
+    from weightspace.files import check_output, check_output_file
 
-    if out.suffix != ".safetensors":
-        raise click.UsageError(f"-o {out}: the output is a .safetensors file")
-    check_output_file(out, overwrite, inputs=inputs)
+    if out.suffix == ".safetensors":
+        check_output_file(out, overwrite, inputs=inputs)
+    elif out.suffix and not out.is_dir():
+        raise click.UsageError(f"-o {out}: the output is a .safetensors file or a directory "
+                               f"(a name without a suffix)")
+    else:
+        check_output(out, overwrite, inputs=inputs)
 
 
 @click.command(cls=Command)
