@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from weightspace.buffers import empty_like
 from weightspace.errors import SpecError
 from weightspace.merges._sparsify import (
     Consensus,
@@ -120,7 +121,7 @@ def merge_task_vectors(
     # The sparsified deltas go through the same block-wise weighting, sign
     # election and sum as the magnitude path, over a zero "base" (d - 0 = d).
     deltas = [sparse_delta(i).reshape(-1) for i in range(n)]
-    out = torch.empty_like(base)
+    out = empty_like(base)
     _merge_block(TrimState.empty(n), torch.zeros_like(deltas[0]), deltas, weights, consensus,
                  normalize, lambda_, out.view(-1))
     return out.add_(base)
@@ -467,7 +468,7 @@ def _merge_chunked(
     scratch buffer, partitioned in place), then trim, elect and sum block by
     block straight into the output."""
     st = _trim_whole(base, tensors, densities)
-    out = torch.empty_like(base)
+    out = empty_like(base)
     _merge_block(st, base.reshape(-1), [t.reshape(-1) for t in tensors], weights, consensus,
                  normalize, lambda_, out.view(-1))
     return out
@@ -500,7 +501,7 @@ class TaskVectorMerge(MergeMethod):
             return trim_blocked(numel, densities, n_models, sample, blocks)
 
         def merge_block(st: TrimState, base: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
-            out = torch.empty_like(base)
+            out = empty_like(base)
             _merge_block(st, base.reshape(-1), [x.reshape(-1) for x in xs], weights, self.consensus,
                          params["normalize"], params["lambda"], out.view(-1))
             return out

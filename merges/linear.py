@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from weightspace.buffers import empty_like
 from weightspace.errors import SpecError
 from weightspace.methods import MergeMethod, Param, TensorParams, register
 
@@ -44,7 +45,7 @@ def weighted_average(
             "change the weights or set normalize: false"
         )
     if tensors[0].device.type != "cpu" or all(t.dtype == work for t in tensors):
-        out = torch.zeros_like(tensors[0], dtype=work)
+        out = empty_like(tensors[0], work).zero_()
         for x, wi in zip(tensors, w):
             out.addcmul_(x, wi)  # one rounding per model, as mergekit's addcmul_
         if normalize:
@@ -52,7 +53,7 @@ def weighted_average(
         return out.to(dtype)
     n = tensors[0].numel()
     flat = [x.reshape(-1) for x in tensors]
-    out = torch.empty_like(tensors[0], memory_format=torch.contiguous_format)
+    out = empty_like(tensors[0])
     flat_out = out.view(-1)
     acc_, wide_ = (torch.empty(min(BLOCK, n), dtype=work) for _ in range(2))
     for s in range(0, n, BLOCK):

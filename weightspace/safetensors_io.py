@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from weightspace.buffers import read_buffer
 from weightspace.errors import InputError, SpecError, WeightspaceError
 from weightspace.inputs import open_input, open_input_fd, parse_json, short_repr
 
@@ -152,8 +153,9 @@ HAS_PREADV = hasattr(os, "preadv")
 
 def read_tensor(path: str | Path, entry: Entry, fd: int | None = None) -> torch.Tensor:
     """Read one tensor's bytes with positioned reads into a fresh CPU tensor (`fd`: an open
-    descriptor of `path` to read from, where the platform has positioned reads)."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    descriptor of `path` to read from, where the platform has positioned reads). Inside a
+    `weightspace.buffers.read_pool` block the buffer may be one an earlier, dropped tensor used."""
+    buf = read_buffer(entry.nbytes)
     if entry.nbytes:
         view = memoryview(buf.numpy()).cast("B")
         if HAS_PREADV:
