@@ -194,7 +194,10 @@ class _Run:
         self.out_q: queue.Queue = queue.Queue(maxsize=1)
         self.stop = threading.Event()
         self.budget = _ByteBudget(prefetch_bytes, self.stop)
-        self.pool = ReadPool(prefetch_bytes)  # read and output buffers, reused (weightspace.buffers)
+        # read and output buffers, reused (weightspace.buffers): as many bytes as the budget lets
+        # the reader hold, or the largest step's inputs and output, which are in memory anyway
+        largest = max((s.read_bytes + s.out_bytes for s in steps), default=0)
+        self.pool = ReadPool(max(prefetch_bytes, largest))
         self.errors: list[BaseException] = []
         self.bar = None
         self.lock = threading.Lock()
@@ -288,6 +291,7 @@ class _Run:
                 except Exception as e:
                     raise WeightspaceError(f"reading inputs of tensor {s.name!r}: {e}") from e
                 _put(self.in_q, (s, ts, nbytes), self.stop)
+                del ts  # else this frame keeps them alive while it waits for the next budget
         finally:
             _put(self.in_q, _DONE, self.stop, force=True)
 
