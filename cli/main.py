@@ -33,6 +33,7 @@ from weightspace.cli.stats import fisher, gram
 from weightspace.cli.zoo import zoo
 from weightspace.errors import WeightspaceError
 from weightspace.memory import release_freed_buffers
+from weightspace.threads import prefer_passive_waits
 
 
 def _debug() -> bool:
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    prefer_passive_waits()   # before torch loads: OpenMP workers that do not spin on a busy machine
     release_freed_buffers()  # the console script's process: peak memory flat in model size
     sys.exit(main())
 
