@@ -302,6 +302,8 @@ def _merge_block(
     thr_bits = [None if t is None else int(t.view(itype)) for t in st.thresholds]
     abs_mask = ~(-1 << shift)  # every bit but the sign bit
     wts = [torch.tensor(w, dtype=dtype) for w in weights]  # rounded to dtype, as mergekit does
+    # the product of a {0, 1} tensor and a Python weight is that weight rounded to dtype
+    w_round = [float(torch.tensor(w, dtype=dtype)) for w in weights]
     f = lambda: torch.empty(size, dtype=dtype, device=device)  # noqa: E731
     i_ = lambda: torch.empty(size, dtype=itype, device=device)  # noqa: E731
     d_, p_, pos_, neg_, sg_, w_, posw_, negw_ = (f() for _ in range(8))
@@ -324,7 +326,7 @@ def _merge_block(
                 # keep |d| > thr: all ones where thr's pattern minus |d|'s is negative (both are
                 # below 2^(width-1): the difference cannot overflow); dropped entries become +0.0
                 torch.bitwise_and(db, abs_mask, out=ad)
-                torch.neg(ad, out=keep).add_(thr_bits[i]).bitwise_right_shift_(shift)
+                torch.sub(thr_bits[i], ad, out=keep).bitwise_right_shift_(shift)
                 if st.tied_to_keep[i] > 0:
                     tied = torch.nonzero(ad == thr_bits[i]).squeeze(1)[: st.tied_to_keep[i]]
                     keep[tied] = -1
@@ -340,14 +342,12 @@ def _merge_block(
             if consensus == "count" or normalize:
                 torch.sign(d, out=sg)
                 if normalize:  # w_i where d_i > 0 (pos_w), where d_i < 0 (neg_w): sign is 1, 0 or -1
-                    up = pos_w if first else w
-                    torch.clamp(sg, min=0, out=up).mul_(weights[i])
-                    if not first:
-                        pos_w.add_(up)
-                    down = neg_w if first else w
-                    torch.clamp(sg, max=0, out=down).mul_(-weights[i])
-                    if not first:
-                        neg_w.add_(down)
+                    if first:
+                        torch.clamp(sg, min=0, out=pos_w).mul_(weights[i])
+                        torch.clamp(sg, max=0, out=neg_w).mul_(-weights[i])
+                    else:  # alpha * {0, 1} is exact: the same sums as a product, then an add
+                        pos_w.add_(torch.clamp(sg, min=0, out=w), alpha=w_round[i])
+                        neg_w.add_(torch.clamp(sg, max=0, out=w), alpha=-w_round[i])
                 if consensus == "count":
                     if first:
                         votes.copy_(sg)
