@@ -20,6 +20,7 @@ import click
 from weightspace.cli.align import align
 from weightspace.cli.atlas import atlas
 from weightspace.cli.demo import demo
+from weightspace.cli.eval import eval_
 from weightspace.cli.generate import generate
 from weightspace.cli.hub import upload
 from weightspace.cli.info import inspect, methods
@@ -59,8 +60,8 @@ def wsmerge() -> None:
     (learned task-vector coefficients), align (permutation alignment), rws
     (robust weight signatures), learngene (genes that grow networks of any
     depth), generate (weight generators), lora (extract a LoRA adapter from a
-    fine-tune, merge adapters in adapter space) and moe (a mixture of experts
-    from dense fine-tunes).
+    fine-tune, merge adapters in adapter space), moe (a mixture of experts
+    from dense fine-tunes) and eval (perplexity and accuracy of a merged LM).
 
     Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage, 130 interrupted.
     Pass -v after any command (or set WSMERGE_DEBUG=1) to see tracebacks.
@@ -68,7 +69,7 @@ def wsmerge() -> None:
 
 
 for _command in (run, inspect, methods, demo, align, zoo, fisher, gram, atlas, rws, learngene, generate,
-                 upload, lora, moe):
+                 upload, lora, moe, eval_):
     wsmerge.add_command(_command)
 
 
