@@ -56,8 +56,13 @@ class SizeType(click.ParamType):
               help="Try PARAM=v1,v2,... (or start:stop:count) on --data and keep the best: weight "
                    "(every model's), target_weight (first model v, others (1-v)/(n-1)) or a global "
                    "parameter.")
-@click.option("--data", default=None, help="Validation data for --search (a zoo dataset reference or a "
-                                           "JSONL file for transformers classifiers).")
+@click.option("--data", default=None, help="Validation data for --search: a zoo dataset reference (zoo "
+                                           "models, by accuracy), or for transformers models a text file "
+                                           "(perplexity, lower is better) or a JSONL file (accuracy; see "
+                                           "wsmerge eval --help).")
+@click.option("--metric", default=None, help="With --search on a file: the score that picks the best "
+                                             "(perplexity, nll, bits_per_byte; acc, acc_norm, acc_bytes) "
+                                             "[default: perplexity for text, acc for JSONL].")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="val", show_default=True,
               help="Split of a zoo dataset scored by --search.")
 @click.option("--push-to-hub", "push_repo", default=None, metavar="ORG/NAME",
@@ -73,7 +78,7 @@ class SizeType(click.ParamType):
 @mergekit_flags
 def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, device: str, shard_size: int,
         out_dtype: str | None, overwrite: bool, allow_nonfinite: bool, no_progress: bool,
-        as_json: bool, search: str | None, data: str | None, split: str,
+        as_json: bool, search: str | None, data: str | None, metric: str | None, split: str,
         push_repo: str | None = None, private: bool = False, revision: str | None = None,
         create_pr: bool = False, intermediate_dir: Path | None = None, lazy: bool = True) -> None:
     """Run the merge described by SPEC (YAML) and write a checkpoint to OUT.
@@ -93,6 +98,8 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
       wsmerge run examples/ties.yaml -o runs/ties-sharded --shard-size 60K
       wsmerge run examples/ties.yaml --dry-run
       wsmerge run examples/fisher.yaml runs/fisher-best --search target_weight=0:1:5 --data digits
+      wsmerge run examples/eval/linear.yaml runs/linear-best --search target_weight=0:1:3 \
+          --data examples/eval/val.txt           # lowest perplexity (wsmerge eval --help)
       wsmerge run examples/ties.yaml runs/ties-mk --out-shard-size 1B --no-copy-tokenizer --quiet
       wsmerge run examples/stages.yaml runs/stages     # two stages, one file
 
@@ -130,7 +137,7 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
         return
     if intermediate_dir is not None:
         raise click.UsageError("--intermediate-dir is for a multi-stage SPEC (several YAML documents)")
-    s, searched = _searched(load_spec(spec), spec.parent, search, data, split, dry_run, as_json, out)
+    s, searched = _searched(load_spec(spec), spec.parent, search, data, split, dry_run, as_json, out, metric)
     s = _with_random_seed(s, mk.random_seed)
     plan = plan_merge(s, spec_dir=spec.parent, out_dtype=out_dtype, allow_crimes=mk.allow_crimes)
     summary = plan.summary(shard_size)
@@ -147,6 +154,7 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
     dt = time.perf_counter() - t0
     if as_json:
         extra = {} if searched is None else {"search": {"param": searched.param, "best": searched.best,
+                                                        "metric": searched.metric,
                                                         "scores": {str(k): v for k, v in searched.scores.items()}}}
         pushed = {} if push_repo is None else {"hub_url": _push(out, push_repo, private, revision, create_pr)}
         click.echo(json.dumps({**summary, **stats, "wall_seconds": dt, **extra, **pushed}, indent=2))
@@ -210,14 +218,16 @@ def _check_outputs(out: Path | None, dry_run: bool, overwrite: bool, push_repo: 
 
 
 def _searched(s, spec_dir: Path, search: str | None, data: str | None, split: str, dry_run: bool,
-              as_json: bool, out: Path | None):
+              as_json: bool, out: Path | None, metric: str | None = None):
     """--search: the spec with the best value on --data (each candidate's score printed), and
     the search's result; without --search the spec as it is and None."""
     if search is None:
         if data is not None:
             raise click.UsageError("--data is only used with --search")
+        if metric is not None:
+            raise click.UsageError("--metric is only used with --search")
         return s, None
-    from weightspace.zoo.search import parse_search, search_merge, with_value
+    from weightspace.zoo.search import is_file_data, parse_search, search_merge, with_value
 
     if dry_run:
         raise click.UsageError("--search merges every candidate; it cannot be combined with --dry-run")
@@ -227,11 +237,13 @@ def _searched(s, spec_dir: Path, search: str | None, data: str | None, split: st
     from weightspace.files import temp_sibling
 
     work = temp_sibling(out, kind="search") if out is not None else None
-    searched = search_merge(s, param, values, data=data, split=split, spec_dir=spec_dir, work=work)
+    searched = search_merge(s, param, values, data=data, split=split, spec_dir=spec_dir, work=work,
+                            metric=metric)
     if not as_json:
+        where = data if is_file_data(data) else f"{data} ({split})"
         for v, score in searched.scores.items():
             mark = "  <- best" if v == searched.best else ""
-            click.echo(f"{param}={v:g}: accuracy {score:.4f} on {data} ({split}){mark}")
+            click.echo(f"{param}={v:g}: {searched.metric} {score:.4f} on {where}{mark}")
     return with_value(s, param, searched.best), searched
 
 

@@ -10,8 +10,13 @@ validation set; this does that for any spec. PARAM is
     target_weight   the first model's `weight` set to v, every other model's to (1 - v) / (n - 1)
     <name>          the global parameter `name` set to v (e.g. alpha for regmean, lambda for ties)
 
-Each candidate is merged into a temporary directory (small models: zoo sizes)
-and scored by accuracy on `data` (`split`, default val).
+Each candidate is merged into a temporary directory and scored on `data`. A zoo
+model is scored by accuracy on a zoo dataset (`split`, default val). A transformers
+model is scored by weightspace.evaluate on a local file: perplexity (lower is better)
+for a text file, acc for multiple-choice or classification JSONL, or `metric` (one of
+weightspace.evaluate.METRICS for the file's kind: perplexity, nll, bits_per_byte;
+acc, acc_norm, acc_bytes). The candidate must carry a tokenizer (the spec's
+tokenizer_source, or a model that has one).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ class SearchResult:
     best: float
     best_score: float
     scores: dict[float, float] = field(default_factory=dict)
+    metric: str = "accuracy"
+    higher_is_better: bool = True
 
 
 def with_value(spec: MergeSpec, param: str, value: float, option: str | None = None) -> MergeSpec:
@@ -70,9 +77,41 @@ def accuracy(model_dir: str | Path, data: str, split: str = "val", batch_size: i
     return acc
 
 
+def is_file_data(data: str) -> bool:
+    """DATA names a local evaluation file (scored by weightspace.evaluate), not a zoo dataset."""
+    p = Path(data)
+    return p.suffix in (".jsonl", ".txt") or p.is_file()
+
+
+def _scorer(data: str, metric: str | None):
+    """(metric, higher_is_better, score(model_dir, split) -> float) for DATA, checked up front:
+    a file is read and validated whole, and `metric` must fit its kind."""
+    if not is_file_data(data):
+        if metric not in (None, "accuracy", "acc"):
+            raise SpecError(f"--metric {metric}: a zoo dataset is scored by accuracy")
+        return "accuracy", True, lambda out, split: accuracy(out, data, split)
+    from weightspace.evaluate import DEFAULT_METRIC, LOWER_IS_BETTER, METRICS, Evaluator, read_data
+
+    file = read_data(data)
+    name = metric or DEFAULT_METRIC[file.kind]
+    if name not in METRICS[file.kind]:
+        raise SpecError(f"--metric {name}: {data} is {file.kind.replace('_', ' ')} data, scored by "
+                        f"{', '.join(METRICS[file.kind])}")
+
+    def score(out: Path, split: str) -> float:
+        if not any((out / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise SpecError(f"--data {data}: the merged candidate has no tokenizer to encode the text; "
+                            f"name one in the spec (tokenizer_source: the base model's folder)")
+        return float(Evaluator.open(out).run(file)["metrics"][name])
+
+    return name, name not in LOWER_IS_BETTER, score
+
+
 def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str, split: str = "val",
-                 spec_dir: str | Path | None = None, work: Path | None = None) -> SearchResult:
-    """Merge with every value of PARAM, score each on DATA, return the best (ties: the first).
+                 spec_dir: str | Path | None = None, work: Path | None = None,
+                 metric: str | None = None) -> SearchResult:
+    """Merge with every value of PARAM, score each on DATA, return the best (ties: the first);
+    the best is the highest score, or the lowest for perplexity, nll and bits_per_byte.
 
     Each candidate is merged into the folder `work` (created, and removed at the end; default a
     temporary directory) and removed once scored, so the disk holds one candidate at a time.
@@ -83,6 +122,7 @@ def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str,
 
     if not values:
         raise SpecError(f"--search {param}: give at least one value")
+    metric, higher, score = _scorer(data, metric)
     candidates = [with_value(spec, param, v) for v in values]
     for v, candidate in zip(values, candidates):  # every value in range before the first merge
         try:
@@ -100,10 +140,11 @@ def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str,
             plan = plan_merge(candidate, spec_dir=spec_dir)
             out = work / f"c{i}"
             run_plan(plan, out, progress=False)
-            scores[v] = accuracy(out, data, split)
+            scores[v] = score(out, split)
             shutil.rmtree(out)
-    best = max(scores, key=lambda v: (scores[v], -values.index(v)))
-    return SearchResult(param, best, scores[best], scores)
+    sign = 1 if higher else -1
+    best = max(scores, key=lambda v: (sign * scores[v], -values.index(v)))
+    return SearchResult(param, best, scores[best], scores, metric, higher)
 
 
 def parse_search(text: str) -> tuple[str, list[float]]:
