@@ -17,7 +17,7 @@ from weightspace.cli.options import Command, device_option
 
 @click.command(cls=Command, name="eval")
 @click.argument("model", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--data", "data", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--data", "data", multiple=True, metavar="FILE",
               help="An evaluation file (repeat for several): a text file (perplexity, one document a "
                    "line) or JSONL of {\"context\", \"choices\", \"answer\"}, {\"text\", \"choices\", "
                    "\"label\"} or {\"text\", \"label\"} lines.")
@@ -38,7 +38,7 @@ from weightspace.cli.options import Command, device_option
               help="Score only the first N examples of each file (and of each lm-eval task).")
 @device_option
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def eval_(model: Path, data: tuple[Path, ...], lm_eval_tasks: str | None, tokenizer: Path | None,
+def eval_(model: Path, data: tuple[str, ...], lm_eval_tasks: str | None, tokenizer: Path | None,
           json_out: Path | None, overwrite: bool, batch_size: int, max_length: int | None,
           limit: int | None, device: str, no_progress: bool) -> None:
     """Score MODEL (a transformers model directory, e.g. a merge's output) on local files.

@@ -98,7 +98,7 @@ def run(spec: Path, out: Path | None, out_option: Path | None, dry_run: bool, de
       wsmerge run examples/ties.yaml -o runs/ties-sharded --shard-size 60K
       wsmerge run examples/ties.yaml --dry-run
       wsmerge run examples/fisher.yaml runs/fisher-best --search target_weight=0:1:5 --data digits
-      wsmerge run examples/eval/linear.yaml runs/linear-best --search target_weight=0:1:3 \
+      wsmerge run examples/eval/linear.yaml runs/linear-best --search target_weight=0:1:3 \\
           --data examples/eval/val.txt           # lowest perplexity (wsmerge eval --help)
       wsmerge run examples/ties.yaml runs/ties-mk --out-shard-size 1B --no-copy-tokenizer --quiet
       wsmerge run examples/stages.yaml runs/stages     # two stages, one file
