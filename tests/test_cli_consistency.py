@@ -37,7 +37,7 @@ def test_every_command_takes_verbose_and_device_options_are_one_definition():
                 devices.append(path)
                 assert p.default == "auto" and p.callback is _resolve_device, path
     assert {" ".join(p[1:]) for p in devices} == {"run", "demo", "atlas learn", "learngene train", "moe",
-                                                 "lora merge", "lora extract", "fisher", "gram"}
+                                                 "lora merge", "lora extract", "fisher", "gram", "eval"}
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
