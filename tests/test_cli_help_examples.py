@@ -57,6 +57,8 @@ def _parse_only(argv: list[str]) -> str | None:
         return "pushes to the Hugging Face Hub (network and a token); tests/test_hub.py uses a fake Hub"
     if "--plot" in argv and (why := missing_extra("plot")):
         return f"draws a plot, and this install {why}"
+    if (argv[0] == "eval" or "examples/eval/linear.yaml" in argv) and (why := missing_extra("hf")):
+        return f"runs a transformers model, and this install {why}"
     return None
 
 
