@@ -21,11 +21,15 @@ Conventions (lm_eval/models/huggingface.py, HFLM, and lm_eval/utils.py):
   bytes (lm_eval/api/task.py, `process_results`).
 
 Batches are padded on the right with an attention mask, so a token never sees padding and
-batching does not change a score (beyond float rounding).
+batching does not change a score (beyond float rounding). The largest tensor is the logits,
+batch x positions x vocab: a model that takes `logits_to_keep` (transformers' causal LMs)
+computes them only for the positions scored (a choice's few tokens); perplexity scores every
+position, so there memory grows as --batch-size x --max-length x vocab.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -70,6 +74,11 @@ class CausalLMScorer:
                              "text has nothing to be predicted from; give a tokenizer with one")
         self.prefix = int(prefix)
         self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.prefix)
+        forward = getattr(model, "forward", None)
+        try:
+            self._keeps_logits = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            self._keeps_logits = False
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
@@ -110,10 +119,17 @@ class CausalLMScorer:
             n = len(r.tokens) - 1
             ids[b, :n] = torch.tensor(r.tokens[:-1])
             mask[b, :n] = 1
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        kwargs = {}
+        # only the positions some row scores need logits (B x T x vocab is the largest tensor of
+        # a forward): the last `keep` of the padded width cover every row's scored tail
+        keep = max(width - (len(r.tokens) - 1) + r.n_scored for r in reqs)
+        if keep < width and self._keeps_logits:
+            kwargs["logits_to_keep"] = keep
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs).logits
+        offset = width - logits.shape[1]
         res = []
         for b, r in enumerate(reqs):
-            n = len(r.tokens) - 1
+            n = len(r.tokens) - 1 - offset
             lp = torch.log_softmax(logits[b, n - r.n_scored:n].float(), dim=-1)
             target = torch.tensor(r.tokens[-r.n_scored:], device=lp.device)
             ll = lp.gather(-1, target[:, None]).squeeze(-1)
