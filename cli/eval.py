@@ -113,7 +113,8 @@ def _print_table(report: dict) -> None:
         for k, v in r["metrics"].items():
             if k in ("tokens", "documents"):
                 continue
-            rows.append((Path(r["data"]).name, str(r["n"]), k, f"{v:.4f}", f"{r['examples_per_second']:.1f}"))
+            speed = r["examples_per_second"]
+            rows.append((Path(r["data"]).name, str(r["n"]), k, f"{v:.4f}", "" if speed is None else f"{speed:.1f}"))
     for task, metrics in (report.get("lm_eval") or {}).get("results", {}).items():
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -427,3 +427,17 @@ def test_minilm_classifier_accuracy_is_the_heads_argmax(tmp_path, run_cli):
     (tmp_path / "t.txt").write_text("some text\n")
     code, _, err = run_cli("eval", tmp_path / "cls", "--data", tmp_path / "t.txt")
     assert code == 2 and "is a sequence classifier; it is scored on JSONL" in err
+
+
+@pytest.mark.requires("hf")
+def test_a_loaded_module_is_scored_like_its_directory(lm):
+    from weightspace.errors import SpecError
+    from weightspace.evaluate import evaluate
+
+    module = _model(lm / "ft_b")
+    for f in ("val.txt", "mc.jsonl"):
+        a = evaluate(module, lm / f, tokenizer=lm / "ft_b")
+        assert a["model"] == "LlamaForCausalLM"
+        assert a["metrics"] == pytest.approx(evaluate(lm / "ft_b", lm / f)["metrics"], rel=1e-6)
+    with pytest.raises(SpecError, match="pass tokenizer="):
+        evaluate(module, lm / "val.txt")

@@ -122,8 +122,9 @@ class Evaluator:
     def open(cls, model: str | Path | torch.nn.Module, *, tokenizer: Any = None, device: str = "cpu",
              dtype: torch.dtype | None = None, batch_size: int = 8, max_length: int | None = None,
              progress: bool = False) -> Evaluator:
-        """`model` a transformers model directory or a loaded module; `tokenizer` a directory or
-        a tokenizer object (default: the model directory's)."""
+        """`model` a transformers model directory (loaded onto `device`) or a loaded module (left
+        on its device, in eval mode); `tokenizer` a directory or a tokenizer object (default:
+        the model directory's)."""
         from weightspace.executor import resolve_device
 
         if batch_size < 1:
