@@ -380,7 +380,13 @@ def test_search_on_a_text_file_picks_the_lowest_perplexity(lm, tmp_path, run_cli
     assert code == 2 and "--metric acc: " in err and "scored by perplexity, nll, bits_per_byte" in err
     code, _, err = run_cli("run", spec, tmp_path / "y", "--metric", "acc")
     assert code == 2 and "--metric is only used with --search" in err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    bare = tmp_path / "bare.yaml"   # no tokenizer anywhere: refused before the first merge
+    bare.write_text(f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'nt0'}\n  - model: {tmp_path / 'nt1'}\n")
+    for k in range(2):
+        write_tiny_llama(tmp_path / f"nt{k}", seed=0, delta_seed=k + 3, delta_scale=0.05)
+    code, _, err = run_cli("run", bare, tmp_path / "z", "--search", "target_weight=0,1", "--data", lm / "val.txt")
+    assert code == 2 and "the merged candidates would have no tokenizer" in err, err
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
 
 
 @pytest.mark.requires("hf")

@@ -99,9 +99,6 @@ def _scorer(data: str, metric: str | None):
                         f"{', '.join(METRICS[file.kind])}")
 
     def score(out: Path, split: str) -> float:
-        if not any((out / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            raise SpecError(f"--data {data}: the merged candidate has no tokenizer to encode the text; "
-                            f"name one in the spec (tokenizer_source: the base model's folder)")
         return float(Evaluator.open(out).run(file)["metrics"][name])
 
     return name, name not in LOWER_IS_BETTER, score
@@ -129,6 +126,12 @@ def search_merge(spec: MergeSpec, param: str, values: list[float], *, data: str,
             check_spec(candidate, spec_dir=spec_dir)
         except (SpecError, InputError) as e:
             raise type(e)(f"--search {param}={v:g}: {e}") from None
+    if is_file_data(data):  # text is encoded with the candidate's own tokenizer: one must be written
+        first = plan_merge(candidates[0], spec_dir=spec_dir)
+        if not first.tokenizer_files and first.vocabulary is None:
+            raise SpecError(f"--data {data}: the merged candidates would have no tokenizer to encode "
+                            f"the text; name one in the spec (tokenizer_source: a folder with "
+                            f"tokenizer.json, e.g. the base model's)")
     scores: dict[float, float] = {}
     with contextlib.ExitStack() as stack:
         if work is None:
