@@ -109,42 +109,90 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
                f"{len(space)} tensors, {space.num_params:,} entries ({time.perf_counter() - t0:.1f} s)")
 
 
+def _size_type():
+    from weightspace.cli.run import SizeType
+
+    return SizeType()
+
+
 @click.command(cls=Command)
 @_common
 @click.option("--padding", type=click.Choice(["exclude", "include"]), default="exclude", show_default=True,
               help="Padding tokens' inputs: left out, or counted as the RegMean authors' compute_grams does.")
+@click.option("--max-stats-memory", type=_size_type(), default="2GiB", show_default=True,
+              help="Memory for Gram accumulators at once (K/M/G/T, KiB/MiB/GiB). Layers whose Grams do "
+                   "not fit together are taken in further passes over the data.")
+@click.option("--gram-dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True, help="Accumulate and store the Grams in this dtype (activations of a "
+                                      "bf16/fp16 model are cast up first).")
+@click.option("--shard-size", type=_size_type(), default="5G", show_default=True,
+              help="Largest shard of a directory output.")
 def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
          num_labels: int | None, max_length: int, seed: int, device: str, overwrite: bool,
-         no_progress: bool, padding: str) -> None:
+         no_progress: bool, padding: str, max_stats_memory: int, gram_dtype: str, shard_size: int) -> None:
     """Gram matrices of every linear layer's inputs (RegMean), as a companion weight space.
 
-    For each torch.nn.Linear layer, G = X^T X / N over the N input rows
-    (tokens; padding excluded unless --padding include), taken in eval mode
-    and stored under the layer's weight name with shape (in, in). Name the
-    file as the model's `gram` parameter in a `merge_method: regmean` spec.
+    For each linear layer, G = X^T X / N over the N input rows, taken in
+    eval mode and stored under the layer's weight name with shape (in, in):
+    tokens for nn.Linear and GPT-2's Conv1D (padding excluded unless
+    --padding include), unfolded input patches (in * kernel) for Conv1d and
+    Conv2d. Name the output as the model's `gram` parameter in a
+    `merge_method: regmean` spec.
 
-    Layers of other linear kinds (GPT-2 Conv1D, convolutions) and tied or
-    unused ones get no Gram; they are listed here, in the file's metadata and
-    in the merge's notes, and a RegMean merge averages their weights.
+    -o DIR streams: the Grams of as many layers as fit --max-stats-memory
+    are accumulated (on --device, in --gram-dtype), written as shards and
+    dropped, and the data runs again for the next group; the run says how
+    many passes it took. -o FILE.safetensors holds every Gram in memory, for
+    small models.
+
+    A tied lm_head (sharing the input embedding) gets no Gram, nor do grouped,
+    transposed or 3-D convolutions or layers the forward never reaches; they
+    are listed here, in the file's metadata and in the merge's notes, and a
+    RegMean merge averages their weights.
 
     \b
-    Example (from the repository root):
+    Examples (from the repository root):
       wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.gram.safetensors
+      wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.gram \\
+          --max-stats-memory 40KiB --shard-size 20K
     """
     import warnings
 
-    from weightspace.merges.regmean import describe_skipped, gram_matrices, save_gram
+    import torch
+
+    from weightspace.merges import regmean
+    from weightspace.merges.regmean.grams import GRAM_DTYPES, human_bytes
 
     _check_out(out, overwrite, model, data)
+    dtype = GRAM_DTYPES[gram_dtype]
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed,
                              device)
+    progress = not no_progress and sys.stderr.isatty()
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # the skipped layers are reported below, once
         warnings.filterwarnings("ignore", message="gram_matrices: no Gram for")
-        space = gram_matrices(adapter, batches, n_examples=n_examples, padding=padding,
-                              progress=not no_progress and sys.stderr.isatty())
-    save_gram(space, out)
-    click.echo(f"{out}: Gram matrices of {len(space)} linear layers of {model} "
+        if out.suffix == ".safetensors":
+            el = torch.empty((), dtype=dtype).element_size()
+            total = sum(la.in_dim**2 * el for la in regmean.find_layers(adapter.module).layers)
+            if total > max_stats_memory:
+                raise click.UsageError(
+                    f"-o {out}: one file holds every Gram in memory ({human_bytes(total)}), more than "
+                    f"--max-stats-memory {human_bytes(max_stats_memory)}; give a directory (-o "
+                    f"{out.with_suffix('')}) to stream them")
+            space = regmean.gram_matrices(adapter, batches, n_examples=n_examples, padding=padding,
+                                          dtype=dtype, progress=progress)
+            regmean.save_gram(space, out)
+            info, n = space.meta, len(space)
+        else:
+            info = regmean.write_grams(adapter, batches, out, max_memory=max_stats_memory,
+                                       shard_size=shard_size, overwrite=overwrite, inputs=[model, data],
+                                       n_examples=n_examples, padding=padding, dtype=dtype,
+                                       progress=progress)
+            n = len(info.get("layouts") or {}) - sum(v == "unused" for v in info["skipped"].values())
+    passes = info.get("passes", 1)
+    click.echo(f"{out}: Gram matrices of {n} linear layers of {model} over {info.get('examples')} "
+               f"examples, {passes} pass{'es' if passes != 1 else ''} over the data "
                f"({time.perf_counter() - t0:.1f} s)")
-    for line in describe_skipped(space.meta.get("skipped") or {}):
+    for line in regmean.describe_skipped(info.get("skipped") or {}):
         click.echo(f"no Gram (a RegMean merge averages these weights): {line}")
+
