@@ -111,7 +111,7 @@ def test_gram_excludes_padding_tokens():
 
 
 @pytest.mark.requires("hf")
-def test_tied_and_conv1d_layers_get_no_gram():
+def test_a_tied_layer_gets_no_gram_and_conv1d_the_gram_of_its_input():
     import transformers
     from transformers.pytorch_utils import Conv1D
 
@@ -132,11 +132,17 @@ def test_tied_and_conv1d_layers_get_no_gram():
             return torch.func.functional_call(self.module, dict(params), (batch["ids"],))
 
     assert transformers  # the Conv1D above is transformers' own
-    with pytest.warns(UserWarning, match=r"no Gram for 1 layer \(GPT-2 Conv1D.*\): c_fc; "
-                                         r"1 layer \(its weight is tied.*\): out\. A RegMean merge averages"):
-        grams = gram_matrices(IdsAdapter(Tied()), [{"ids": torch.tensor([[1, 2, 3]])}])
-    assert list(grams) == ["back.weight"]
-    assert grams.meta["skipped"] == {"c_fc": "conv1d", "out": "tied"}
+    model = Tied()
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.warns(UserWarning, match=r"no Gram for 1 layer \(its weight is tied.*\): out\. "
+                                         r"A RegMean merge averages"):
+        grams = gram_matrices(IdsAdapter(model), [{"ids": ids}])
+    assert list(grams) == ["c_fc.weight", "back.weight"]
+    assert grams.meta["skipped"] == {"out": "tied"}
+    assert grams.meta["layouts"] == {"c_fc.weight": "conv1d", "back.weight": "linear"}
+    x = model.emb(ids).reshape(-1, 4)  # Conv1D's input; its weight is (in=4, out=6), the Gram (4, 4)
+    torch.testing.assert_close(grams["c_fc.weight"].load().double(), gram_of(x).detach(),
+                               rtol=1e-5, atol=1e-6)
 
 
 class Noisy(nn.Module):
@@ -175,15 +181,19 @@ def test_grams_are_taken_in_eval_mode_and_leave_the_module_as_it_was():
     torch.testing.assert_close(first.double(), gram_of(h).detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_convolutions_get_no_gram_and_are_named():
-    """Convolutions (which the authors' compute_grams hooks) are skipped, named in the
-    metadata and in a warning, and the linear head still gets its Gram."""
+def test_convolutions_get_grams_of_their_patches_and_grouped_ones_are_named():
+    """Convolutions (which the authors' compute_grams hooks) get a Gram of their unfolded
+    patches, (in * kh * kw) square (tests/test_regmean_lm.py checks the values); a grouped one
+    is skipped, named in the metadata and in a warning."""
     model = build_model({"arch": "cnn", "width": 4, "depth": 2, "kernel": 3}, (1, 8, 8), 3)
-    with pytest.warns(UserWarning, match=r"no Gram for 2 layers \(a convolution: not supported yet\): "
-                                         r"layers\.0, layers\.1"):
-        grams = gram_matrices(ClassifierAdapter(model), [{"x": torch.rand(5, 1, 8, 8)}])
-    assert list(grams) == ["head.weight"]
-    assert grams.meta["skipped"] == {"layers.0": "convolution", "layers.1": "convolution"}
+    grams = gram_matrices(ClassifierAdapter(model), [{"x": torch.rand(5, 1, 8, 8)}])
+    assert list(grams) == ["layers.0.weight", "layers.1.weight", "head.weight"]
+    assert grams["layers.0.weight"].shape == (9, 9) and grams["layers.1.weight"].shape == (36, 36)
+    assert grams.meta["layouts"]["layers.1.weight"] == "conv" and grams.meta["skipped"] == {}
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.warns(UserWarning, match=r"no Gram for 1 layer \(a grouped convolution.*\): 0\."):
+        grams = gram_matrices(ClassifierAdapter(grouped), [{"x": torch.rand(2, 4, 8, 8)}])
+    assert list(grams) == ["2.weight"] and grams.meta["skipped"] == {"0": "grouped"}
 
 
 def test_padding_include_counts_every_position_as_the_authors_do():
@@ -349,9 +359,9 @@ def test_wsmerge_run_regmean_from_yaml(digits_pair, run_cli, write_spec):
         torch.testing.assert_close(out[name].load(), (3.0 * ta[name] + tb[name]) / 4, rtol=1e-6, atol=1e-6)
 
 
-def test_layers_without_gram_are_named_by_wsmerge_gram_and_in_the_merge_notes(tmp_path, run_cli, write_spec):
-    """Regression: layers of a linear kind without a Gram (here convolutions; GPT-2 Conv1D alike)
-    were averaged silently. `wsmerge gram` and the merge's notes now name them."""
+def test_convolutions_are_merged_by_regression_through_wsmerge_gram_and_run(tmp_path, run_cli, write_spec):
+    """Regression: convolutions got no Gram and were averaged. `wsmerge gram` now takes the Gram
+    of their patches and the merge solves the regression on the (out, in * kh * kw) weights."""
     from weightspace.zoo.build import checkpoint_config
     from weightspace.zoo.train import ModelRun, TrainConfig
 
@@ -367,33 +377,34 @@ def test_layers_without_gram_are_named_by_wsmerge_gram_and_in_the_merge_notes(tm
         code, out, err = run_cli("gram", str(d), "--data", "digits", "--n-examples", "64",
                                  "-o", str(tmp_path / f"cnn{seed}.gram.safetensors"), "--no-progress")
         assert code == 0, err
-        assert ("no Gram (a RegMean merge averages these weights): 2 layers (a convolution: not "
-                "supported yet): layers.0, layers.1") in out, out
-        assert "gram_matrices: no Gram" not in err   # reported once, not also as a warning
+        assert "Gram matrices of 3 linear layers" in out and "no Gram" not in out, out
         dirs.append(d)
     spec = write_spec(f"""
         merge_method: regmean
+        parameters: {{alpha: 1.0}}
         models:
           - {{model: {dirs[0]}, parameters: {{gram: {tmp_path}/cnn0.gram.safetensors}}}}
           - {{model: {dirs[1]}, parameters: {{gram: {tmp_path}/cnn1.gram.safetensors}}}}
     """)
     code, out, err = run_cli("run", str(spec), str(tmp_path / "out"), "--no-progress")
     assert code == 0, err
-    assert ("note: regmean: cnn0.gram.safetensors, cnn1.gram.safetensors hold no Gram for 2 layers "
-            "(a convolution: not supported yet): layers.0, layers.1; those weights are the weighted "
-            "average") in err, err
+    assert "hold no Gram" not in err
     merged, a, b = (load_space(p) for p in (tmp_path / "out", *dirs))
-    torch.testing.assert_close(merged["layers.0.weight"].load(),
-                               (a["layers.0.weight"].load() + b["layers.0.weight"].load()) / 2)
-    # the note reads metadata of another shape as saying nothing, not as a traceback
+    ga, gb = (load_space(tmp_path / f"cnn{i}.gram.safetensors")["layers.1.weight"].load() for i in (0, 1))
+    wa, wb = (s["layers.1.weight"].load() for s in (a, b))
+    expect = regmean_solve([wa.reshape(4, -1), wb.reshape(4, -1)], [ga, gb], [1.0, 1.0], 1.0)
+    got = merged["layers.1.weight"].load()
+    assert got.shape == wa.shape
+    torch.testing.assert_close(got, expect.reshape(wa.shape), rtol=1e-5, atol=1e-6)
+    assert (got - (wa + wb) / 2).abs().max() > 1e-3  # not the average
+    # metadata of another shape is refused naming the file (it says which layout each Gram has)
     from safetensors.torch import load_file, save_file
 
     for i, meta in enumerate(("[1]", '{"skipped": [1]}')):
         f = tmp_path / f"cnn{i}.gram.safetensors"
         save_file(load_file(f), f, metadata={"format": "pt", "weightspace_gram": meta})
     code, out, err = run_cli("run", str(spec), str(tmp_path / "out2"), "--no-progress")
-    assert code == 0, err
-    assert "hold no Gram for" not in err
+    assert code == 1 and "cnn0.gram.safetensors" in err and "recompute it" in err, err
 
 
 # ---------------------------------------------------------------- (d) a real MiniLM

@@ -137,9 +137,12 @@ def _info_cached(path: str, stamp: tuple[int, int]) -> dict[str, Any]:
 
 
 def gram_info(path: str | Path) -> dict[str, Any]:
-    """The info a Gram file or directory records ({} for a file without it); an InputError naming
-    the file when it is unreadable or of another shape. Cached by path, size and mtime."""
+    """The info a Gram file or directory records ({} for a file without it, or a path that does
+    not exist: Grams handed over in memory); an InputError naming the file when it is unreadable
+    or of another shape. Cached by path, size and mtime."""
     p = Path(path)
+    if not p.exists():
+        return {}
     target = p / GRAM_INFO if p.is_dir() else p
     try:
         st = os.stat(target)
