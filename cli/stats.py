@@ -153,7 +153,7 @@ def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_si
     \b
     Examples (from the repository root):
       wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.gram.safetensors
-      wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.gram \\
+      wsmerge gram examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0-gram \\
           --max-stats-memory 40KiB --shard-size 20K
     """
     import warnings

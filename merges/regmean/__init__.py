@@ -2,12 +2,12 @@
 
     grams = gram_matrices(HFCausalLMAdapter(model), batches)     # in memory, small models
     save_gram(grams, "ft_a.gram.safetensors")
-    write_grams(adapter, batches, "ft_a.gram")                   # streamed to a sharded directory
+    write_grams(adapter, batches, "ft_a-gram")                   # streamed to a sharded directory
 
     merge_method: regmean
     models:
       - {model: ./ft_a, parameters: {gram: ./ft_a.gram.safetensors}}
-      - {model: ./ft_b, parameters: {gram: ./ft_b.gram}}
+      - {model: ./ft_b, parameters: {gram: ./ft_b-gram}}
     parameters: {alpha: 0.1}
 
 For a linear layer y = x W^T + b with weights W_i (out, in) in model i and the

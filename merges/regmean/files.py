@@ -1,8 +1,8 @@
 """Gram files: one `.safetensors` file (small models) or a directory of shards (any size).
 
     save_gram(gram_matrices(adapter, batches), "ft_a.gram.safetensors")
-    write_grams(adapter, batches, "ft_a.gram", max_memory=2 * 2**30)     # streamed, sharded
-    gram_info("ft_a.gram")        # {"examples", "tokens", "skipped", "layouts", "passes", ...}
+    write_grams(adapter, batches, "ft_a-gram", max_memory=2 * 2**30)     # streamed, sharded
+    gram_info("ft_a-gram")        # {"examples", "tokens", "skipped", "layouts", "passes", ...}
 
 A file's safetensors `__metadata__` holds `{"format": "pt", "weightspace_kind": "gram",
 "weightspace_gram": JSON info}`. A directory is a checkpoint-style set of shards (one
@@ -85,7 +85,7 @@ def write_grams(
 ) -> dict[str, Any]:
     """Grams of `adapter`'s linear layers streamed to the directory `out`; returns the info.
 
-        info = write_grams(HFCausalLMAdapter(model), batches, "runs/ft_a.gram", max_memory=2**30)
+        info = write_grams(HFCausalLMAdapter(model), batches, "runs/ft_a-gram", max_memory=2**30)
         info["passes"]          # 1 when every accumulator fits max_memory at once
 
     `options` are gram_matrices' (params, n_examples, modules, padding, dtype, progress). The

@@ -1,7 +1,7 @@
 """Gram matrices G = X^T X / N of every linear layer's inputs, in passes over the data.
 
     grams = gram_matrices(adapter, batches)                         # in memory (small models)
-    info = write_grams(adapter, batches, "ft_a.gram", max_memory=2 * 2**30)   # streamed to a directory
+    info = write_grams(adapter, batches, "ft_a-gram", max_memory=2 * 2**30)   # streamed to a directory
 
 Memory holds the model, the Grams of one group of layers and one batch's activations: the
 layers are split into groups whose accumulators fit `max_memory`, and the data is run once
