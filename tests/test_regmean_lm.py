@@ -331,3 +331,30 @@ def test_gram_option_errors_name_the_option(tmp_path, run_cli, args, match):
                              "-o", str(tmp_path / "g"), *args, "--no-progress")
     assert code == 2 and match in err, err
     assert not (tmp_path / "g").exists()
+
+
+def test_a_layer_reused_twice_gets_the_gram_of_both_calls_and_a_weight_tied_across_modules_none():
+    """One module object called twice (weight sharing across depth) is one regression over both
+    inputs; a weight shared by two module objects (a tied lm_head) gets no Gram."""
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Linear(4, 4)
+            self.again = self.block            # the same module under a second path
+            self.emb = nn.Embedding(5, 4)
+            self.out = nn.Linear(4, 5, bias=False)
+            self.out.weight = self.emb.weight  # tied across two modules
+
+        def forward(self, x):
+            h = torch.tanh(self.block(x))
+            return self.out(self.again(h))
+
+    torch.manual_seed(0)
+    model, x = Reused(), torch.randn(6, 4)
+    with pytest.warns(UserWarning, match=r"tied.*\): out"):
+        grams = gram_matrices(ClassifierAdapter(model), [{"x": x}])
+    assert list(grams) == ["block.weight"] and grams.meta["skipped"] == {"out": "tied"}
+    h = torch.tanh(model.block(x)).detach()
+    torch.testing.assert_close(grams["block.weight"].load().double(), gram_of(torch.cat([x, h])),
+                               rtol=1e-5, atol=1e-6)
+    assert grams.meta["tokens"]["block.weight"] == 12

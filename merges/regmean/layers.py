@@ -123,9 +123,12 @@ class Found:
 def find_layers(module: nn.Module, modules: str | Iterable[str] | None = None) -> Found:
     """Every layer of a linear kind in `module` (module order), those matching the fnmatch
     patterns `modules` when given; layers that get no Gram are in `skipped` with their reason."""
-    owners: dict[int, int] = {}
-    for _, p in module.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
+    # a parameter held by two module objects (an lm_head tied to the input embedding) is tied; one
+    # module object reached by two paths is not: its Gram over all its calls is its regression's
+    owners: dict[int, set[int]] = {}
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
     patterns = [modules] if isinstance(modules, str) else (list(modules) if modules is not None else None)
     found = Found([])
     matched: set[str] = set()
@@ -140,7 +143,7 @@ def find_layers(module: nn.Module, modules: str | Iterable[str] | None = None) -
                 continue
             matched.update(hits)
         w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor) or owners.get(id(w), 0) != 1:
+        if not isinstance(w, torch.Tensor) or len(owners.get(id(w), ())) != 1:
             found.skipped[path] = "tied"  # one parameter behind several module paths
         elif linear:
             found.layers.append(GramLayer(path, m, "linear", int(m.in_features)))

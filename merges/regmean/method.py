@@ -164,6 +164,8 @@ class RegMean(MergeMethod):
             layout = _layout(name, [str(p) for p in params.model_values("gram") if p is not None])
             if layout is not None:
                 self._layouts[name] = layout
+            else:
+                self._layouts.pop(name, None)  # nothing recorded: never a previous merge's say
 
     def plan_notes(self, companions: dict[str, WeightSpace]) -> list[str]:
         """Name the layers each Gram file records as skipped (tied, unused, grouped or 3-D
