@@ -86,6 +86,36 @@ def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.iterdir() if f.suffix == ".safetensors") if d.is_dir() else 0
 
 
+def merge_run(args: argparse.Namespace, size: str, src: Path, model0: Path, common: list[str],
+              model_bytes: int, results: dict, out: Path) -> None:
+    """model_1's Grams (default budget), then a RegMean merge of model_0 and model_1 from the two
+    Gram directories: its peak RSS against one model's size (the merge streams tensor by tensor)."""
+    exe = str(Path(sys.executable).parent / "wsmerge")
+    model1 = model_dir(src.parent / "model_1", args.work / f"model-{size}-1")
+    g0, g1 = args.work / f"{size}-gram", args.work / f"{size}-gram-1"
+    spec = args.work / f"{size}-regmean.yaml"
+    spec.write_text(f"merge_method: regmean\nparameters: {{alpha: 0.1}}\nmodels:\n"
+                    f"  - {{model: {model0}, parameters: {{gram: {g0}}}}}\n"
+                    f"  - {{model: {model1}, parameters: {{gram: {g1}}}}}\n")
+    merged = args.work / f"{size}-regmean-out"
+    plans = [("gram model_1", [exe, "gram", str(model1), "-o", str(g1), *common]),
+             ("regmean merge", [exe, "run", str(spec), str(merged), "--overwrite", "--no-progress",
+                                "--device", args.device])]
+    for label, cmd in plans:
+        r = run_child(cmd, args.work / "logs" / f"{size}-{label.replace(' ', '_')}.log", timeout=None)
+        row = {"size": size, "run": label, "rc": r["rc"], "wall_s": round(r["wall_s"], 2),
+               "peak_rss_mib": round(r["maxrss_kib"] / 1024, 1), "model_mib": round(model_bytes / 2**20, 1),
+               "rss_anon_peak_mib": round(r["sampled_peak_kib"].get("RssAnon", 0) / 1024, 1),
+               "load_before": r["load_before"], "load_after": r["load_after"], "cmd": " ".join(cmd)}
+        row["peak_over_model"] = round(row["peak_rss_mib"] / row["model_mib"], 3)
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        if r["rc"] != 0:
+            print(Path(r["log"]).read_text()[-3000:], file=sys.stderr)
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stat", choices=["gram", "fisher"], default="gram")
@@ -99,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="--max-stats-memory as this fraction of the model's size (0: skip that run)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-default", action="store_true", help="no run with the default budget")
+    ap.add_argument("--merge", action="store_true",
+                    help="also take model_1's Grams and time `wsmerge run` of a RegMean merge of "
+                         "model_0 and model_1 reading the Gram directories")
     ap.add_argument("-o", "--out", type=Path, default=None)
     args = ap.parse_args(argv)
     out = args.out or HERE / "results" / f"stats_{args.stat}.json"
@@ -133,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             r = run_child(cmd, args.work / "logs" / f"{size}-{label.replace(' ', '_')}.log", timeout=None)
             row = {"size": size, "run": label, "rc": r["rc"], "wall_s": round(r["wall_s"], 2),
                    "peak_rss_mib": round(r["maxrss_kib"] / 1024, 1), "model_mib": round(model_bytes / 2**20, 1),
+                   "rss_anon_peak_mib": round(r["sampled_peak_kib"].get("RssAnon", 0) / 1024, 1),
                    "load_before": r["load_before"], "load_after": r["load_after"],
                    "cmd": " ".join(cmd[:2] + ["..."] if label == "forward" else cmd)}
             if label != "forward":
@@ -147,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(results, indent=2) + "\n")  # after every run: partial results stay
             if r["rc"] != 0:
                 print(Path(r["log"]).read_text()[-3000:], file=sys.stderr)
+        if args.merge and args.stat == "gram":
+            merge_run(args, size, src, model, common, model_bytes, results, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

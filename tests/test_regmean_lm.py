@@ -64,14 +64,16 @@ def gpt2(seed: int, dtype=torch.float32):
     return model.to(dtype).eval()
 
 
-def llama(seed: int, dtype=torch.float32):
+def llama(seed: int, dtype=torch.float32, family: str = "llama"):
+    """A Llama-shaped (or Qwen2-shaped: q/k/v with biases) causal LM, 2 layers, hidden 32."""
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
-                                   max_position_embeddings=32, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    kw = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=50, max_position_embeddings=32, tie_word_embeddings=False)
+    if family == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)).to(dtype).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).to(dtype).eval()
 
 
 def token_batches(seed: int, n: int = 2, b: int = 3, t: int = 7):
@@ -148,8 +150,9 @@ def test_regmean_on_gpt2_conv1d_is_least_squares_on_the_stacked_activations(tmp_
 
 
 @pytest.mark.requires("hf")
-def test_llama_grams_share_q_k_v_and_gate_up_and_equal_their_inputs():
-    model, batches = llama(0), token_batches(1)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_grams_share_q_k_v_and_gate_up_and_equal_their_inputs(family):
+    model, batches = llama(0, family=family), token_batches(1)
     adapter = HFCausalLMAdapter(model)
     run = GramRun(adapter, batches)
     p = "model.layers.0."
