@@ -361,3 +361,27 @@ def test_a_layer_reused_twice_gets_the_gram_of_both_calls_and_a_weight_tied_acro
     torch.testing.assert_close(grams["block.weight"].load().double(), gram_of(torch.cat([x, h])),
                                rtol=1e-5, atol=1e-6)
     assert grams.meta["tokens"]["block.weight"] == 12
+
+
+def test_the_solve_in_blocks_of_output_rows_equals_the_whole_solve(monkeypatch):
+    """An lm_head has tens of thousands of output rows: the solve takes them in blocks (and a
+    rank-deficient sum goes through least squares) with the same result."""
+    import weightspace.merges.regmean.method as method_module
+    from weightspace.merges.regmean import regmean_solve
+
+    torch.manual_seed(0)
+    xs = [torch.randn(40, 6), torch.randn(30, 6)]
+    xs[1][:, 5] = xs[1][:, 4]  # still full rank summed; the second case drops a column everywhere
+    ws = [torch.randn(11, 6), torch.randn(11, 6)]
+    for drop in (False, True):
+        gs = [gram_of(x * (torch.arange(6) != 5) if drop else x).float() for x in xs]
+        whole = regmean_solve(ws, gs, [1.0, 2.0], 0.5)
+        monkeypatch.setattr(method_module, "BLOCK_ELEMENTS", 13)  # 2 rows per block
+        blocked = regmean_solve(ws, gs, [1.0, 2.0], 0.5)
+        monkeypatch.undo()
+        torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+    # alpha = 1 on full-rank data: least squares on the stacked rows
+    gs = [gram_of(x).float() for x in xs]
+    monkeypatch.setattr(method_module, "BLOCK_ELEMENTS", 13)
+    torch.testing.assert_close(regmean_solve(ws, gs, [1.0, 2.0], 1.0).double(),
+                               stacked_lstsq(xs, ws, [1.0, 2.0]), rtol=1e-4, atol=1e-5)

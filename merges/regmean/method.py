@@ -28,6 +28,8 @@ from weightspace.methods import MergeMethod, Param, TensorParams, register
 RCOND_PER_INPUT = 1e-13
 # relative asymmetry |G - G^T|_max / |G|_max a Gram companion may have (float32 rounding)
 SYMMETRY_TOL = 1e-4
+# float64 elements of one block of output rows in the solve (8M: 64 MiB)
+BLOCK_ELEMENTS = 2**23
 
 
 def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -56,35 +58,47 @@ def regmean_solve(
     tensor([[0.5000, 0.5000]])
     """
     total = float(sum(coeffs))
-    ws = [w.double() for w in weights_]
-    avg = sum(c * w for c, w in zip(coeffs, ws)) / total
+    n_out, n_in = weights_[0].shape
+    step = max(1, BLOCK_ELEMENTS // max(n_in, 1))  # output rows per block: an lm_head has 32000+
+
+    def avg_rows(r: slice) -> torch.Tensor:
+        return sum(c * w[r].double() for c, w in zip(coeffs, weights_)) / total
+
     a = torch.zeros_like(grams[0], dtype=torch.float64)
-    rhs = torch.zeros_like(ws[0].T)
-    for c, g, w in zip(coeffs, grams, ws):
+    rhs = torch.zeros(n_in, n_out, dtype=torch.float64, device=weights_[0].device)
+    for c, g, w in zip(coeffs, grams, weights_):
         # one float64 (in, in) buffer per model at a time, shrunk in place: at 11008 inputs each
         # is ~1 GB, so no copy more than the sum, its factor and this one
         gt = g.to(torch.float64, copy=True)
         diag = gt.diagonal().clone()
         gt.mul_(alpha).diagonal().copy_(diag)
         a.add_(gt, alpha=c)
-        rhs.addmm_(gt, (w - avg).T, alpha=c)
+        for i in range(0, n_out, step):
+            r = slice(i, i + step)
+            rhs[:, r].addmm_(gt, (w[r].double() - avg_rows(r)).T, alpha=c)
         del gt
     scale = float(a.diagonal().abs().max())
     chol, info = torch.linalg.cholesky_ex(a)
     d = chol.diagonal()
     rcond = a.shape[0] * RCOND_PER_INPUT
     well_posed = scale > 0 and int(info) == 0 and float((d.min() / d.max()) ** 2) > rcond
-    if well_posed:
-        delta = torch.cholesky_solve(rhs, chol)
-    elif scale == 0:
-        delta = torch.zeros_like(rhs)  # no data reached this layer in any model
-    else:
+    if not well_posed and scale > 0:
         # rank-deficient: gelsd (SVD) exists on CPU only. Directions whose eigenvalue is below
         # rcond * the largest are rounding, not data (the same boundary as the Cholesky test
         # above); with lstsq's own rcond (eps * n) a duplicated input's Gram, whose entries
         # differ by the summation order's rounding, came out rank 2 or 1 from run to run.
-        delta = torch.linalg.lstsq(a.cpu(), rhs.cpu(), rcond=rcond, driver="gelsd").solution.to(a.device)
-    return (avg + delta.T).to(weights_[0].dtype)
+        rhs = torch.linalg.lstsq(a.cpu(), rhs.cpu(), rcond=rcond, driver="gelsd").solution.to(a.device)
+    out = torch.empty_like(weights_[0])
+    for i in range(0, n_out, step):
+        r = slice(i, i + step)
+        if well_posed:
+            delta = torch.cholesky_solve(rhs[:, r], chol)
+        elif scale == 0:
+            delta = torch.zeros_like(rhs[:, r])  # no data reached this layer in any model
+        else:
+            delta = rhs[:, r]  # solved above
+        out[r] = (avg_rows(r) + delta.T).to(out.dtype)
+    return out
 
 
 def _layout(name: str, paths: list[str]) -> str | None:
