@@ -98,8 +98,8 @@ def merge_run(args: argparse.Namespace, size: str, src: Path, model0: Path, comm
                     f"  - {{model: {model0}, parameters: {{gram: {g0}}}}}\n"
                     f"  - {{model: {model1}, parameters: {{gram: {g1}}}}}\n")
     merged = args.work / f"{size}-regmean-out"
-    plans = [("gram model_1", [exe, "gram", str(model1), "-o", str(g1), *common]),
-             ("regmean merge", [exe, "run", str(spec), str(merged), "--overwrite", "--no-progress",
+    plans = [] if args.merge_only else [("gram model_1", [exe, "gram", str(model1), "-o", str(g1), *common])]
+    plans += [("regmean merge", [exe, "run", str(spec), str(merged), "--overwrite", "--no-progress",
                                 "--device", args.device])]
     for label, cmd in plans:
         r = run_child(cmd, args.work / "logs" / f"{size}-{label.replace(' ', '_')}.log", timeout=None)
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true",
                     help="also take model_1's Grams and time `wsmerge run` of a RegMean merge of "
                          "model_0 and model_1 reading the Gram directories")
+    ap.add_argument("--merge-only", action="store_true",
+                    help="only the merge runs, from the Gram directories an earlier --merge run left")
     ap.add_argument("-o", "--out", type=Path, default=None)
     args = ap.parse_args(argv)
     out = args.out or HERE / "results" / f"stats_{args.stat}.json"
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.stat == "fisher":
                 cmd += ["--estimator", "empirical"]
             plans.append((f"{args.stat} budget={'default' if budget is None else budget}", cmd))
-        for label, cmd in plans:
+        for label, cmd in [] if args.merge_only else plans:
             r = run_child(cmd, args.work / "logs" / f"{size}-{label.replace(' ', '_')}.log", timeout=None)
             row = {"size": size, "run": label, "rc": r["rc"], "wall_s": round(r["wall_s"], 2),
                    "peak_rss_mib": round(r["maxrss_kib"] / 1024, 1), "model_mib": round(model_bytes / 2**20, 1),
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(results, indent=2) + "\n")  # after every run: partial results stay
             if r["rc"] != 0:
                 print(Path(r["log"]).read_text()[-3000:], file=sys.stderr)
-        if args.merge and args.stat == "gram":
+        if (args.merge or args.merge_only) and args.stat == "gram":
             merge_run(args, size, src, model, common, model_bytes, results, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
