@@ -71,42 +71,74 @@ def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
 @click.command(cls=Command)
 @_common
 @click.option("--estimator", type=click.Choice(["exact", "sampled", "empirical"]), default="exact",
-              show_default=True, help="exact: sum over classes weighted by the model's probabilities; "
-                                      "sampled: labels drawn from the model; empirical: the data's labels.")
+              show_default=True, help="exact: sum over classes weighted by the model's probabilities "
+                                      "(classifiers only); sampled: labels drawn from the model; "
+                                      "empirical: the data's labels (a causal LM's next tokens).")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Label draws per example (sampled).")
+@click.option("--max-stats-memory", default="2GiB", show_default=True, metavar="SIZE",
+              help="Bytes of float32 Fisher accumulators held at once (e.g. 512M, 2GiB). When the "
+                   "whole model's Fisher is larger, parameters are taken in groups, one data pass "
+                   "per group; it also sizes vmap chunks (per-example gradients are chunk x group).")
+@click.option("--vmap-chunk", type=click.IntRange(min=1), default=None,
+              help="Examples per vmap call (default: as many as --max-stats-memory allows, at most "
+                   "--batch-size).")
+@click.option("--per-example", type=click.Choice(["auto", "vmap", "loop"]), default="auto",
+              show_default=True, help="Per-example gradients by torch.func.vmap, by an autograd loop, "
+                                      "or vmap with the loop where the model does not trace.")
+@click.option("--shard-size", default="5G", show_default=True, metavar="SIZE",
+              help="Largest shard of a directory OUT.")
 def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
            num_labels: int | None, max_length: int, seed: int, device: str, overwrite: bool,
-           no_progress: bool, estimator: str, samples: int) -> None:
+           no_progress: bool, estimator: str, samples: int, max_stats_memory: str,
+           vmap_chunk: int | None, per_example: str, shard_size: str) -> None:
     """Diagonal Fisher information of MODEL on DATA, as a companion weight space.
 
     Squares of per-example gradients of the log-likelihood (never the square
-    of a batch gradient), averaged over examples, in float32, with MODEL's
-    tensor names. Name the file as the model's `fisher` parameter in a
-    `merge_method: fisher` spec.
+    of a batch gradient), averaged over examples, in float32 whatever the
+    model's dtype, with MODEL's tensor names. Name the file (or directory) as
+    the model's `fisher` parameter in a `merge_method: fisher` spec.
 
-    A transformers classifier works the same way, with a JSONL file as DATA
-    (`--data train.jsonl --estimator empirical`).
+    A transformers classifier takes a JSONL file as DATA (`--data train.jsonl
+    --estimator empirical`); a causal LM (Llama, Qwen2, GPT-2...) a text file,
+    one example per line, or a JSONL of {"text": ...}, with `--estimator
+    empirical` or `sampled`. An example's log-likelihood is the sum over its
+    non-padding next-token predictions.
+
+    With -o DIR the Fisher is written as sharded safetensors and an index,
+    group by group: at most --max-stats-memory of accumulators, the model and
+    one batch are held. A tied embedding and lm_head is one parameter: its
+    Fisher is written under each name the checkpoint stores.
 
     \b
     Examples (from the repository root):
       wsmerge fisher examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.fisher.safetensors
       wsmerge fisher examples/digits/ft1 --data digits:classes=4-6 --estimator empirical \\
-          --n-examples 512 -o runs/ft1.fisher.safetensors
+          --n-examples 512 --max-stats-memory 20K -o runs/ft1.fisher
     """
-    from weightspace.merges.fisher import fisher_diagonal, save_fisher
+    from weightspace.merges.fisher.stream import write_fisher
+    from weightspace.sink import parse_size
+    from weightspace.sources import load_space
 
+    for flag, value in (("--max-stats-memory", max_stats_memory), ("--shard-size", shard_size)):
+        try:
+            parse_size(value)
+        except Exception as e:
+            raise click.BadParameter(str(e), param_hint=flag) from None
     _check_out(out, overwrite, model, data)
+    stored = list(load_space(model).keys())
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed,
                              device)
     t0 = time.perf_counter()
-    space = fisher_diagonal(adapter, batches, estimator=estimator, n_samples=samples, n_examples=n_examples,
-                            seed=seed, progress=not no_progress and sys.stderr.isatty())
-    space.meta.setdefault("fisher", {}).update({"model": str(model), "data": data, "split": split})
-    save_fisher(space, out)
-    info = space.meta.get("fisher", {})
-    click.echo(f"{out}: {estimator} Fisher of {model} over {info.get('examples', '?')} examples, "
-               f"{len(space)} tensors, {space.num_params:,} entries ({time.perf_counter() - t0:.1f} s)")
+    info = write_fisher(adapter, batches, out, estimator=estimator, n_samples=samples, n_examples=n_examples,
+                        seed=seed, per_example=per_example, vmap_chunk=vmap_chunk,
+                        max_stats_memory=max_stats_memory, shard_size=shard_size, stored_names=stored,
+                        info={"model": str(model), "data": data, "split": split}, overwrite=overwrite,
+                        inputs=[model, data], progress=not no_progress and sys.stderr.isatty())
+    passes = info["passes"]
+    click.echo(f"{out}: {estimator} Fisher of {model} over {info['examples']} examples, "
+               f"{passes} pass{'es' if passes > 1 else ''} ({info['per_example']}), "
+               f"{info['examples_per_second']} examples/s ({time.perf_counter() - t0:.1f} s)")
 
 
 def _size_type():

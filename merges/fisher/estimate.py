@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -26,12 +28,15 @@ def fisher_diagonal(
     batches: Iterable[Mapping[str, Any]],
     *,
     params: Mapping[str, torch.Tensor] | None = None,
+    over: Iterable[str] | None = None,
     estimator: Estimator = "exact",
     n_samples: int = 1,
     n_examples: int | None = None,
     seed: int = 0,
     per_example: Literal["auto", "vmap", "loop"] = "auto",
+    vmap_chunk: int | None = None,
     progress: bool = False,
+    bar: Any = None,
 ) -> WeightSpace:
     """The diagonal of the Fisher information of `adapter`'s model, as a float32 WeightSpace.
 
@@ -39,16 +44,24 @@ def fisher_diagonal(
         fisher["head.weight"].load()          # same names and shapes as the parameters
 
     With g(y) the gradient of an example's log-likelihood of labels y (summed over its
-    predictions whose label is not -100), each estimator averages over examples:
+    predictions whose label is not -100: for a causal LM, its non-padding next-token
+    predictions), each estimator averages over examples:
 
     - ``exact``: sum_c p(c|x) g(c)^2, the true Fisher (one prediction per example, C <= 1024);
     - ``sampled``: (1/S) sum_s g(y_s)^2 with y_s drawn from the model (`n_samples` S, `seed`);
     - ``empirical``: g(y_true)^2, the squared gradient at the data's labels.
 
-    Gradients are per example (`torch.func.vmap` over the batch, or one autograd pass per
-    example: ``per_example="auto"`` falls back to the loop when the model cannot be vmapped,
-    as transformers models cannot). `params` (default: the module's own) are the tensors the
-    Fisher is taken at and over; `n_examples` stops early. Non-tensor batch entries are ignored.
+    Gradients are per example: `torch.func.vmap` over `grad`, `vmap_chunk` examples at a
+    time (default: the whole batch), or one autograd pass per example. ``per_example="auto"``
+    tries vmap and falls back to the loop where the model cannot be vmapped (BERT's mask
+    code); a transformers model is vmapped with eager attention (sdpa's mask code asks
+    `padding_mask.all()`, which vmap cannot trace). Squares accumulate in float32 on the
+    parameters' device, whatever their dtype. `params` (default: the module's own) are the
+    tensors the model runs with; `over` (default: all of them) the names the Fisher is taken
+    over: only those get gradients, so one pass per group of names bounds the accumulators
+    (see weightspace.merges.fisher.stream). `n_examples` stops early. Non-tensor batch entries
+    are ignored. `meta["fisher"]` records the estimator, examples, seed, the per-example mode
+    and examples per second.
     """
     if estimator not in ESTIMATORS:
         raise SpecError(f"estimator: unknown {estimator!r}; use one of {', '.join(ESTIMATORS)}")
@@ -58,19 +71,32 @@ def fisher_diagonal(
         raise SpecError(f"n_samples: expected a positive integer, got {n_samples!r}")
     if n_examples is not None and n_examples < 1:
         raise SpecError(f"n_examples: expected a positive integer, got {n_examples!r}")
+    if vmap_chunk is not None and (not isinstance(vmap_chunk, int) or vmap_chunk < 1):
+        raise SpecError(f"vmap_chunk: expected a positive integer, got {vmap_chunk!r}")
     params = dict(adapter.params() if params is None else params)
     if not params:
         raise InputError("fisher_diagonal: there are no parameters to take the Fisher over")
+    group = list(params) if over is None else list(over)
+    unknown = [n for n in group if n not in params]
+    if unknown:
+        raise InputError(f"fisher_diagonal: {unknown[0]!r} is not one of the model's parameters")
+    if not group:
+        raise InputError("fisher_diagonal: there are no parameters to take the Fisher over")
     device = next(iter(params.values())).device
     params = {n: t.detach() for n, t in params.items()}
-    total = {n: torch.zeros(t.shape, dtype=torch.float32, device=device) for n, t in params.items()}
-    gen = torch.Generator().manual_seed(seed)
+    total = {n: torch.zeros(params[n].shape, dtype=torch.float32, device=device) for n in group}
+    gen = torch.Generator().manual_seed(seed)  # the same draws on every pass over the same batches
     mode = "vmap" if per_example in ("auto", "vmap") else "loop"
-    seen = 0
-    bar = _progress_bar(progress)
+    seen = predictions = 0
+    own_bar = bar is None
+    bar = _progress_bar(progress) if own_bar else bar
     module = adapter.module
     was_training = module.training
     module.eval()  # no dropout: the Fisher is of the model as it predicts
+    t0 = time.perf_counter()
+    eager = contextlib.ExitStack()
+    if mode == "vmap":
+        eager.enter_context(_traceable(module))
     try:
         for raw in batches:
             batch = _tensors_of(raw, device)
@@ -80,17 +106,20 @@ def fisher_diagonal(
             if size == 0:
                 continue
             targets, weights, mask = _targets(adapter, params, batch, estimator, n_samples, gen)
+            predictions += int(mask.sum())
             if mode == "vmap":
                 try:
-                    part = _batch_vmap(adapter, params, batch, targets, weights, mask)
+                    part = _batch_vmap(adapter, params, group, batch, targets, weights, mask,
+                                       vmap_chunk or size)
                 except WeightspaceError:
                     raise
                 except Exception:
                     if per_example == "vmap":
                         raise
-                    mode = "loop"  # data-dependent control flow (transformers): one example at a time
+                    mode = "loop"  # data-dependent control flow: one example at a time
+                    eager.close()
             if mode == "loop":
-                part = _batch_loop(adapter, params, batch, targets, weights, mask)
+                part = _batch_loop(adapter, params, group, batch, targets, weights, mask)
             for n, f in part.items():
                 total[n] += f
             seen += size
@@ -99,22 +128,45 @@ def fisher_diagonal(
             if n_examples is not None and seen >= n_examples:
                 break
     finally:
+        eager.close()
         module.train(was_training)
-        if bar is not None:
+        if own_bar and bar is not None:
             bar.close()
+    seconds = time.perf_counter() - t0
     if seen == 0:
         raise InputError("fisher_diagonal: the batches hold no examples")
+    if predictions == 0:
+        raise InputError(f"fisher_diagonal: none of the {seen} examples has a prediction to take "
+                         f"the log-likelihood of (every label is -100: for a language model, each "
+                         f"example is a single token or padding only); give longer examples")
     fisher = {n: (f / seen).cpu() for n, f in total.items()}
     if all(not bool(f.any()) for f in fisher.values()):
         warnings.warn(f"the {estimator} Fisher over {seen} examples is zero everywhere: the model "
                       "may be saturated (probabilities of exactly 0 or 1) or the parameters unused; "
                       "a Fisher merge with it falls back to the floor", stacklevel=2)
-    info = {"estimator": estimator, "examples": seen,
+    info = {"estimator": estimator, "examples": seen, "predictions": predictions,
             "n_samples": n_samples if estimator == "sampled" else None, "seed": seed,
-            "per_example": mode}
+            "per_example": mode, "seconds": round(seconds, 3),
+            "examples_per_second": round(seen / seconds, 3) if seconds > 0 else None}
     meta = {"source": f"fisher({estimator}) of {type(module).__name__}", "format": "memory",
             "fisher": info}
     return WeightSpace.from_tensors(fisher, meta)
+
+
+@contextlib.contextmanager
+def _traceable(module: torch.nn.Module) -> Iterator[None]:
+    """A transformers model with eager attention for the duration (the same function: sdpa and
+    eager agree to float rounding), since sdpa's mask code is data-dependent."""
+    set_attn = getattr(module, "set_attn_implementation", None)
+    before = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if set_attn is None or before in (None, "eager"):
+        yield
+        return
+    set_attn("eager")
+    try:
+        yield
+    finally:
+        set_attn(before)
 
 
 def _progress_bar(progress: bool):
@@ -197,29 +249,39 @@ def _log_likelihood(adapter: Adapter, params: dict[str, torch.Tensor], batch: di
     return (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum()
 
 
-def _batch_vmap(adapter: Adapter, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                targets: list[torch.Tensor], weights: list[torch.Tensor], mask: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+def _batch_vmap(adapter: Adapter, params: dict[str, torch.Tensor], group: list[str],
+                batch: dict[str, torch.Tensor], targets: list[torch.Tensor], weights: list[torch.Tensor],
+                mask: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
+    """Per-example gradients of the `group` tensors, `chunk` examples at a time (so at most
+    chunk x group-size gradients exist at once), squared in float32 and summed with `weights`."""
+    own = set(group)
+    frozen = {n: t for n, t in params.items() if n not in own}
+    mine = {n: params[n] for n in group}
+
     def one(p, example, target, m):  # a single example, re-batched as size 1
         ex = {k: v.unsqueeze(0) for k, v in example.items()}
-        return _log_likelihood(adapter, p, ex, target.unsqueeze(0), m.unsqueeze(0))
+        return _log_likelihood(adapter, {**frozen, **p}, ex, target.unsqueeze(0), m.unsqueeze(0))
 
     per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0))
-    out = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in params.items()}
+    out = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in mine.items()}
+    size = mask.shape[0]
     for target, w in zip(targets, weights):
-        grads = per_example(params, batch, target, mask)
-        for n, g in grads.items():
-            g = g.float()
-            out[n] += torch.einsum("b,b...->...", w.float(), g * g)
+        for lo in range(0, size, chunk):
+            part = slice(lo, lo + chunk)
+            grads = per_example(mine, {k: v[part] for k, v in batch.items()}, target[part], mask[part])
+            wf = w[part].float()
+            for n, g in grads.items():
+                g = g.float()  # cast up before squaring: a bf16 square loses what float32 keeps
+                out[n] += torch.einsum("b,b...->...", wf, g * g)
+            del grads
     return out
 
 
-def _batch_loop(adapter: Adapter, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                targets: list[torch.Tensor], weights: list[torch.Tensor], mask: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
-    names = list(params)
-    leaves = [params[n].detach().requires_grad_(True) for n in names]
-    p = dict(zip(names, leaves))
+def _batch_loop(adapter: Adapter, params: dict[str, torch.Tensor], group: list[str],
+                batch: dict[str, torch.Tensor], targets: list[torch.Tensor], weights: list[torch.Tensor],
+                mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    leaves = [params[n].detach().requires_grad_(True) for n in group]
+    p = {**params, **dict(zip(group, leaves))}  # only the group's tensors get gradients
     out = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in leaves]
     size = mask.shape[0]
     with torch.enable_grad():
@@ -236,4 +298,4 @@ def _batch_loop(adapter: Adapter, params: dict[str, torch.Tensor], batch: dict[s
                 for acc, g in zip(out, grads):
                     if g is not None:
                         acc.add_(g.float().square(), alpha=wi)
-    return dict(zip(names, out))
+    return dict(zip(group, out))

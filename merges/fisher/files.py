@@ -39,7 +39,8 @@ def check_fisher(path: str | Path) -> dict[str, Any]:
         check_fisher("ft_a.fisher.safetensors")
         # {'tensors': 8, 'numel': 1234, 'norm': 0.31, 'max': 0.02, 'zero_tensors': [...], 'fisher': {...}}
 
-    Refused: negative or non-finite entries, and a file that is zero everywhere (a saturated or
+    `path` is a `.safetensors` file or a sharded directory (`wsmerge fisher -o DIR`); tensors
+    are read one at a time. Refused: negative or non-finite entries, and a file that is zero everywhere (a saturated or
     broken estimate: merged with it, that model would count only through the floor).
     """
     space = load_space(path)
@@ -59,13 +60,30 @@ def check_fisher(path: str | Path) -> dict[str, Any]:
         raise InputError(f"Fisher file {str(path)!r} is zero everywhere ({len(space)} tensors); "
                          f"recompute it (a saturated model has a zero exact Fisher: try estimator "
                          f"empirical) or leave the model out")
-    try:
-        _, header_meta = read_header(path) if Path(path).is_file() else (None, {})
-        info = json.loads(header_meta.get("fisher", "{}"))
-    except (ValueError, RecursionError):  # a note only
-        info = {}
     return {"tensors": len(space), "numel": numel, "norm": math.sqrt(squares), "max": peak,
-            "zero_tensors": zero_tensors, "fisher": info}
+            "zero_tensors": zero_tensors, "fisher": fisher_info(path, space)}
+
+
+def fisher_info(path: str | Path, space: WeightSpace | None = None) -> dict[str, Any]:
+    """The metadata a Fisher file or directory records (estimator, examples, seed, passes,
+    examples per second...): a directory's `fisher.json`, else the first shard's
+    `__metadata__["fisher"]`; {} when there is none (a note only, never an error)."""
+    p = expand_user(path)
+    try:
+        if p.is_dir() and (p / "fisher.json").is_file():
+            info = json.loads((p / "fisher.json").read_text(encoding="utf-8"))
+            return info if isinstance(info, dict) else {}
+        if p.is_dir():
+            space = space if space is not None else load_space(p)
+            first = next((getattr(r, "path", None) for r in space.values()), None)
+            p = Path(first) if first is not None else p
+        if not p.is_file():
+            return {}
+        _, header_meta = read_header(p)
+        info = json.loads(header_meta.get("fisher", "{}"))
+    except (OSError, ValueError, RecursionError, InputError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 _NORMS = FileCache()

@@ -88,7 +88,8 @@ class Fisher(MergeMethod):
     model_params = (
         Param("weight", default=1.0, ge=0.0, doc="lambda_i, this model's weight"),
         Param("fisher", required=True, kind=str, doc="path to this model's Fisher diagonal "
-              "(a safetensors file with the model's tensor names; see fisher_diagonal)"),
+              "(a safetensors file or a sharded directory with the model's tensor names; see "
+              "wsmerge fisher)"),
         Param("fisher_norm", default=None, gt=0.0, doc="the norm normalize_fishers divides by; computed "
               "from the file when absent (weightspace.merges.fisher.fisher_norms)"),
     )
@@ -140,7 +141,7 @@ class Fisher(MergeMethod):
             _check_values(f, name, f"Fisher file {file!r}")
             # an all-zero file would silently drop its model (only the floor would weigh it);
             # its norm is read once per file and process (cached)
-            if file and Path(file).is_file() and fisher_norms([file])[0] == 0:
+            if file and Path(file).exists() and fisher_norms([file])[0] == 0:
                 raise InputError(f"Fisher file {file!r} is zero everywhere (no gradient reached the "
                                  f"model's parameters); recompute it on data the model sees")
         try:
