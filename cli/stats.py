@@ -114,7 +114,7 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
     Examples (from the repository root):
       wsmerge fisher examples/digits/ft0 --data digits:classes=0-3 -o runs/ft0.fisher.safetensors
       wsmerge fisher examples/digits/ft1 --data digits:classes=4-6 --estimator empirical \\
-          --n-examples 512 --max-stats-memory 20K -o runs/ft1.fisher
+          --n-examples 512 --max-stats-memory 20K -o runs/ft1-fisher
     """
     from weightspace.merges.fisher.stream import write_fisher
     from weightspace.sink import parse_size

@@ -2,6 +2,8 @@
 
     fisher = fisher_diagonal(ClassifierAdapter(model), loader, estimator="exact")
     save_fisher(fisher, "ft_a.fisher.safetensors")
+    write_fisher(HFCausalLMAdapter(llama), batches, "llama-fisher", estimator="empirical",
+                 max_stats_memory="2GiB")      # sharded, in parameter groups (stream.py)
 
     merge_method: fisher
     models:
@@ -38,6 +40,7 @@ from weightspace.merges.fisher.estimate import (
 )
 from weightspace.merges.fisher.files import check_fisher, fisher_norms, save_fisher
 from weightspace.merges.fisher.method import FLOOR_MODES, UNCOVERED, Fisher, fisher_weighted_average
+from weightspace.merges.fisher.stream import output_names, write_fisher
 
 __all__ = [
     "ESTIMATORS",
@@ -50,5 +53,7 @@ __all__ = [
     "fisher_diagonal",
     "fisher_norms",
     "fisher_weighted_average",
+    "output_names",
     "save_fisher",
+    "write_fisher",
 ]

@@ -33,7 +33,6 @@ import torch
 from weightspace.binding import IGNORE_INDEX, Adapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import WeightSpace
-from weightspace.merges.fisher.estimate import fisher_diagonal
 from weightspace.merges.fisher.files import save_fisher
 from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink, parse_size
 
@@ -128,6 +127,8 @@ def write_fisher(
     `vmap_chunk` None takes as many examples per vmap call as fit max_stats_memory next to the
     group's accumulators (per-example gradients are chunk x group size), at least one.
     """
+    from weightspace.merges import fisher  # the public name, which callers (and tests) may wrap
+
     out = Path(out)
     budget = parse_size(max_stats_memory)
     shard_bytes = parse_size(shard_size)
@@ -171,7 +172,7 @@ def write_fisher(
     try:
         for group in groups:
             chunk = vmap_chunk or max(1, budget // max(1, sum(params[n].numel() * 4 for n in group)))
-            space = fisher_diagonal(adapter, batches, params=params, over=group, estimator=estimator,
+            space = fisher.fisher_diagonal(adapter, batches, params=params, over=group, estimator=estimator,
                                     n_samples=n_samples, n_examples=n_examples, seed=seed,
                                     per_example=per_example, vmap_chunk=chunk, bar=bar)
             modes.add(space.meta["fisher"]["per_example"])
