@@ -139,7 +139,8 @@ def fisher_diagonal(
         raise InputError(f"fisher_diagonal: none of the {seen} examples has a prediction to take "
                          f"the log-likelihood of (every label is -100: for a language model, each "
                          f"example is a single token or padding only); give longer examples")
-    fisher = {n: (f / seen).cpu() for n, f in total.items()}
+    fisher = {n: f.div_(seen).cpu() for n, f in total.items()}  # in place: one copy of the group
+    del total
     if all(not bool(f.any()) for f in fisher.values()):
         warnings.warn(f"the {estimator} Fisher over {seen} examples is zero everywhere: the model "
                       "may be saturated (probabilities of exactly 0 or 1) or the parameters unused; "
@@ -280,22 +281,36 @@ def _batch_vmap(adapter: Adapter, params: dict[str, torch.Tensor], group: list[s
 def _batch_loop(adapter: Adapter, params: dict[str, torch.Tensor], group: list[str],
                 batch: dict[str, torch.Tensor], targets: list[torch.Tensor], weights: list[torch.Tensor],
                 mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One backward pass per example and label set. Each parameter's gradient is squared into
+    its accumulator as soon as autograd has it and then dropped, so at most one parameter's
+    gradient exists at a time (torch.autograd.grad would hold the whole group's)."""
     leaves = [params[n].detach().requires_grad_(True) for n in group]
     p = {**params, **dict(zip(group, leaves))}  # only the group's tensors get gradients
     out = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in leaves]
+    weight = [1.0]
+
+    def square_into(acc: torch.Tensor):
+        def hook(leaf: torch.Tensor) -> None:
+            acc.add_(leaf.grad.float().square(), alpha=weight[0])  # cast up before squaring
+            leaf.grad = None
+        return hook
+
+    handles = [leaf.register_post_accumulate_grad_hook(square_into(acc)) for leaf, acc in zip(leaves, out)]
     size = mask.shape[0]
-    with torch.enable_grad():
-        for i in range(size):
-            if not bool(mask[i].any()):  # every prediction ignored: a zero gradient
-                continue
-            ex = {k: v[i : i + 1] for k, v in batch.items()}
-            logp = torch.log_softmax(adapter.logits(p, ex).float(), -1)[0]  # (K, C), one forward
-            for j, (target, w) in enumerate(zip(targets, weights)):
-                ll = (logp.gather(-1, target[i].unsqueeze(-1)).squeeze(-1) * mask[i]).sum()
-                grads = torch.autograd.grad(ll, leaves, retain_graph=j + 1 < len(targets),
-                                            allow_unused=True)
-                wi = float(w[i])
-                for acc, g in zip(out, grads):
-                    if g is not None:
-                        acc.add_(g.float().square(), alpha=wi)
+    try:
+        with torch.enable_grad():
+            for i in range(size):
+                if not bool(mask[i].any()):  # every prediction ignored: a zero gradient
+                    continue
+                ex = {k: v[i : i + 1] for k, v in batch.items()}
+                logp = torch.log_softmax(adapter.logits(p, ex).float(), -1)[0]  # (K, C), one forward
+                for j, (target, w) in enumerate(zip(targets, weights)):
+                    ll = (logp.gather(-1, target[i].unsqueeze(-1)).squeeze(-1) * mask[i]).sum()
+                    weight[0] = float(w[i])
+                    if ll.requires_grad:  # no group tensor on the path: a zero gradient
+                        ll.backward(retain_graph=j + 1 < len(targets))
+                del logp
+    finally:
+        for h in handles:
+            h.remove()
     return dict(zip(group, out))

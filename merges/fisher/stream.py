@@ -32,7 +32,7 @@ import torch
 
 from weightspace.binding import IGNORE_INDEX, Adapter
 from weightspace.errors import InputError, SpecError
-from weightspace.ir import WeightSpace
+from weightspace.ir import MemoryRef, WeightSpace
 from weightspace.merges.fisher.files import save_fisher
 from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink, parse_size
 
@@ -74,6 +74,11 @@ def plan_groups(sizes: Sequence[tuple[str, int]], budget: int) -> list[list[str]
     if cur:
         groups.append(cur)
     return groups
+
+
+def _take(ref: Any) -> torch.Tensor:
+    """An in-memory tensor as it is (a ref's load() would copy it), else loaded."""
+    return ref.tensor if isinstance(ref, MemoryRef) else ref.load("cpu")
 
 
 def _count_examples(batches: Sequence[Mapping[str, Any]], n_examples: int | None) -> int:
@@ -177,7 +182,7 @@ def write_fisher(
                                     per_example=per_example, vmap_chunk=chunk, bar=bar)
             modes.add(space.meta["fisher"]["per_example"])
             predictions = space.meta["fisher"]["predictions"]
-            ready = {n: ref.load("cpu") for n, ref in space.items()}
+            ready = {n: _take(ref) for n, ref in space.items()}
             del space
             for n in group:
                 for o in names[n]:
