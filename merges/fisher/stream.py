@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from weightspace.binding import IGNORE_INDEX, Adapter
+from weightspace.binding import IGNORE_INDEX, Adapter, HFCausalLMAdapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import MemoryRef, WeightSpace
 from weightspace.merges.fisher.files import save_fisher
@@ -139,6 +139,9 @@ def write_fisher(
     shard_bytes = parse_size(shard_size)
     if not isinstance(batches, Sequence):
         raise SpecError("write_fisher: batches must be a list (each group of parameters reads them again)")
+    if estimator == "exact" and isinstance(adapter, HFCausalLMAdapter):  # before any pass
+        raise SpecError("exact Fisher needs one prediction per example, and a causal LM makes one per "
+                        "token; use sampled or empirical for language models")
     params = adapter.params()
     names = output_names(adapter.module, stored_names)
     order = sorted(params)  # the sink's layout order is by name: groups follow it
