@@ -79,11 +79,15 @@ def main() -> None:
         sys.exit(why)
     model, text = prepare(args.model, args.work, args.examples, args.tokens, args.seed)
     rows = []
-    # the floor: the same process start, imports and model load, without the Fisher
-    load = [sys.executable, "-c", "import sys; from weightspace.zoo.bind import open_model; "
-            "open_model(sys.argv[1], device=sys.argv[2])", str(model), args.device]
+    # the floor: the same start, imports, model load and one batch's forward (which touches
+    # every weight: transformers maps the checkpoint, so a bare load is not all resident)
+    load = [sys.executable, "-c", "import sys, torch; from weightspace.zoo.bind import open_model; "
+            "a = open_model(sys.argv[1], device=sys.argv[2]); b, t = int(sys.argv[3]), int(sys.argv[4]); "
+            "ids = torch.randint(3, a.num_classes, (b, t), device=sys.argv[2])\n"
+            "with torch.no_grad(): a.logits(a.params(), {'input_ids': ids})",
+            str(model), args.device, str(args.batch_size), str(args.tokens)]
     run = run_child(load, args.work / "logs" / "load.log", timeout=None)
-    rows.append({"mode": "load only", "rc": run["rc"], "wall_s": round(run["wall_s"], 1),
+    rows.append({"mode": "load + forward", "rc": run["rc"], "wall_s": round(run["wall_s"], 1),
                  "peak_rss_gib": round(run["maxrss_kib"] / 2**20, 2), "load_before": run["load_before"],
                  "load_after": run["load_after"], "cmd": load})
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "cmd"}), flush=True)

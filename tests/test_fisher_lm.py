@@ -44,7 +44,16 @@ def llama(seed: int = 0, tied: bool = False):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, "tie_word_embeddings": tied})).eval()
 
 
-MODELS = {"gpt2": gpt2, "llama": llama}
+def qwen2(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(cfg).eval()  # q/k/v biases, tied embeddings
+
+
+MODELS = {"gpt2": gpt2, "llama": llama, "qwen2": qwen2}
 
 
 def batch_of(seed: int = 0, b: int = 3, t: int = 6) -> dict[str, torch.Tensor]:
@@ -88,7 +97,7 @@ def brute_force(model, batches, estimator="empirical", n_samples=1, seed=0) -> d
     return {n: f / seen for n, f in out.items()}
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize("estimator", ["empirical", "sampled"])
 @pytest.mark.parametrize("per_example", ["vmap", "loop"])
 def test_causal_lm_fisher_equals_the_brute_force_loop(arch, estimator, per_example):
@@ -102,11 +111,13 @@ def test_causal_lm_fisher_equals_the_brute_force_loop(arch, estimator, per_examp
                           per_example=per_example)
     want = brute_force(model, batches, estimator, n, seed=3)
     assert got.meta["fisher"]["per_example"] == per_example and got.meta["fisher"]["examples"] == 5
-    assert list(got) == list(want)  # a tied lm_head is one parameter: GPT-2 has no lm_head.weight
+    assert list(got) == list(want)  # a tied lm_head is one parameter: GPT-2, this Qwen2 have none
     for name, f in want.items():
         torch.testing.assert_close(got[name].load(), f, atol=1e-7, rtol=2e-4, msg=name)
-    assert float(got["lm_head.weight" if arch == "llama" else "transformer.h.0.attn.c_attn.weight"]
-                 .load().sum()) > 0  # GPT-2's Conv1D (a transposed weight) needs nothing special
+    probe = {"llama": "lm_head.weight", "qwen2": "model.layers.0.self_attn.q_proj.bias",
+             "gpt2": "transformer.h.0.attn.c_attn.weight"}[arch]  # GPT-2's Conv1D: nothing special
+    assert float(got[probe].load().sum()) > 0
+    assert ("lm_head.weight" in got) == (arch == "llama")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
