@@ -67,7 +67,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--estimator", default="empirical")
-    ap.add_argument("--modes", default="vmap,loop", help="comma-separated --per-example values")
+    ap.add_argument("--modes", default="vmap,loop,loop@256M",
+                    help="comma-separated --per-example values, each optionally @SIZE, a "
+                         "--max-stats-memory of its own (loop@256M: parameters in groups)")
     ap.add_argument("--max-stats-memory", default="2GiB")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -91,16 +93,18 @@ def main() -> None:
                  "peak_rss_gib": round(run["maxrss_kib"] / 2**20, 2), "load_before": run["load_before"],
                  "load_after": run["load_after"], "cmd": load})
     print(json.dumps({k: v for k, v in rows[-1].items() if k != "cmd"}), flush=True)
-    for mode in args.modes.split(","):
-        out = args.work / f"fisher-{mode}"
+    for variant in args.modes.split(","):
+        mode, _, stats = variant.partition("@")
+        stats = stats or args.max_stats_memory
+        out = args.work / f"fisher-{mode}-{stats}"
         cmd = [exe, "fisher", str(model), "--data", str(text), "--estimator", args.estimator,
                "--per-example", mode, "--n-examples", str(args.examples), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.tokens), "--max-stats-memory", args.max_stats_memory,
+               "--max-length", str(args.tokens), "--max-stats-memory", stats,
                "--device", args.device, "-o", str(out), "--overwrite", "--no-progress"]
-        run = run_child(cmd, args.work / "logs" / f"{mode}.log", timeout=None)
+        run = run_child(cmd, args.work / "logs" / f"{mode}-{stats}.log", timeout=None)
         log = Path(run["log"]).read_text()
         m = re.search(r"(\d+) pass(?:es)? \(([a-z+]+)\), ([\d.]+) examples/s", log)
-        row = {"mode": mode, "rc": run["rc"], "wall_s": round(run["wall_s"], 1),
+        row = {"mode": mode, "max_stats_memory": stats, "rc": run["rc"], "wall_s": round(run["wall_s"], 1),
                "peak_rss_gib": round(run["maxrss_kib"] / 2**20, 2),
                "passes": int(m[1]) if m else None, "per_example": m[2] if m else None,
                "examples_per_s": float(m[3]) if m else None,

@@ -79,10 +79,10 @@ def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
 @click.option("--max-stats-memory", default="2GiB", show_default=True, metavar="SIZE",
               help="Bytes of float32 Fisher accumulators held at once (e.g. 512M, 2GiB). When the "
                    "whole model's Fisher is larger, parameters are taken in groups, one data pass "
-                   "per group; it also sizes vmap chunks (per-example gradients are chunk x group).")
+                   "per group. vmap chunks fill the rest (per-example gradients are chunk x group).")
 @click.option("--vmap-chunk", type=click.IntRange(min=1), default=None,
-              help="Examples per vmap call (default: as many as --max-stats-memory allows, at most "
-                   "--batch-size).")
+              help="Examples per vmap call (default: as many as fit in --max-stats-memory beside the "
+                   "accumulators, at least 1, at most --batch-size).")
 @click.option("--per-example", type=click.Choice(["auto", "vmap", "loop"]), default="auto",
               show_default=True, help="Per-example gradients by torch.func.vmap, by an autograd loop, "
                                       "or vmap with the loop where the model does not trace.")

@@ -129,8 +129,8 @@ def write_fisher(
     """Compute `adapter`'s diagonal Fisher (see fisher_diagonal) group by group and write it to
     OUT (a directory, or a `.safetensors` file); returns the metadata written.
 
-    `vmap_chunk` None takes as many examples per vmap call as fit max_stats_memory next to the
-    group's accumulators (per-example gradients are chunk x group size), at least one.
+    `vmap_chunk` None takes as many examples per vmap call as fit in max_stats_memory next to
+    the group's accumulators (per-example gradients are chunk x group size), at least one.
     """
     from weightspace.merges import fisher  # the public name, which callers (and tests) may wrap
 
@@ -179,7 +179,8 @@ def write_fisher(
     written = 0
     try:
         for group in groups:
-            chunk = vmap_chunk or max(1, budget // max(1, sum(params[n].numel() * 4 for n in group)))
+            group_bytes = max(1, sum(params[n].numel() * 4 for n in group))
+            chunk = vmap_chunk or max(1, (budget - group_bytes) // group_bytes)
             space = fisher.fisher_diagonal(adapter, batches, params=params, over=group, estimator=estimator,
                                     n_samples=n_samples, n_examples=n_examples, seed=seed,
                                     per_example=per_example, vmap_chunk=chunk, bar=bar)
