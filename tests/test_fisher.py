@@ -116,6 +116,45 @@ def test_vmap_and_loop_agree_and_auto_uses_vmap(mlp, data):
     assert_space_close(a, b.materialize())
 
 
+class Branchy(nn.Module):
+    """Data-dependent control flow, which vmap cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, C)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.lin(x) if bool(x.sum() > 0) else self.lin(-x)
+
+
+def test_untraceable_model_falls_back_to_the_loop_or_says_why(data):
+    torch.manual_seed(0)
+    adapter = ClassifierAdapter(Branchy())
+    auto = fisher_diagonal(adapter, data, estimator="empirical")
+    loop = fisher_diagonal(adapter, data, estimator="empirical", per_example="loop")
+    assert auto.meta["fisher"]["per_example"] == "loop"
+    assert_space_close(auto, loop.materialize())
+    with pytest.raises(InputError, match="per_example vmap: Branchy does not run under torch.func.vmap"
+                                         ".*use auto or loop"):
+        fisher_diagonal(adapter, data, estimator="empirical", per_example="vmap")
+
+
+def test_vmap_chunks_and_parameter_groups_change_nothing(mlp, data):
+    whole = fisher_diagonal(ClassifierAdapter(mlp), data, estimator="exact")
+    names = list(whole)
+    for chunk in (1, 2):
+        parts = [fisher_diagonal(ClassifierAdapter(mlp), data, estimator="exact", vmap_chunk=chunk,
+                                 over=[n]) for n in names]
+        for n, part in zip(names, parts):
+            assert list(part) == [n]
+            torch.testing.assert_close(part[n].load(), whole[n].load(), atol=1e-8, rtol=1e-5)
+    with pytest.raises(InputError, match="'nope' is not one of the model's parameters"):
+        fisher_diagonal(ClassifierAdapter(mlp), data, over=["nope"])
+    with pytest.raises(SpecError, match="vmap_chunk: expected a positive integer"):
+        fisher_diagonal(ClassifierAdapter(mlp), data, vmap_chunk=0)
+
+
 def test_not_the_square_of_the_batch_gradient(mlp, data):
     fisher = fisher_diagonal(ClassifierAdapter(mlp), data[:1], estimator="empirical")
     leaves = {n: p.detach().clone().requires_grad_(True) for n, p in mlp.named_parameters()}

@@ -113,9 +113,11 @@ def fisher_diagonal(
                                        vmap_chunk or size)
                 except WeightspaceError:
                     raise
-                except Exception:
+                except Exception as e:
                     if per_example == "vmap":
-                        raise
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                        raise InputError(f"per_example vmap: {type(module).__name__} does not run under "
+                                         f"torch.func.vmap ({first}); use auto or loop") from None
                     mode = "loop"  # data-dependent control flow: one example at a time
                     eager.close()
             if mode == "loop":
