@@ -109,11 +109,10 @@ def fisher_diagonal(
             predictions += int(mask.sum())
             if mode == "vmap":
                 try:
-                    part = _batch_vmap(adapter, params, group, batch, targets, weights, mask,
-                                       vmap_chunk or size)
-                except WeightspaceError:
-                    raise
-                except Exception as e:
+                    _batch_vmap(adapter, params, group, batch, targets, weights, mask,
+                                vmap_chunk or size, total)
+                except _VmapFailed as failed:
+                    e = failed.__cause__
                     if per_example == "vmap":
                         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                         raise InputError(f"per_example vmap: {type(module).__name__} does not run under "
@@ -121,9 +120,7 @@ def fisher_diagonal(
                     mode = "loop"  # data-dependent control flow: one example at a time
                     eager.close()
             if mode == "loop":
-                part = _batch_loop(adapter, params, group, batch, targets, weights, mask)
-            for n, f in part.items():
-                total[n] += f
+                _batch_loop(adapter, params, group, batch, targets, weights, mask, total)
             seen += size
             if bar is not None:
                 bar.update(size)
@@ -252,11 +249,16 @@ def _log_likelihood(adapter: Adapter, params: dict[str, torch.Tensor], batch: di
     return (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum()
 
 
+class _VmapFailed(Exception):
+    """vmap could not run a batch, and nothing of that batch was accumulated (`__cause__`: why)."""
+
+
 def _batch_vmap(adapter: Adapter, params: dict[str, torch.Tensor], group: list[str],
                 batch: dict[str, torch.Tensor], targets: list[torch.Tensor], weights: list[torch.Tensor],
-                mask: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
+                mask: torch.Tensor, chunk: int, out: dict[str, torch.Tensor]) -> None:
     """Per-example gradients of the `group` tensors, `chunk` examples at a time (so at most
-    chunk x group-size gradients exist at once), squared in float32 and summed with `weights`."""
+    chunk x group-size gradients exist at once), squared in float32 and added to `out` with
+    `weights`."""
     own = set(group)
     frozen = {n: t for n, t in params.items() if n not in own}
     mine = {n: params[n] for n in group}
@@ -266,29 +268,36 @@ def _batch_vmap(adapter: Adapter, params: dict[str, torch.Tensor], group: list[s
         return _log_likelihood(adapter, {**frozen, **p}, ex, target.unsqueeze(0), m.unsqueeze(0))
 
     per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0, 0))
-    out = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in mine.items()}
     size = mask.shape[0]
+    added = False
     for target, w in zip(targets, weights):
         for lo in range(0, size, chunk):
             part = slice(lo, lo + chunk)
-            grads = per_example(mine, {k: v[part] for k, v in batch.items()}, target[part], mask[part])
+            try:
+                grads = per_example(mine, {k: v[part] for k, v in batch.items()}, target[part], mask[part])
+            except WeightspaceError:
+                raise
+            except Exception as e:
+                if added:  # part of the batch is in `out` already: a fallback would count it twice
+                    raise
+                raise _VmapFailed() from e
             wf = w[part].float()
             for n, g in grads.items():
-                g = g.float()  # cast up before squaring: a bf16 square loses what float32 keeps
-                out[n] += torch.einsum("b,b...->...", wf, g * g)
+                g = g.float().square_()  # cast up before squaring; in place: the gradients are ours
+                out[n] += torch.einsum("b,b...->...", wf, g)
+            added = True
             del grads
-    return out
 
 
 def _batch_loop(adapter: Adapter, params: dict[str, torch.Tensor], group: list[str],
                 batch: dict[str, torch.Tensor], targets: list[torch.Tensor], weights: list[torch.Tensor],
-                mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                mask: torch.Tensor, total: dict[str, torch.Tensor]) -> None:
     """One backward pass per example and label set. Each parameter's gradient is squared into
     its accumulator as soon as autograd has it and then dropped, so at most one parameter's
     gradient exists at a time (torch.autograd.grad would hold the whole group's)."""
     leaves = [params[n].detach().requires_grad_(True) for n in group]
     p = {**params, **dict(zip(group, leaves))}  # only the group's tensors get gradients
-    out = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in leaves]
+    out = [total[n] for n in group]  # squares go straight into the pass's accumulators
     weight = [1.0]
 
     def square_into(acc: torch.Tensor):
@@ -315,4 +324,3 @@ def _batch_loop(adapter: Adapter, params: dict[str, torch.Tensor], group: list[s
     finally:
         for h in handles:
             h.remove()
-    return dict(zip(group, out))
