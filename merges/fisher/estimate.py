@@ -283,8 +283,8 @@ def _batch_vmap(adapter: Adapter, params: dict[str, torch.Tensor], group: list[s
                 raise _VmapFailed() from e
             wf = w[part].float()
             for n, g in grads.items():
-                g = g.float().square_()  # cast up before squaring; in place: the gradients are ours
-                out[n] += torch.einsum("b,b...->...", wf, g)
+                g = g.float()  # cast up before squaring: a bf16 square loses what float32 keeps
+                out[n] += torch.einsum("b,b...->...", wf, g * g)  # not in place: vmap may expand g
             added = True
             del grads
 
