@@ -116,7 +116,7 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
       wsmerge fisher examples/digits/ft1 --data digits:classes=4-6 --estimator empirical \\
           --n-examples 512 --max-stats-memory 20K -o runs/ft1-fisher
     """
-    from weightspace.merges.fisher.stream import write_fisher
+    from weightspace.merges import fisher as fisher_api
     from weightspace.sink import parse_size
     from weightspace.sources import load_space
 
@@ -130,11 +130,12 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed,
                              device)
     t0 = time.perf_counter()
-    info = write_fisher(adapter, batches, out, estimator=estimator, n_samples=samples, n_examples=n_examples,
+    info = fisher_api.write_fisher(adapter, batches, out, estimator=estimator, n_samples=samples, n_examples=n_examples,
                         seed=seed, per_example=per_example, vmap_chunk=vmap_chunk,
                         max_stats_memory=max_stats_memory, shard_size=shard_size, stored_names=stored,
                         info={"model": str(model), "data": data, "split": split}, overwrite=overwrite,
-                        inputs=[model, data], progress=not no_progress and sys.stderr.isatty())
+                        inputs=[model, data], progress=not no_progress and sys.stderr.isatty(),
+                        estimate=fisher_api.fisher_diagonal)
     passes = info["passes"]
     click.echo(f"{out}: {estimator} Fisher of {model} over {info['examples']} examples, "
                f"{passes} pass{'es' if passes > 1 else ''} ({info['per_example']}), "

@@ -319,11 +319,11 @@ def test_cli_errors_name_what_is_wrong(saved, run_cli, tmp_path, args, code, mat
 
 
 def test_a_failure_in_a_later_group_leaves_nothing(tmp_path, monkeypatch):
-    import weightspace.merges.fisher as fisher_pkg
     from weightspace.binding import HFCausalLMAdapter
+    from weightspace.merges.fisher import fisher_diagonal as real
     from weightspace.merges.fisher.stream import write_fisher
 
-    real, calls = fisher_pkg.fisher_diagonal, []
+    calls = []
 
     def second_fails(*args, **kwargs):
         calls.append(1)
@@ -331,8 +331,7 @@ def test_a_failure_in_a_later_group_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fisher_pkg, "fisher_diagonal", second_fails)
     with pytest.raises(KeyboardInterrupt):
         write_fisher(HFCausalLMAdapter(llama()), [batch_of(0)], tmp_path / "out", estimator="empirical",
-                     max_stats_memory="1K", shard_size="1K")
+                     max_stats_memory="1K", shard_size="1K", estimate=second_fails)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []

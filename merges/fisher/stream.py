@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from weightspace.binding import IGNORE_INDEX, Adapter, HFCausalLMAdapter
 from weightspace.errors import InputError, SpecError
 from weightspace.ir import MemoryRef, WeightSpace
+from weightspace.merges.fisher.estimate import fisher_diagonal
 from weightspace.merges.fisher.files import save_fisher
 from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink, parse_size
 
@@ -125,15 +126,15 @@ def write_fisher(
     overwrite: bool = False,
     inputs: Iterable[str | Path] = (),
     progress: bool = False,
+    estimate: Callable[..., WeightSpace] | None = None,
 ) -> dict[str, Any]:
     """Compute `adapter`'s diagonal Fisher (see fisher_diagonal) group by group and write it to
     OUT (a directory, or a `.safetensors` file); returns the metadata written.
 
-    `vmap_chunk` None takes as many examples per vmap call as fit in max_stats_memory next to
+    `estimate` (default fisher_diagonal) computes one group's Fisher. `vmap_chunk` None takes as many examples per vmap call as fit in max_stats_memory next to
     the group's accumulators (per-example gradients are chunk x group size), at least one.
     """
-    from weightspace.merges import fisher  # the public name, which callers (and tests) may wrap
-
+    estimate = estimate or fisher_diagonal
     out = Path(out)
     budget = parse_size(max_stats_memory)
     shard_bytes = parse_size(shard_size)
@@ -181,7 +182,7 @@ def write_fisher(
         for group in groups:
             group_bytes = max(1, sum(params[n].numel() * 4 for n in group))
             chunk = vmap_chunk or max(1, (budget - group_bytes) // group_bytes)
-            space = fisher.fisher_diagonal(adapter, batches, params=params, over=group, estimator=estimator,
+            space = estimate(adapter, batches, params=params, over=group, estimator=estimator,
                                     n_samples=n_samples, n_examples=n_examples, seed=seed,
                                     per_example=per_example, vmap_chunk=chunk, bar=bar)
             modes.add(space.meta["fisher"]["per_example"])
