@@ -209,7 +209,7 @@ def test_bf16_model_gives_float32_fishers_close_to_float32_models():
         a, b = f32[name].load(), bf16[name].load()
         assert b.dtype == torch.float32 and bool(torch.isfinite(b).all())
         rel = float((a - b).norm() / a.norm())
-        assert rel < 0.1, (name, rel)  # bf16 keeps 8 bits of mantissa in the forward and backward
+        assert rel < 0.05, (name, rel)  # bf16 keeps 8 bits of mantissa in the forward and backward
 
 
 # ------------------------------------------------------------------ the command on saved models
@@ -335,3 +335,20 @@ def test_a_failure_in_a_later_group_leaves_nothing(tmp_path, monkeypatch):
         write_fisher(HFCausalLMAdapter(llama()), [batch_of(0)], tmp_path / "out", estimator="empirical",
                      max_stats_memory="1K", shard_size="1K", estimate=second_fails)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_cli_on_a_bf16_checkpoint_writes_float32_close_to_the_float32_one(saved, run_cli, tmp_path):
+    from weightspace.zoo.tiny import write_tiny_llama
+
+    bf16 = write_tiny_llama(tmp_path / "bf16", seed=0, delta_seed=1, delta_scale=0.05, layers=1, hidden=16,
+                            intermediate=32, vocab=V, heads=2, kv_heads=1, dtype=torch.bfloat16)
+    write_tokenizer(bf16)
+    for m, o in ((saved / "ft0", "f32.safetensors"), (bf16, "bf16.safetensors")):
+        code, _, err = run_cli("fisher", str(m), "--data", str(saved / "train.txt"), "--estimator", "empirical",
+                               "-o", str(tmp_path / o), "--no-progress")
+        assert code == 0, err
+    a, b = load_file(tmp_path / "f32.safetensors"), load_file(tmp_path / "bf16.safetensors")
+    assert {t.dtype for t in b.values()} == {torch.float32}
+    for name in a:  # the bf16 weights are the float32 ones rounded, and the arithmetic is bf16
+        rel = float((a[name] - b[name]).norm() / a[name].norm())
+        assert rel < 0.05, (name, rel)  # 0.017 at worst when written
