@@ -68,6 +68,17 @@ def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
         check_output(out, overwrite, inputs=inputs)
 
 
+def _size_type():
+    from weightspace.cli.run import SizeType
+
+    return SizeType()
+
+
+def _shard_size_option(fn):
+    return click.option("--shard-size", type=_size_type(), default="5G", show_default=True,
+                        help="Largest shard of a directory output (K/M/G/T, KiB/MiB/GiB).")(fn)
+
+
 @click.command(cls=Command)
 @_common
 @click.option("--estimator", type=click.Choice(["exact", "sampled", "empirical"]), default="exact",
@@ -76,7 +87,7 @@ def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
                                       "empirical: the data's labels (a causal LM's next tokens).")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Label draws per example (sampled).")
-@click.option("--max-stats-memory", default="2GiB", show_default=True, metavar="SIZE",
+@click.option("--max-stats-memory", type=_size_type(), default="2GiB", show_default=True,
               help="Bytes of float32 Fisher accumulators held at once (e.g. 512M, 2GiB). When the "
                    "whole model's Fisher is larger, parameters are taken in groups, one data pass "
                    "per group. vmap chunks fill the rest (per-example gradients are chunk x group).")
@@ -86,12 +97,11 @@ def _check_out(out: Path, overwrite: bool, *inputs: str | Path) -> None:
 @click.option("--per-example", type=click.Choice(["auto", "vmap", "loop"]), default="auto",
               show_default=True, help="Per-example gradients by torch.func.vmap, by an autograd loop, "
                                       "or vmap with the loop where the model does not trace.")
-@click.option("--shard-size", default="5G", show_default=True, metavar="SIZE",
-              help="Largest shard of a directory OUT.")
+@_shard_size_option
 def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
            num_labels: int | None, max_length: int, seed: int, device: str, overwrite: bool,
-           no_progress: bool, estimator: str, samples: int, max_stats_memory: str,
-           vmap_chunk: int | None, per_example: str, shard_size: str) -> None:
+           no_progress: bool, estimator: str, samples: int, max_stats_memory: int,
+           vmap_chunk: int | None, per_example: str, shard_size: int) -> None:
     """Diagonal Fisher information of MODEL on DATA, as a companion weight space.
 
     Squares of per-example gradients of the log-likelihood (never the square
@@ -117,14 +127,8 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
           --n-examples 512 --max-stats-memory 20K -o runs/ft1-fisher
     """
     from weightspace.merges import fisher as fisher_api
-    from weightspace.sink import parse_size
     from weightspace.sources import load_space
 
-    for flag, value in (("--max-stats-memory", max_stats_memory), ("--shard-size", shard_size)):
-        try:
-            parse_size(value)
-        except Exception as e:
-            raise click.BadParameter(str(e), param_hint=flag) from None
     _check_out(out, overwrite, model, data)
     stored = list(load_space(model).keys())
     adapter, batches = _open(model, data, split, n_examples, batch_size, task, num_labels, max_length, seed,
@@ -142,12 +146,6 @@ def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_
                f"{info['examples_per_second']} examples/s ({time.perf_counter() - t0:.1f} s)")
 
 
-def _size_type():
-    from weightspace.cli.run import SizeType
-
-    return SizeType()
-
-
 @click.command(cls=Command)
 @_common
 @click.option("--padding", type=click.Choice(["exclude", "include"]), default="exclude", show_default=True,
@@ -158,8 +156,7 @@ def _size_type():
 @click.option("--gram-dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True, help="Accumulate and store the Grams in this dtype (activations of a "
                                       "bf16/fp16 model are cast up first).")
-@click.option("--shard-size", type=_size_type(), default="5G", show_default=True,
-              help="Largest shard of a directory output.")
+@_shard_size_option
 def gram(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
          num_labels: int | None, max_length: int, seed: int, device: str, overwrite: bool,
          no_progress: bool, padding: str, max_stats_memory: int, gram_dtype: str, shard_size: int) -> None:

@@ -121,14 +121,19 @@ def test_causal_lm_fisher_equals_the_brute_force_loop(arch, estimator, per_examp
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_auto_vmaps_transformers_models_with_eager_attention_and_restores_sdpa(arch):
+def test_vmap_runs_transformers_models_with_eager_attention_and_restores_sdpa(arch):
+    """vmap switches sdpa to eager for the run and back; auto takes the loop on the CPU."""
     from weightspace.binding import HFCausalLMAdapter
     from weightspace.merges.fisher import fisher_diagonal
 
     model = MODELS[arch]()
     model.set_attn_implementation("sdpa")  # sdpa's mask code calls padding_mask.all(): not vmappable
-    auto = fisher_diagonal(HFCausalLMAdapter(model), [batch_of(0)], estimator="empirical", vmap_chunk=2)
+    vm = fisher_diagonal(HFCausalLMAdapter(model), [batch_of(0)], estimator="empirical", vmap_chunk=2,
+                         per_example="vmap")
     loop = fisher_diagonal(HFCausalLMAdapter(model), [batch_of(0)], estimator="empirical", per_example="loop")
+    auto = fisher_diagonal(HFCausalLMAdapter(model), [batch_of(0)], estimator="empirical")
+    assert auto.meta["fisher"]["per_example"] == "loop"
+    auto = vm
     assert auto.meta["fisher"]["per_example"] == "vmap"
     assert model.config._attn_implementation == "sdpa"
     assert auto.meta["fisher"]["examples_per_second"] > 0
@@ -252,13 +257,13 @@ def test_cli_writes_a_sharded_dir_in_passes_equal_to_the_file(saved, run_cli, tm
     code, out, err = run_cli("fisher", str(m), "--data", str(data), "--estimator", "empirical",
                              "-o", str(tmp_path / "f.safetensors"), "--no-progress")
     assert code == 0, err
-    assert "over 6 examples, 1 pass (vmap)" in out and "examples/s" in out
+    assert "over 6 examples, 1 pass (loop)" in out and "examples/s" in out
     code, out, err = run_cli("fisher", str(m), "--data", str(data), "--estimator", "empirical",
                              "-o", str(tmp_path / "fdir"), "--max-stats-memory", "4K", "--shard-size", "6K",
                              "--batch-size", "4", "--no-progress")
     assert code == 0, err
     passes = json.loads((tmp_path / "fdir" / "fisher.json").read_text())["passes"]
-    assert passes > 2 and f"{passes} passes (vmap)" in out
+    assert passes > 2 and f"{passes} passes (loop)" in out
     single = load_file(tmp_path / "f.safetensors")
     assert sorted(single) == sorted(load_space(m).keys())
     for name, ref in load_space(tmp_path / "fdir").items():

@@ -81,7 +81,7 @@ def _open_hf(model: str | Path, cfg: dict, task: str, num_labels: int | None, se
     path = _local_dir(model)
     archs = cfg.get("architectures") or []
     if task == "auto":
-        if any(a.endswith("ForCausalLM") for a in archs):
+        if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):  # GPT2LMHeadModel too
             task = "causal-lm"
         elif any(a.endswith("ForSequenceClassification") for a in archs) or num_labels:
             task = "classification"
