@@ -45,9 +45,12 @@ Choices (the authors' code where it is explicit):
   all floating tensors) above `max_relative_norm` (1.0). Two unrelated models of one
   shape sit near sqrt(2) ~ 1.4; a fine-tune moves far less (about 0.01-0.1 for
   pre-trained transformers, 0.5 for a digits MLP fine-tuned hard from a weak base).
-- Memory: the task vectors are held once in `tv_dtype` (float16) and the base in
-  float32; the merged parameters of a step are float32 and transient. Optimizer state
-  is that of the coefficients alone. `meta["memory"]` reports the bytes.
+- Memory: the task vectors are held once in `tv_dtype` (default: the model's dtype when
+  it is 16-bit, so bf16 for a bf16 LM; float16 for a float32 model) and the base in the
+  model's compute dtype, shared with the module's own tensors where they hold it; the
+  merged parameters of a step are in the compute dtype and transient. Only the
+  coefficients, their gradients and optimizer state are float32. `meta["memory"]` reports
+  the bytes.
 
 Where things are: `coefficients` (the Coefficients type and its file), `blocks` (partition
 ids and the composition a block takes), `task_vectors` (the fixed task vectors on the

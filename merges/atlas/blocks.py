@@ -90,14 +90,21 @@ def compose(base: torch.Tensor, tensors: list[torch.Tensor], lambdas: list[torch
     return out.to(base.dtype)
 
 
+# the backward pass reads a block's gradient and task vector in float32 chunks of this many
+# entries: exact float32 products without a float32 copy of the whole block
+GRAD_CHUNK = 1 << 20
+
+
 class ComposeBlock(torch.autograd.Function):
     """base + sum_i lam_i * tau_i for one block, lam (T, P) indexed by partition ids.
 
         merged = ComposeBlock.apply(lam, base, ids, active, *taus)   # ids None: P = 1
 
-    Backward gives d/dlam_(i,p) = sum over the entries of group p of grad * tau_i, with
-    the task vectors read where they are (half precision) instead of saved in float32:
-    autograd keeps no per-task copies.
+    The merged block has the base's dtype (the model's compute dtype: bf16 for a bf16
+    model). Backward gives d/dlam_(i,p) = sum over the entries of group p of grad * tau_i,
+    accumulated in float32 from float32 chunks of grad and tau_i (GRAD_CHUNK entries at a
+    time), with the task vectors read where they are (their own dtype): autograd keeps no
+    per-task copies and no float32 copy of a block.
     """
 
     @staticmethod
@@ -114,10 +121,13 @@ class ComposeBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g = torch.zeros(ctx.lam_shape, dtype=torch.float32, device=grad.device)
+        flat = grad.reshape(-1)
         for i in ctx.active:
-            prod = grad * ctx.taus[i]
-            if ctx.ids is None:
-                g[i, 0] = prod.sum()
-            else:
-                g[i].index_add_(0, ctx.ids, prod.reshape(-1))
+            tau = ctx.taus[i].reshape(-1)
+            for s in range(0, flat.numel(), GRAD_CHUNK):
+                prod = flat[s:s + GRAD_CHUNK].float() * tau[s:s + GRAD_CHUNK].float()
+                if ctx.ids is None:
+                    g[i, 0] += prod.sum()
+                else:
+                    g[i].index_add_(0, ctx.ids[s:s + GRAD_CHUNK], prod)
         return (g, None, None, None, *([None] * len(ctx.taus)))

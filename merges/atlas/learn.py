@@ -63,7 +63,7 @@ def learn_coefficients(
     threshold: float | None = None,
     augment: str | Augment | None = None,
     select: Iterable[Mapping[str, Any]] | Callable[[Mapping[str, torch.Tensor]], float] | None = None,
-    tv_dtype: torch.dtype = torch.float16,
+    tv_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = False,
@@ -115,6 +115,15 @@ def learn_coefficients(
       added to the objective (the authors' `lp_reg`).
     - `max_relative_norm`: refuse a task vector larger than this times the base (another
       base); None skips the check.
+    - `tv_dtype`: the dtype the task vectors are held in. None: the model's compute dtype
+      when it is 16-bit (a bf16 language model keeps bf16 task vectors), float16 for a float32
+      model. The base is held in the compute dtype (the module's own tensors where they hold
+      it), a step's merged parameters too; only the coefficients, their gradients and AdamW's
+      moments are float32 (merges/atlas/task_vectors.py).
+    - For a causal LM (`HFCausalLMAdapter`) the supervised objective is the mean next-token
+      negative log-likelihood over the tokens that are not padding, as the adapter's labels
+      define it; a tied input/output embedding is one block (its one tensor, one coefficient
+      per task vector, its gradient summing both uses).
     - `task_names`: how the file names the task vectors (default: each fine-tune's path).
       Each fine-tune's resolved path and content fingerprint are recorded too (`models`),
       and a merge refuses other models or another order.
@@ -217,7 +226,7 @@ def _why_no_loss(objective: str, threshold: float) -> str:
 def _check_settings(*, objective: str, steps: Any, epochs: Any, lr: Any, schedule: str, weight_decay: float,
                     clip: float | None, blockwise: bool, partitions: Any, budget: Any,
                     budget_mode: str, init: float, penalty: str | None, penalty_weight: float,
-                    threshold: float, tv_dtype: torch.dtype) -> None:
+                    threshold: float, tv_dtype: torch.dtype | None) -> None:
     """Refuse settings that are unknown, out of range, or do not go together (SpecError)."""
     if objective not in OBJECTIVES:
         raise SpecError(f"objective: unknown {objective!r}; use one of {', '.join(OBJECTIVES)}")
@@ -241,7 +250,7 @@ def _check_settings(*, objective: str, steps: Any, epochs: Any, lr: Any, schedul
         raise SpecError("weight_decay, penalty_weight and clip must be >= 0")
     if not math.isfinite(init):
         raise SpecError(f"init: expected a finite number, got {init!r}")
-    if not tv_dtype.is_floating_point:
+    if tv_dtype is not None and not tv_dtype.is_floating_point:
         raise SpecError(f"tv_dtype: expected a floating-point dtype, got {tv_dtype}")
     if partitions > 1 and not blockwise:
         raise SpecError("partitions need blockwise coefficients (blockwise=True)")

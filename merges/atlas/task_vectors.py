@@ -1,13 +1,21 @@
 """The task vectors tau_i = theta_i - theta_0 that aTLAS learns coefficients for.
 
     tvs = TaskVectors(adapter, base, [ft_a, ft_b], ["a", "b"], partitions=1, seed=0,
-                      tv_dtype=torch.float16, device=torch.device("cpu"), max_relative_norm=1.0)
+                      tv_dtype=None, device=torch.device("cpu"), max_relative_norm=1.0)
     logits = adapter.logits(tvs.params(lam), batch)       # lam (T, B or 1, P), the only leaf
 
 The fine-tunes are checked against the base and against the module the adapter runs, held
 once in `tv_dtype` on the device, and composed with coefficients into the parameters of a
 forward pass; the backbone is never modified. A task vector from another base is refused
 (see MAX_RELATIVE_NORM).
+
+Dtypes: the base is held in the dtype the adapter's module computes in (its parameter's
+dtype: bf16 for a bf16 model, float32 for the digits zoo), and where the module's own
+parameter already holds the base's values on the device it is used as is (no second copy of
+the model). `tv_dtype=None` holds the task vectors in that compute dtype when it is a 16-bit
+one (bf16, fp16) and in float16 for a float32 or float64 model (half the bytes; a fine-tune's
+differences fit float16, and an overflow is refused). A step's merged parameters are in the
+compute dtype too; only the coefficients, their gradient and optimizer state are float32.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ class TaskVectors:
     """Task vectors, base and partition ids on the device; builds merged parameters."""
 
     def __init__(self, adapter: Adapter, base: WeightSpace, finetuned: list[WeightSpace],
-                 names: list[str], *, partitions: int, seed: int, tv_dtype: torch.dtype,
+                 names: list[str], *, partitions: int, seed: int, tv_dtype: torch.dtype | None,
                  device: torch.device, max_relative_norm: float | None):
         self.adapter = adapter
         self.device = device
@@ -40,10 +48,17 @@ class TaskVectors:
         self.blocks = [n for n, r in base.items() if r.dtype.is_floating_point]
         if not self.blocks:
             raise InputError(f"base {base.source}: no floating-point tensors to learn coefficients for")
-        self._check_module(base)
+        module_tensors = self._check_module(base)
         for i, ft in enumerate(finetuned):
             check_same_tensors(base, ft, self.blocks, f"{i} ({names[i]})")
-        self.base = {n: base[n].load(device, torch.float32) for n in self.blocks}
+        self.compute_dtype = compute_dtype(self.adapter.module)
+        if tv_dtype is None:
+            tv_dtype = default_tv_dtype(self.compute_dtype)
+        self.tv_dtype = tv_dtype
+        self.base: dict[str, torch.Tensor] = {}
+        self.base_shared = 0  # blocks whose base is the module's own tensor (not copied)
+        for n in self.blocks:
+            self.base[n] = self._base_block(base, n, module_tensors[n])
         base_sq = sum(_square_norm(t) for t in self.base.values())
         self.taus: list[dict[str, torch.Tensor]] = []
         self.relative_norms: list[float] = []
@@ -57,8 +72,18 @@ class TaskVectors:
         self.ids = self._partition_ids(partitions, seed)
         self.active: list[tuple[int, ...]] = [tuple(range(len(finetuned)))] * len(self.blocks)
 
-    def _check_module(self, base: WeightSpace) -> None:
-        """Check the blocks against the adapter's module; set what each forward passes it."""
+    def _base_block(self, base: WeightSpace, n: str, have: torch.Tensor) -> torch.Tensor:
+        """Block n of the base in the module's dtype on the device: the module's own tensor
+        (detached, shared) when it holds exactly these values there, else a loaded copy."""
+        t = base[n].load(self.device, have.dtype)
+        if have.device == t.device and have.dtype == t.dtype and torch.equal(have.detach(), t):
+            self.base_shared += 1
+            return have.detach()
+        return t
+
+    def _check_module(self, base: WeightSpace) -> dict[str, torch.Tensor]:
+        """Check the blocks against the adapter's module; set what each forward passes it.
+        Returns the module's tensor of every block."""
         module = self.adapter.module
         have = dict(module.named_parameters(remove_duplicate=False))
         have.update(dict(module.named_buffers(remove_duplicate=False)))
@@ -80,14 +105,16 @@ class TaskVectors:
         seen = set(first)
         canonical = list(module.named_parameters()) + list(module.named_buffers())
         self.extras = {n: t.detach().to(self.device) for n, t in canonical if id(t) not in seen}
+        return {n: have[n] for n in self.blocks}
 
     def _task_vector(self, ft: WeightSpace, name: str, tv_dtype: torch.dtype
                      ) -> tuple[dict[str, torch.Tensor], float]:
-        """ft - base per block in `tv_dtype`, and its squared norm (taken in float32)."""
+        """ft - base per block in `tv_dtype`, and its squared norm (taken in float32, one block
+        at a time)."""
         tau: dict[str, torch.Tensor] = {}
         sq = 0.0
         for n in self.blocks:
-            d = ft[n].load(self.device, torch.float32).sub_(self.base[n])
+            d = ft[n].load(self.device, torch.float32).sub_(self.base[n].float())
             sq += _square_norm(d)
             t = d.to(tv_dtype)
             if not bool(torch.isfinite(t).all()):
@@ -105,7 +132,8 @@ class TaskVectors:
                     device=self.device, dtype=torch.int32) for n in self.blocks}
 
     def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Merged parameters for coefficients lam (T, B or 1, P), float32, plus the module's others."""
+        """Merged parameters for coefficients lam (T, B or 1, P) in the compute dtype, plus the
+        module's others."""
         out = dict(self.extras)
         for j, n in enumerate(self.blocks):
             if n not in self.passed:
@@ -129,9 +157,33 @@ class TaskVectors:
         base = sum(t.numel() * t.element_size() for t in self.base.values())
         ids = sum(t.numel() * t.element_size() for t in self.ids.values() if t is not None)
         coeffs = coefficient_numel * 4 * state_copies
-        return {"task_vectors": taus, "base": base, "partition_ids": ids, "coefficients": coeffs,
-                "total": taus + base + ids + coeffs,
-                "per_step_parameters": base}  # the merged float32 parameters of one step
+        # the base shared with the module's own tensors costs nothing beyond the module
+        held = sum(self.base[n].numel() * self.base[n].element_size() for n in self.blocks
+                   if not _shares(self.base[n], self.adapter.module))
+        return {"task_vectors": taus, "base": base, "base_copied": held, "partition_ids": ids,
+                "coefficients": coeffs, "total": taus + base + ids + coeffs,
+                "tv_dtype": str(self.tv_dtype).replace("torch.", ""),
+                "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+                "per_step_parameters": base}  # the merged parameters of one step (compute dtype)
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating dtype most of the module's parameters have (by entries): what it computes in."""
+    count: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p.dtype.is_floating_point:
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return max(count, key=count.get) if count else torch.float32
+
+
+def default_tv_dtype(compute: torch.dtype) -> torch.dtype:
+    """Task vectors in a 16-bit compute dtype (bf16, fp16) stay in it; float32/64 models hold float16."""
+    return compute if compute in (torch.bfloat16, torch.float16) else torch.float16
+
+
+def _shares(t: torch.Tensor, module: torch.nn.Module) -> bool:
+    ptr = t.data_ptr()
+    return any(p.data_ptr() == ptr for p in module.parameters())
 
 
 def _square_norm(t: torch.Tensor) -> float:
