@@ -34,7 +34,19 @@ def atlas() -> None:
 @click.option("--base", required=True, help="The pre-trained model theta_0 (zoo checkpoint or transformers dir).")
 @click.option("--task-vectors", "finetuned", cls=GreedyOption, required=True, multiple=True,
               help="Fine-tuned models theta_i (task vector = theta_i - theta_0); repeat, or list after one flag.")
-@click.option("--data", required=True, help="Zoo dataset reference, or a JSONL file for transformers models.")
+@click.option("--data", required=True,
+              help="Zoo dataset reference; for transformers models a JSONL file ({\"text\", \"label\"} for "
+                   "classifiers) or a text file (one example a line; a causal LM learns on the mean "
+                   "next-token NLL over its non-padding tokens).")
+@click.option("--tokenizer", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder with the tokenizer for text data (default: the --base folder).")
+@click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per example of text data (longer lines are truncated).")
+@click.option("--task", type=click.Choice(["auto", "classification", "causal-lm"]), default="auto",
+              show_default=True,
+              help="What a transformers model is: auto reads config.json's architectures "
+                   "(*ForCausalLM, *ForSequenceClassification); causal-lm for others such as "
+                   "GPT2LMHeadModel.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Output coefficients (.safetensors), written atomically.")
 @click.option("--objective", type=click.Choice(["supervised", "entropy", "pseudo-label", "ufm"]),
@@ -82,17 +94,22 @@ def atlas() -> None:
 @click.option("--penalty", type=click.Choice(["l1", "l2"]), default=None,
               help="Penalty: the mean over blocks of the coefficients' l1 / l2 norm across task vectors.")
 @click.option("--penalty-weight", type=float, default=0.5, show_default=True)
+@click.option("--tv-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
+              show_default=True,
+              help="dtype the task vectors are held in: auto = the model's when it is 16-bit (bf16 "
+                   "model: bf16), float16 for a float32 model. Only the coefficients are float32.")
 @device_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective: str, preset: str | None,
+def learn(base: str, finetuned: tuple[str, ...], data: str, tokenizer: Path | None, max_length: int,
+          task: str, out: Path, objective: str, preset: str | None,
           split: str, shots: int | None, n_examples: int | None, batch_size: int, steps: int,
           epochs: int | None, lr: float | None, schedule: str, select_split: str | None,
           select_data: str | None, augment: str | None, partitions: int, blockwise: bool,
           budget: int | None, budget_mode: str, gradient_free: bool, threshold: float | None,
-          penalty: str | None, penalty_weight: float, device: str, seed: int, overwrite: bool,
-          no_progress: bool) -> None:
+          penalty: str | None, penalty_weight: float, tv_dtype: str, device: str, seed: int,
+          overwrite: bool, no_progress: bool) -> None:
     """Learn aTLAS coefficients for task vectors (FT - BASE) on DATA.
 
     \b
@@ -104,7 +121,13 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
       wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
           examples/digits/ft1 --data digits --objective ufm --preset authors \\
           -o runs/atlas-ufm.coeffs.safetensors
+      # a causal LM (Llama, GPT-2, ...) on a text file, tokenized by the base folder's tokenizer
+      # (or --tokenizer DIR); bf16 models keep bf16 task vectors
+      wsmerge atlas learn --base ./llama-base --task-vectors ./llama-math ./llama-code \\
+          --data train.txt --steps 100 --lr 1e-2 -o runs/llama.coeffs.safetensors
     """
+    import torch
+
     from weightspace.errors import InputError, SpecError
     from weightspace.files import check_output_file
     from weightspace.merges.atlas import learn_coefficients, save_coefficients
@@ -113,7 +136,11 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
 
     if out.suffix != ".safetensors":
         raise click.UsageError(f"-o {out}: the output is a .safetensors file")
-    check_output_file(out, overwrite, inputs=[base, *finetuned, data])
+    text_data = Path(data).suffix in (".jsonl", ".txt") or Path(data).is_file()
+    tok_dir = tokenizer if tokenizer is not None else (Path(base) if Path(base).is_dir() else None)
+    check_output_file(out, overwrite, inputs=[base, *finetuned, data] + ([str(tok_dir)] if tok_dir else []))
+    if text_data:
+        _check_text_inputs(Path(data), tok_dir, tokenizer is not None)
     ctx = click.get_current_context()
     given = {name for name in ("steps", "epochs", "batch_size", "select_split", "augment", "split")
              if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
@@ -131,7 +158,7 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
             split = "train"
         if objective == "ufm" and "split" not in given:  # and adapt to the unlabelled test inputs
             split = "test"
-    adapter = open_model(base)
+    adapter = open_model(base, task=task, device=device)
     base_space = load_space(base)
     fts = [load_space(f) for f in finetuned]
     if shots is not None:
@@ -140,14 +167,16 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
             augment = "crop-flip"
     else:
         batches = open_batches(data, adapter, split=split, batch_size=batch_size, n_examples=n_examples,
-                               tokenizer=base if Path(base).is_dir() else None)
+                               tokenizer=tok_dir, max_length=max_length)
+        if text_data:
+            _check_tokens(Path(data), adapter, batches)
     select = None
     if select_split is not None or select_data is not None:
         ref = select_data or data
         if Path(ref).suffix not in (".jsonl", ".txt") and select_split is None:
             raise SpecError("--select-data: a zoo dataset needs --select-split too")
         select = open_batches(ref, adapter, split=select_split or "val", batch_size=512,
-                              tokenizer=base if Path(base).is_dir() else None)
+                              tokenizer=tok_dir, max_length=max_length)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -157,7 +186,7 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
             budget_mode=budget_mode, gradient_free=gradient_free, threshold=threshold, penalty=penalty,
             penalty_weight=penalty_weight, augment=augment, select=select, device=device, seed=seed,
             progress=not no_progress and sys.stderr.isatty(), task_names=list(finetuned),
-            few_shot=shots is not None,
+            few_shot=shots is not None, tv_dtype=None if tv_dtype == "auto" else getattr(torch, tv_dtype),
         )
     if coeffs.meta["steps_taken"] == 0:
         why = next((str(w.message) for w in caught if "took no optimizer step" in str(w.message)),
@@ -166,6 +195,7 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     coeffs.meta.update({"data": data, "split": split, "shots": shots, "base": base, "preset": preset,
+                        "tokenizer": None if tok_dir is None or not text_data else str(tok_dir),
                         "select_split": select_split, "select_data": select_data})
     save_coefficients(coeffs, out)
     chosen = coeffs.meta["selection"]
@@ -174,6 +204,37 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, out: Path, objective
     click.echo(f"{out}: {objective} coefficients, {tuple(coeffs.values.shape)} (tasks x blocks"
                f"{' x partitions' if coeffs.partitions > 1 else ''}), {coeffs.meta['steps']} steps in "
                f"{time.perf_counter() - t0:.1f} s{picked}")
+
+
+def _check_text_inputs(data: Path, tok_dir: Path | None, given: bool) -> None:
+    """Before any model is read: the text file exists and holds a line, and a tokenizer is there."""
+    from weightspace.errors import InputError
+    from weightspace.tokenizers.members import VOCAB_FILES, has_vocab_files
+
+    if not data.is_file():
+        raise InputError(f"--data {data}: no such file")
+    if not any(line.strip() for line in data.read_text(encoding="utf-8").splitlines()):
+        raise InputError(f"--data {data}: no text (every line is empty), so no token to learn from")
+    if tok_dir is None or not has_vocab_files(tok_dir):
+        what = f"--tokenizer {tok_dir}" if given else f"--base {tok_dir}"
+        raise InputError(f"{what}: no tokenizer files (looked for {', '.join(VOCAB_FILES[:4])}) to "
+                         f"tokenize --data {data}; save the tokenizer with the model or pass "
+                         f"--tokenizer DIR")
+
+
+def _check_tokens(data: Path, adapter, batches: list) -> None:
+    """The text must give at least one token to predict (a line of two tokens or more)."""
+    from weightspace.binding import IGNORE_INDEX, HFCausalLMAdapter
+    from weightspace.errors import InputError
+
+    if not isinstance(adapter, HFCausalLMAdapter):
+        return
+    for b in batches:
+        y = adapter.labels_or_none(b)
+        if y is None or bool((y != IGNORE_INDEX).any()):
+            return
+    raise InputError(f"--data {data}: no token to predict: every line tokenizes to fewer than 2 tokens "
+                     f"(a causal LM predicts each token from the ones before it)")
 
 
 def _few_shot_batches(data: str, adapter, split: str, k: int, seed: int, batch_size: int, oversample: bool):

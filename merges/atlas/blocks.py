@@ -102,8 +102,8 @@ class ComposeBlock(torch.autograd.Function):
 
     The merged block has the base's dtype (the model's compute dtype: bf16 for a bf16
     model). Backward gives d/dlam_(i,p) = sum over the entries of group p of grad * tau_i,
-    accumulated in float32 from float32 chunks of grad and tau_i (GRAD_CHUNK entries at a
-    time), with the task vectors read where they are (their own dtype): autograd keeps no
+    accumulated in the coefficients' dtype (float32) from float32 (float64 for a float64
+    model) chunks of grad and tau_i (GRAD_CHUNK entries at a time), with the task vectors read where they are (their own dtype): autograd keeps no
     per-task copies and no float32 copy of a block.
     """
 
@@ -115,17 +115,18 @@ class ComposeBlock(torch.autograd.Function):
                 out.addcmul_(taus[i], lam[i, 0])
             else:
                 out.addcmul_(taus[i], lam[i].index_select(0, ids).view(out.shape))
-        ctx.ids, ctx.active, ctx.taus, ctx.lam_shape = ids, active, taus, lam.shape
+        ctx.ids, ctx.active, ctx.taus, ctx.lam_shape, ctx.lam_dtype = ids, active, taus, lam.shape, lam.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        g = torch.zeros(ctx.lam_shape, dtype=torch.float32, device=grad.device)
+        g = torch.zeros(ctx.lam_shape, dtype=ctx.lam_dtype, device=grad.device)
         flat = grad.reshape(-1)
         for i in ctx.active:
             tau = ctx.taus[i].reshape(-1)
+            work = torch.promote_types(torch.promote_types(torch.float32, grad.dtype), tau.dtype)
             for s in range(0, flat.numel(), GRAD_CHUNK):
-                prod = flat[s:s + GRAD_CHUNK].float() * tau[s:s + GRAD_CHUNK].float()
+                prod = flat[s:s + GRAD_CHUNK].to(work) * tau[s:s + GRAD_CHUNK].to(work)
                 if ctx.ids is None:
                     g[i, 0] += prod.sum()
                 else:

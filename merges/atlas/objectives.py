@@ -26,12 +26,17 @@ OBJECTIVES = ("supervised", "entropy", "pseudo-label", "ufm")
 UNSUPERVISED = ("entropy", "pseudo-label", "ufm")
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Logits of a 16-bit model in float32 for the loss; a float64 model's stay float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
     """Mean cross-entropy over the predictions whose label is not -100; None if there are none."""
     keep = labels != IGNORE_INDEX
     if not bool(keep.any()):
         return None
-    return F.cross_entropy(logits[keep].float(), labels[keep].long())
+    return F.cross_entropy(_at_least_float32(logits[keep]), labels[keep].long())
 
 
 def entropy_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor | None:

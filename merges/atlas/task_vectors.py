@@ -109,12 +109,13 @@ class TaskVectors:
 
     def _task_vector(self, ft: WeightSpace, name: str, tv_dtype: torch.dtype
                      ) -> tuple[dict[str, torch.Tensor], float]:
-        """ft - base per block in `tv_dtype`, and its squared norm (taken in float32, one block
-        at a time)."""
+        """ft - base per block in `tv_dtype`, and its squared norm (the difference taken in float32,
+        or float64 for a float64 model, one block at a time)."""
         tau: dict[str, torch.Tensor] = {}
         sq = 0.0
         for n in self.blocks:
-            d = ft[n].load(self.device, torch.float32).sub_(self.base[n].float())
+            work = torch.promote_types(torch.float32, self.base[n].dtype)  # float64 stays float64
+            d = ft[n].load(self.device, work).sub_(self.base[n].to(work))
             sq += _square_norm(d)
             t = d.to(tv_dtype)
             if not bool(torch.isfinite(t).all()):
