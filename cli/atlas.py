@@ -121,10 +121,12 @@ def learn(base: str, finetuned: tuple[str, ...], data: str, tokenizer: Path | No
       wsmerge atlas learn --base examples/digits/base --task-vectors examples/digits/ft0 \\
           examples/digits/ft1 --data digits --objective ufm --preset authors \\
           -o runs/atlas-ufm.coeffs.safetensors
-      # a causal LM (Llama, GPT-2, ...) on a text file, tokenized by the base folder's tokenizer
-      # (or --tokenizer DIR); bf16 models keep bf16 task vectors
-      wsmerge atlas learn --base ./llama-base --task-vectors ./llama-math ./llama-code \\
-          --data train.txt --steps 100 --lr 1e-2 -o runs/llama.coeffs.safetensors
+
+    A causal LM (Llama, GPT-2, ...) learns the same way from a text file (one
+    example a line; the loss is the mean next-token NLL over non-padding tokens),
+    tokenized with the base folder's tokenizer or --tokenizer DIR: --base
+    ./llama-base --task-vectors ./llama-math ./llama-code --data train.txt.
+    A bf16 model keeps bf16 task vectors (--tv-dtype auto).
     """
     import torch
 
