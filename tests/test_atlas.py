@@ -134,34 +134,6 @@ def test_tied_tensors_share_one_coefficient():
     assert torch.equal(merged["mid.weight"], merged["emb.weight"])
 
 
-def test_a_module_reading_a_child_tensor_outside_its_forward_is_composed_up_front():
-    """Blocks are composed when their owner is called; a parent that reads a child's weight
-    itself sees a meta placeholder, and `run` falls back to composing every block first."""
-    from weightspace.merges.atlas.task_vectors import TaskVectors, as_space
-
-    class Reads(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.b(torch.tanh(x @ self.a.weight.T + self.a.bias))   # a's forward is never called
-
-    torch.manual_seed(0)
-    adapter = ClassifierAdapter(Reads())
-    base = {n: t.detach().clone() for n, t in adapter.module.state_dict().items()}
-    ft = {n: t + 0.05 * torch.randn(t.shape) for n, t in base.items()}
-    tvs = TaskVectors(adapter, as_space(base, "base"), [as_space(ft, "ft")], ["a"], partitions=1, seed=0, tv_dtype=torch.float32,
-                      device=torch.device("cpu"), max_relative_norm=1.0)
-    batch = {"x": torch.randn(4, 8), "y": torch.tensor([0, 1, 2, 0])}
-    lam = torch.full((1, len(tvs.blocks), 1), 0.5, requires_grad=True)
-    lazy = supervised_loss(tvs.run(lam, lambda p: adapter.logits(p, batch)), adapter.labels(batch))
-    assert not tvs.lazy
-    eager = supervised_loss(adapter.logits(tvs.params(lam), batch), adapter.labels(batch))
-    assert float(lazy.detach()) == float(eager.detach())
-    torch.testing.assert_close(torch.autograd.grad(lazy, lam)[0], torch.autograd.grad(eager, lam)[0])
-
-
 # ---------------------------------------------------------------------------------------------
 # the `atlas` merge method from a spec
 

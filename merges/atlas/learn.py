@@ -292,7 +292,7 @@ def _loss_of(adapter: Adapter, tvs: TaskVectors, objective: str, threshold: floa
     """The objective of the model merged with coefficients lam, on one batch."""
 
     def loss_of(lam: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        logits = tvs.run(lam, lambda params: adapter.logits(params, batch))
+        logits = adapter.logits(tvs.params(lam), batch)
         return objective_loss(adapter, objective, logits, batch, threshold)
 
     return loss_of

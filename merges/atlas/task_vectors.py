@@ -2,8 +2,7 @@
 
     tvs = TaskVectors(adapter, base, [ft_a, ft_b], ["a", "b"], partitions=1, seed=0,
                       tv_dtype=None, device=torch.device("cpu"), max_relative_norm=1.0)
-    logits = tvs.run(lam, lambda p: adapter.logits(p, batch))   # lam (T, B or 1, P), the only leaf
-    params = tvs.params(lam)                                    # the merged tensors, all at once
+    logits = adapter.logits(tvs.params(lam), batch)       # lam (T, B or 1, P), the only leaf
 
 The fine-tunes are checked against the base and against the module the adapter runs, held
 once in `tv_dtype` on the device, and composed with coefficients into the parameters of a
@@ -17,15 +16,6 @@ the model). `tv_dtype=None` holds the task vectors in that compute dtype when it
 one (bf16, fp16) and in float16 for a float32 or float64 model (half the bytes; a fine-tune's
 differences fit float16, and an overflow is refused). A step's merged parameters are in the
 compute dtype too; only the coefficients, their gradient and optimizer state are float32.
-
-`run` composes each block only when the submodule that owns it is called (a forward
-pre-hook, for that call only). The backward pass then turns each block's gradient into
-coefficient gradients as soon as it is computed (autograd runs a node soon after the ones
-created after it), instead of holding a whole model's worth of parameter gradients until the
-compositions made before the forward get their turn at the very end. The blocks are passed
-as meta-device placeholders until their owner runs: a module that reads a tensor outside its
-owner's forward fails on them or computes on meta, and `run` then composes everything up
-front for that and every later call (the result is the same either way).
 """
 
 from __future__ import annotations
@@ -81,9 +71,6 @@ class TaskVectors:
         self.partitions = partitions
         self.ids = self._partition_ids(partitions, seed)
         self.active: list[tuple[int, ...]] = [tuple(range(len(finetuned)))] * len(self.blocks)
-        self._index = {n: j for j, n in enumerate(self.blocks)}
-        self._owners = self._block_owners(module_tensors)
-        self.lazy = True  # compose per owning submodule; False once the module reads a block elsewhere
 
     def _base_block(self, base: WeightSpace, n: str, have: torch.Tensor) -> torch.Tensor:
         """Block n of the base in the module's dtype on the device: the module's own tensor
@@ -145,62 +132,16 @@ class TaskVectors:
         return {n: partition_ids(n, self.base[n].shape, partitions, seed).reshape(-1).to(
                     device=self.device, dtype=torch.int32) for n in self.blocks}
 
-    def _block_owners(self, module_tensors: dict[str, torch.Tensor]
-                      ) -> dict[torch.nn.Module, list[tuple[str, str, str]]]:
-        """Every submodule holding a passed block directly: [(its dict, attribute, block)]; a
-        tied tensor has several owners."""
-        block_of = {id(module_tensors[n]): n for n in self.passed}
-        owners: dict[torch.nn.Module, list[tuple[str, str, str]]] = {}
-        for m in self.adapter.module.modules():
-            for kind in ("_parameters", "_buffers"):
-                for attr, t in getattr(m, kind).items():
-                    if t is not None and id(t) in block_of:
-                        owners.setdefault(m, []).append((kind, attr, block_of[id(t)]))
-        return owners
-
-    def _compose(self, lam: torch.Tensor, n: str) -> torch.Tensor:
-        j = self._index[n]
-        lj = lam[:, j if lam.shape[1] > 1 else 0, :]  # one column: shared by every block
-        return ComposeBlock.apply(lj, self.base[n], self.ids[n], self.active[j], *[tau.get(n) for tau in self.taus])
-
-    def run(self, lam: torch.Tensor, fn):
-        """fn(params) with the blocks composed for coefficients lam as their owners are called
-        (see the module docstring); falls back to `params(lam)` for modules that need that."""
-        if self.lazy:
-            try:
-                out = self._run_lazy(lam, fn)
-                if not _on_meta(out):
-                    return out
-            except (RuntimeError, NotImplementedError, ValueError) as e:
-                if "meta" not in str(e):
-                    raise
-            self.lazy = False
-        return fn(self.params(lam))
-
-    def _run_lazy(self, lam: torch.Tensor, fn):
-        made: dict[str, torch.Tensor] = {}
-
-        def compose_owned(module, args):
-            for kind, attr, n in self._owners[module]:
-                if n not in made:
-                    made[n] = self._compose(lam, n)
-                getattr(module, kind)[attr] = made[n]  # functional_call puts the originals back
-
-        placeholders = {n: torch.empty(self.base[n].shape, dtype=self.base[n].dtype, device="meta")
-                        for n in self.passed}
-        handles = [m.register_forward_pre_hook(compose_owned) for m in self._owners]
-        try:
-            return fn({**self.extras, **placeholders})
-        finally:
-            for h in handles:
-                h.remove()
-
     def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
         """Merged parameters for coefficients lam (T, B or 1, P) in the compute dtype, plus the
         module's others."""
         out = dict(self.extras)
-        for n in self.passed:
-            out[n] = self._compose(lam, n)
+        for j, n in enumerate(self.blocks):
+            if n not in self.passed:
+                continue
+            lj = lam[:, j if lam.shape[1] > 1 else 0, :]  # one column: shared by every block
+            taus = [tau.get(n) for tau in self.taus]
+            out[n] = ComposeBlock.apply(lj, self.base[n], self.ids[n], self.active[j], *taus)
         return out
 
     def drop(self, keep: torch.Tensor) -> None:
@@ -239,17 +180,6 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
 def default_tv_dtype(compute: torch.dtype) -> torch.dtype:
     """Task vectors in a 16-bit compute dtype (bf16, fp16) stay in it; float32/64 models hold float16."""
     return compute if compute in (torch.bfloat16, torch.float16) else torch.float16
-
-
-def _on_meta(x: Any) -> bool:
-    """Whether a forward's result (a tensor, or a tuple/dict/output of them) lies on meta."""
-    if isinstance(x, torch.Tensor):
-        return x.device.type == "meta"
-    if isinstance(x, Mapping):
-        return any(_on_meta(v) for v in x.values())
-    if isinstance(x, (tuple, list)):
-        return any(_on_meta(v) for v in x)
-    return False
 
 
 def _shares(t: torch.Tensor, module: torch.nn.Module) -> bool:
