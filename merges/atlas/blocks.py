@@ -103,8 +103,9 @@ class ComposeBlock(torch.autograd.Function):
     The merged block has the base's dtype (the model's compute dtype: bf16 for a bf16
     model). Backward gives d/dlam_(i,p) = sum over the entries of group p of grad * tau_i,
     accumulated in the coefficients' dtype (float32) from float32 (float64 for a float64
-    model) chunks of grad and tau_i (GRAD_CHUNK entries at a time), with the task vectors read where they are (their own dtype): autograd keeps no
-    per-task copies and no float32 copy of a block.
+    model) chunks of grad and tau_i, GRAD_CHUNK entries at a time. The task vectors are
+    read where they are, in their own dtype: autograd keeps no per-task copies, and no
+    float32 copy of a whole block is made.
     """
 
     @staticmethod
