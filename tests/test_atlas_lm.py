@@ -271,3 +271,25 @@ def test_errors_name_the_text_file_or_the_model_without_a_tokenizer(lm, tmp_path
     code, _, err = run_cli("atlas", "learn", *bare, "--tokenizer", str(base))   # the fix works
     assert code == 0, err
     assert out.exists()
+
+
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_the_backward_chunks_give_the_whole_block_gradient(tmp_path, monkeypatch, partitions):
+    """Coefficient gradients summed over float32 chunks of 7 entries equal one pass over each
+    block, with and without partitions, on a bf16 model."""
+    import weightspace.merges.atlas.blocks as blocks
+
+    base, fts = _llama(tmp_path, dtype=torch.bfloat16)
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(TEXT) + "\n")
+    adapter, batches = _open(base, text)
+    tvs = TaskVectors(adapter, load_space(base), [load_space(f) for f in fts], ["a", "b"],
+                      partitions=partitions, seed=0, tv_dtype=None, device=torch.device("cpu"),
+                      max_relative_norm=1.0)
+    lam = torch.full((2, len(tvs.blocks), partitions), 0.2, requires_grad=True)
+    grads = []
+    for chunk in (1 << 20, 7):
+        monkeypatch.setattr(blocks, "GRAD_CHUNK", chunk)
+        grads.append(torch.autograd.grad(_loss(adapter, tvs, lam, batches[0]), lam)[0])
+    assert grads[0].dtype == torch.float32 and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
