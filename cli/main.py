@@ -21,6 +21,7 @@ from weightspace.cli.align import align
 from weightspace.cli.atlas import atlas
 from weightspace.cli.demo import demo
 from weightspace.cli.eval import eval_
+from weightspace.cli.evolve import evolve
 from weightspace.cli.generate import generate
 from weightspace.cli.hub import upload
 from weightspace.cli.info import inspect, methods
@@ -61,7 +62,8 @@ def wsmerge() -> None:
     (robust weight signatures), learngene (genes that grow networks of any
     depth), generate (weight generators), lora (extract a LoRA adapter from a
     fine-tune, merge adapters in adapter space), moe (a mixture of experts
-    from dense fine-tunes) and eval (perplexity and accuracy of a merged LM).
+    from dense fine-tunes), eval (perplexity and accuracy of a merged LM) and
+    evolve (evolutionary search over a merge spec's values, fanned out on Ray).
 
     Exit codes: 0 ok, 1 runtime failure, 2 bad spec or usage, 130 interrupted.
     Pass -v after any command (or set WSMERGE_DEBUG=1) to see tracebacks.
@@ -69,7 +71,7 @@ def wsmerge() -> None:
 
 
 for _command in (run, inspect, methods, demo, align, zoo, fisher, gram, atlas, rws, learngene, generate,
-                 upload, lora, moe, eval_):
+                 upload, lora, moe, eval_, evolve):
     wsmerge.add_command(_command)
 
 
