@@ -130,7 +130,6 @@ def show(directory: Path, plot: Path | None, top: int, as_json: bool) -> None:
     check_plot(plot)
     if plot is not None:
         from weightspace.files import check_output_file
-
         from weightspace.zoo.evolve.log import BEST, LOG, OPTIMIZER, PARQUET, RESULT, STATE
 
         check_output_file(plot, True, inputs=[directory / n for n in (BEST, LOG, OPTIMIZER, PARQUET,

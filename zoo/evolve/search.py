@@ -51,8 +51,8 @@ def check_search_output(s: SearchSpec, out: Path, *, resume: bool, seed: int) ->
     returns what search.json records."""
     from weightspace.files import check_disjoint
     from weightspace.plan import model_refs
-    from weightspace.spec import validate_spec
     from weightspace.sources import locate
+    from weightspace.spec import validate_spec
 
     first = validate_spec(s.candidate(s.initial()), source=s.source)
     inputs = [s.source, *(str(p) for r in model_refs(first) if (p := locate(r, s.spec_dir).path))]
