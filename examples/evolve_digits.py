@@ -136,11 +136,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = ["| method | seeds | validation | test |", "| --- | ---: | ---: | ---: |"]
+    def fmt(rs: list[dict], key: str) -> str:
+        v = [r[key] for r in rs]
+        return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
     for name, rs in rows.items():
-        def fmt(key):
-            v = [r[key] for r in rs]
-            return f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
-        lines.append(f"| {name} | {len(rs) if len(rs) > 1 else '—'} | {fmt('val')} | {fmt('test')} |")
+        lines.append(f"| {name} | {len(rs) if len(rs) > 1 else '—'} | {fmt(rs, 'val')} | {fmt(rs, 'test')} |")
     print("\n".join(lines))
     if timing:
         print("\n| run | wall s | merge s | evaluation s | overhead s / candidate |")

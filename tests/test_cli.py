@@ -71,7 +71,8 @@ def test_demo_runs_and_writes_loadable_merges(tmp_path, run_cli):
 
 
 # example specs of other commands, each run by its own test
-OTHER_COMMANDS = {"moe.yaml": "wsmerge moe: tests/test_moe.py::test_the_example_runs"}
+OTHER_COMMANDS = {"moe.yaml": "wsmerge moe: tests/test_moe.py::test_the_example_runs",
+                  "evolve_digits.yaml": "wsmerge evolve: tests/test_evolve.py::test_the_example_runs"}
 
 
 @pytest.mark.parametrize("spec", sorted(p.name for p in (REPO / "examples").glob("*.yaml")

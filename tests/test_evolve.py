@@ -191,6 +191,16 @@ def test_a_search_logs_every_candidate_and_its_winner_is_an_ordinary_spec(tmp_pa
     assert code == 2 and "already holds a search; pass --resume" in err
 
 
+def test_the_example_runs(tmp_path, run_cli):
+    out = tmp_path / "ev"
+    code, text, err = run_cli("evolve", EXAMPLES / "evolve_digits.yaml", "-o", out, "--budget", "8",
+                              "--executor", "local", "--workers", "1", "--json")
+    assert code == 0, err
+    result = json.loads(text)
+    assert result["candidates"] == 8 and result["best"] and result["test"]["split"] == "test"
+    assert len(result["best"]["params"]) == 6
+
+
 def test_failed_candidates_are_recorded_not_fatal(tmp_path, monkeypatch):
     from weightspace.zoo.evolve import candidate, load_search_spec
 
