@@ -15,9 +15,13 @@ the validation split, reported on the test split. Rows:
 - TIES with its defaults (weight 1, density 1 unless set, lambda 1) and with density 0.5;
 - aTLAS: examples/atlas.yaml (coefficients learned on the validation split, committed).
 
-Then the wall time of one search (seed 0) with 1 worker (this process), 2 local processes and
-2 Ray workers, and the overhead per candidate: wall time x workers / candidates minus the
-mean merge + evaluation time measured inside the workers.
+Then the wall time of one search (seed 0, `--timing-budget` candidates) with 1 worker (this
+process), 2 local processes and 2 Ray workers, and the overhead per candidate: wall time x
+workers / candidates minus the mean merge + evaluation time measured inside the workers; and
+the same after start-up (from the first result to the last, so without starting the workers).
+
+Rows also: the CMA-ES search over 3 weights (one per fine-tune) at the same budget, and the
+6-weight searches at `--long-budget` candidates.
 """
 
 from __future__ import annotations
@@ -65,10 +69,12 @@ def _ties(density: float | None, work: Path) -> Path:
     return p
 
 
-def _search_spec(optimizer: str, work: Path) -> Path:
+def _search_spec(optimizer: str, work: Path, per_layer: bool = True) -> Path:
     text = (EXAMPLES / "evolve_digits.yaml").read_text().replace("optimizer: cma", f"optimizer: {optimizer}")
     text = text.replace("digits/", str(EXAMPLES / "digits") + "/")
-    p = work / f"evolve-{optimizer}.yaml"
+    if not per_layer:   # one weight per fine-tune (3 values)
+        text = text.replace("{weight: [{search: [0, 1.5]}, {search: [0, 1.5]}]}", "{weight: {search: [0, 1.5]}}")
+    p = work / f"evolve-{optimizer}-{'layers' if per_layer else 'models'}.yaml"
     p.write_text(text)
     return p
 
@@ -77,6 +83,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--budget", type=int, default=48)
+    ap.add_argument("--long-budget", type=int, nargs="*", default=[192],
+                    help="also run the 6-weight searches with these budgets")
+    ap.add_argument("--timing-budget", type=int, default=96)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-timing", action="store_true", help="skip the 1 / 2 worker wall times")
     args = ap.parse_args()
@@ -89,12 +98,17 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     rows: dict[str, list[dict]] = {}
     try:
-        for opt in ("cma", "random"):
-            s = load_search_spec(_search_spec(opt, work))
+        runs = [(opt, True, args.budget) for opt in ("cma", "random")] + [("cma", False, args.budget)]
+        runs += [(opt, True, b) for b in args.long_budget for opt in ("cma", "random")]
+        for opt, per_layer, budget in runs:
+            s = load_search_spec(_search_spec(opt, work, per_layer))
+            name = (f"evolve ({'CMA-ES' if opt == 'cma' else 'random search'}), "
+                    f"{'6 weights (3 fine-tunes x 2 layer groups)' if per_layer else '3 weights'}, "
+                    f"{budget} candidates")
             for seed in args.seeds:
-                r = run_search(s, work / f"{opt}-{seed}", budget=args.budget, executor="local", workers=1,
-                               seed=seed)
-                rows.setdefault(f"evolve ({'CMA-ES' if opt == 'cma' else 'random search'})", []).append(
+                r = run_search(s, work / f"{opt}-{per_layer}-{budget}-{seed}", budget=budget,
+                               executor="local", workers=1, seed=seed)
+                rows.setdefault(name, []).append(
                     {"seed": seed, "val": r["best"]["value"], "test": r["test"]["value"],
                      "params": r["best"]["params"]})
         grid = [round(1.5 * i / (args.budget - 1), 6) for i in range(args.budget)]
@@ -119,7 +133,7 @@ def main() -> None:
                         continue
                 out = work / f"t-{kw['executor']}-{kw['workers']}"
                 t = time.perf_counter()
-                r = run_search(s, out, budget=args.budget, seed=0, **kw)
+                r = run_search(s, out, budget=args.timing_budget, seed=0, **kw)
                 wall = time.perf_counter() - t
                 from weightspace.zoo.evolve.log import SearchLog
 
@@ -127,10 +141,13 @@ def main() -> None:
                 merge = statistics.mean(x["merge_s"] for x in log)
                 ev = statistics.mean(x["eval_s"] for x in log)
                 per = r["search_seconds"] * kw["workers"] / len(log)
+                ends = sorted(x["elapsed_s"] for x in log)     # when each result reached the parent
+                steady = (ends[-1] - ends[0]) / (len(log) - 1) * kw["workers"]
                 timing[name] = {"wall_s": round(wall, 2), "search_s": r["search_seconds"],
                                 "merge_s": round(merge, 4), "eval_s": round(ev, 4),
                                 "worker_s_per_candidate": round(per, 4),
                                 "overhead_s_per_candidate": round(per - merge - ev, 4),
+                                "steady_overhead_s_per_candidate": round(steady - merge - ev, 4),
                                 "load_1min": round(os.getloadavg()[0], 2)}
         load.append(os.getloadavg()[0])
     finally:
@@ -144,17 +161,18 @@ def main() -> None:
         lines.append(f"| {name} | {len(rs) if len(rs) > 1 else '—'} | {fmt(rs, 'val')} | {fmt(rs, 'test')} |")
     print("\n".join(lines))
     if timing:
-        print("\n| run | wall s | merge s | evaluation s | overhead s / candidate |")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print("\n| run | wall s | merge s | evaluation s | overhead s / candidate | after start-up |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, t in timing.items():
             print(f"| {name} | {t['wall_s']:.2f} | {t['merge_s']:.4f} | {t['eval_s']:.4f} | "
-                  f"{t['overhead_s_per_candidate']:.4f} |")
+                  f"{t['overhead_s_per_candidate']:.4f} | {t['steady_overhead_s_per_candidate']:.4f} |")
     print(f"load (1 min) at start, after the table, at the end: {load}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(["python", "examples/evolve_digits.py",
                                                                 *sys.argv[1:]]),
-                                         "budget": args.budget, "seeds": args.seeds, "rows": rows,
+                                         "budget": args.budget, "long_budget": args.long_budget,
+                                         "timing_budget": args.timing_budget, "seeds": args.seeds, "rows": rows,
                                          "timing": timing, "load_1min": load,
                                          "uptime": subprocess.run(["uptime"], capture_output=True,
                                                                   text=True).stdout.strip()}, indent=1) + "\n")
