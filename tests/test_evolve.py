@@ -222,6 +222,17 @@ def test_failed_candidates_are_recorded_not_fatal(tmp_path, monkeypatch):
     assert result["best"]["value"] >= 0.3
 
 
+@pytest.mark.requires("plot")
+def test_show_plots_the_history(tmp_path, run_cli):
+    from weightspace.zoo.evolve import load_search_spec
+
+    out = tmp_path / "ev"
+    run_search(load_search_spec(_write(tmp_path, spec_text())), out, budget=4, executor="local")
+    code, text, err = run_cli("evolve", "show", out, "--plot", out / "history.png", "--json")
+    assert code == 0, err
+    assert (out / "history.png").read_bytes()[:4] == b"\x89PNG" and json.loads(text)["candidates"] == 4
+
+
 def test_a_torn_last_log_line_is_left_out(tmp_path):
     log = SearchLog(tmp_path)
     log.append({"index": 0, "status": "ok", "value": 0.5})
