@@ -36,6 +36,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "plot": ("matplotlib",),
     "ray": ("ray",),
     "peft": ("peft",),
+    "evolve": ("cma",),
 }
 HIDE_DIR = Path(__file__).resolve().parent / "hide_extras"
 

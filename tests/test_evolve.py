@@ -14,12 +14,11 @@ import pytest
 from _cli_helpers import EXAMPLES
 
 from weightspace.errors import InputError, SpecError
+from weightspace.zoo.evolve import parse_search_spec, run_search
+from weightspace.zoo.evolve.log import SearchLog
+from weightspace.zoo.evolve.optimizer import make_optimizer
 
-cma = pytest.importorskip("cma")
-
-from weightspace.zoo.evolve import parse_search_spec, run_search  # noqa: E402
-from weightspace.zoo.evolve.log import SearchLog  # noqa: E402
-from weightspace.zoo.evolve.optimizer import make_optimizer  # noqa: E402
+pytestmark = pytest.mark.requires("evolve")  # CMA-ES (cma), the default optimizer of these specs
 
 DIGITS = EXAMPLES / "digits"
 
@@ -368,41 +367,49 @@ def test_without_ray_auto_runs_local_processes_and_ray_is_a_clear_error(monkeypa
 
 
 @pytest.mark.requires("hf")
-def test_tiny_llamas_with_a_jsonl_evaluation_through_the_lm_evaluator(tmp_path, monkeypatch):
-    """The language-model path, with weightspace.evaluate monkeypatched in (the evaluator of
-    issue 20 is built beside this): each candidate's merged directory reaches it, and its
-    accuracy is the score."""
-    import types
+@pytest.mark.requires("hf")
+def test_tiny_llamas_with_a_jsonl_evaluation_through_the_lm_evaluator(tmp_path, run_cli):
+    """The language-model path with the real evaluator (weightspace.evaluate): each candidate is
+    merged with the example tokenizer and scored by multiple-choice accuracy on JSONL; the logged
+    score of the winner equals the evaluator's accuracy on best.yaml's merge."""
+    import shutil
 
+    import yaml
+
+    from weightspace.evaluate import evaluate
     from weightspace.zoo.evolve import load_search_spec
 
-    seen = []
-
-    def evaluate(model_dir, data_file, *, batch_size, max_length, device):
-        from weightspace.sources import load_space
-
-        w = load_space(model_dir)["model.embed_tokens.weight"].load().float().mean().item()
-        seen.append((Path(model_dir).name, Path(data_file).name))
-        return {"accuracy": 1.0 / (1.0 + abs(w)), "n": 3}
-
-    monkeypatch.setitem(sys.modules, "weightspace.evaluate", types.SimpleNamespace(evaluate=evaluate))
-    (tmp_path / "val.jsonl").write_text('{"text": "a", "label": 0}\n')
-    (tmp_path / "test.jsonl").write_text('{"text": "b", "label": 1}\n')
+    ev = EXAMPLES / "eval"
+    shutil.copy(ev / "mc.jsonl", tmp_path / "val.jsonl")
+    shutil.copy(ev / "mc.jsonl", tmp_path / "test.jsonl")
     models = EXAMPLES / "models"
     text = (f"merge_method: linear\nmodels:\n  - model: {models / 'ft_a'}\n    parameters: {{weight: "
             f"{{search: [0.1, 1]}}}}\n  - model: {models / 'ft_b'}\n    parameters: {{weight: {{search: [0.1, 1]}}}}\n"
+            f"tokenizer_source: {ev / 'tokenizer'}\ndtype: float32\n"
             f"search: {{optimizer: random, popsize: 3}}\nevaluation: {{data: val.jsonl, test_data: test.jsonl}}\n")
     (tmp_path / "s.yaml").write_text(text)
     s = load_search_spec(tmp_path / "s.yaml")
     assert s.evaluation.kind == "lm" and s.evaluation.metric_name == "accuracy"
     result = run_search(s, tmp_path / "ev", budget=3, executor="local")
-    assert result["failed"] == 0 and seen[:3] == [("merged", "val.jsonl")] * 3
-    assert seen[-1] == ("merged", "test.jsonl") and result["test"]["metrics"]["test.jsonl"] > 0
-
-
+    assert result["failed"] == 0
+    rows = SearchLog(tmp_path / "ev").rows()
+    assert len(rows) == 3 and all(r["status"] == "ok" and 0 <= r["value"] <= 1 for r in rows)
+    best = yaml.safe_load((tmp_path / "ev" / "best.yaml").read_text())
+    assert "search" not in best and "evaluation" not in best
+    code, _, err = run_cli("run", tmp_path / "ev" / "best.yaml", tmp_path / "merged", "--no-progress")
+    assert code == 0, err
+    want = evaluate(tmp_path / "merged", tmp_path / "val.jsonl")["metrics"]["acc"]
+    assert result["best"]["value"] == pytest.approx(want, abs=1e-12)
 def test_without_the_lm_evaluator_candidates_fail_saying_why(tmp_path, monkeypatch):
     from weightspace.zoo.evolve.candidate import lm_metric
 
     monkeypatch.setitem(sys.modules, "weightspace.evaluate", None)
     with pytest.raises(Exception, match="needs weightspace.evaluate"):
         lm_metric(tmp_path, tmp_path / "x.txt", "perplexity", batch_size=1, max_length=8, device="cpu")
+
+
+def test_wsmerge_run_on_a_search_spec_points_to_evolve(tmp_path, run_cli):
+    spec = _write(tmp_path, spec_text())
+    code, _, err = run_cli("run", spec, tmp_path / "out")
+    assert code == 2 and "this is a search spec" in err and "wsmerge evolve" in err
+    assert not (tmp_path / "out").exists()

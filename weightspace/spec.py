@@ -466,6 +466,10 @@ def _validate(data: Any, node: yaml.Node | None, source: str, model: type[M], *,
     if model is MergeSpec and "merge_method" not in data and "experts" in data:
         raise SpecError(f"{source}: this is a mixture-of-experts config (mergekit-moe's `experts`), "
                         f"not a merge spec: build it with `wsmerge moe {source} OUT`")
+    if model is MergeSpec and ("search" in data and "evaluation" in data):
+        raise SpecError(f"{source}: this is a search spec (its `search:` and `evaluation:` blocks), not a "
+                        f"merge spec: run the search with `wsmerge evolve {source} -o DIR`, then "
+                        f"`wsmerge run DIR/best.yaml OUT`")
     _check_text(data, node, source)
     try:
         return model.model_validate(data)

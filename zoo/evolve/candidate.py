@@ -82,7 +82,7 @@ def score(model_dir: Path, evaluation: dict[str, Any], split: str, *, spec_dir: 
     return sum(metrics.values()) / len(metrics), metrics
 
 
-def lm_metric(model_dir: Path, data: Path, metric: str, *, batch_size: int, max_length: int,
+def lm_metric(model_dir: Path, data: Path, metric: str, *, batch_size: int, max_length: int | None,
               device: str) -> float:
     """`metric` of a transformers model on a data file, by weightspace.evaluate (perplexity on a
     text file, accuracy on JSONL), imported only here, so a search of zoo models never needs it."""
@@ -93,10 +93,12 @@ def lm_metric(model_dir: Path, data: Path, metric: str, *, batch_size: int, max_
                                "evaluator of issue 20), which this install does not have; score "
                                "zoo models with a zoo dataset, or update weightspace") from None
     result = evaluate(str(model_dir), str(data), batch_size=batch_size, max_length=max_length, device=device)
-    if metric not in result:
-        raise WeightspaceError(f"the evaluator gave {', '.join(map(str, result)) or 'nothing'} for {data}, "
+    metrics = result.get("metrics") or {}
+    key = {"accuracy": "acc"}.get(metric, metric)  # the evaluator's report names accuracy "acc"
+    if key not in metrics:
+        raise WeightspaceError(f"the evaluator gave {', '.join(map(str, metrics)) or 'nothing'} for {data}, "
                                f"not {metric}")
-    return float(result[metric])
+    return float(metrics[key])
 
 
 __all__ = ["evaluate_candidate", "lm_metric", "score"]

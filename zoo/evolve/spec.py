@@ -91,7 +91,7 @@ class Evaluation(BaseModel):
     test_data: StrictStr | list[StrictStr] | None = None
     metric: Literal["accuracy", "perplexity"] | None = None
     batch_size: StrictInt = 256
-    max_length: StrictInt = 512
+    max_length: StrictInt | None = None  # None: the model's own length (wsmerge eval's default)
 
     @field_validator("data", "test_data")
     @classmethod
@@ -102,8 +102,8 @@ class Evaluation(BaseModel):
 
     @field_validator("batch_size", "max_length")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"must be at least 1, got {v}")
         return v
 
