@@ -27,3 +27,6 @@ class Ties(TaskVectorMerge):
     model_params = (WEIGHT, DENSITY)
     sparsification = "magnitude"
     consensus = "sum"
+    # thresholds are counted in integer histograms and the rest is elementwise: one thread gives
+    # the same bits, and was faster (134M fp32: 4.65-4.72 s against 5.3-7.6 s with two)
+    thread_invariant = True

@@ -62,6 +62,8 @@ def _spec(tmp_path, tiny_models, method):
 @pytest.mark.parametrize("method, args, expect", [
     ("linear", (), 1),                  # elementwise: one thread
     ("task_arithmetic", (), 1),
+    ("ties", (), 1),                    # thread-invariant: integer-histogram thresholds
+    ("dare_ties", (), 2),               # random masks: torch's count
     ("model_stock", (), 2),             # cosines over whole tensors: torch's count
     ("linear", ("-j", "2"), 2),         # -j sets OMP_NUM_THREADS: the count asked for
 ])
@@ -83,3 +85,24 @@ def test_wsmerge_run_threads_by_method(tiny_models, run_cli, monkeypatch, tmp_pa
     assert code == 0, err
     assert seen and set(seen) == {expect}
     assert torch.get_num_threads() == 2
+
+
+def test_ties_gives_the_same_bits_with_one_thread_and_two(tiny_models, run_cli, monkeypatch, tmp_path,
+                                                          two_threads):
+    """TIES computes with one thread because its result does not depend on the count: the same
+    merge with -j 2 (two threads) is bit for bit the same, at densities that trim."""
+    import safetensors.torch as st
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    spec = tmp_path / "ties.yaml"
+    spec.write_text(f"merge_method: ties\nbase_model: {tiny_models.base}\nmodels:\n"
+                    f"  - model: {tiny_models.ft_a}\n    parameters: {{weight: 0.7, density: 0.3}}\n"
+                    f"  - model: {tiny_models.ft_b}\n    parameters: {{weight: 0.5, density: 0.6}}\n")
+    outs = []
+    for i, args in enumerate([(), ("-j", "2")]):
+        code, _, err = run_cli("run", str(spec), str(tmp_path / f"o{i}"), "--no-progress", *args)
+        assert code == 0, err
+        outs.append(st.load_file(tmp_path / f"o{i}" / "model.safetensors"))
+    assert outs[0].keys() == outs[1].keys()
+    for n in outs[0]:
+        assert torch.equal(outs[0][n], outs[1][n]), n

@@ -43,7 +43,7 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
         stats = execute(ordered, sink, device=device, compute_dtype=plan.compute_dtype,
                         progress=progress, allow_nonfinite=allow_nonfinite,
                         desc=plan.method.name,
-                        threads=stream_threads() if plan.method.elementwise else None)
+                        threads=stream_threads() if plan.method.single_threaded else None)
         sink.finish(config=plan.config, files=plan.tokenizer_files if copy_tokenizer else {},
                     card=model_card(card_of(plan)) if write_card else None,
                     texts={"mergekit_config.yml": recipe},

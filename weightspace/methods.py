@@ -190,6 +190,15 @@ class MergeMethod:
     # the executor may then stream a large tensor in row blocks, and compute with one
     # thread (the result does not depend on the thread count: executor.stream_threads).
     elementwise: ClassVar[bool] = False
+    # True when the result does not depend on torch's thread count although entries are not
+    # independent (TIES: its trim thresholds are integer histograms, the rest elementwise):
+    # the executor then computes with one thread too
+    thread_invariant: ClassVar[bool] = False
+
+    @property
+    def single_threaded(self) -> bool:
+        """Whether a CPU merge with this method computes with one torch thread."""
+        return self.elementwise or self.thread_invariant
 
     def all_global_params(self) -> tuple[Param, ...]:
         params = self.global_params
