@@ -118,8 +118,32 @@ def diff(a, b, rename=lambda k: k):
     mapped = {rename(x) for x in a}
     return {"kinds": rows, "only_in_ours": only_a, "only_in_theirs": [k for k in b if k not in mapped]}
 
+def reference(models, grams, alpha, transpose, targets):
+    # W* = (sum_i G~_i)^-1 sum_i G~_i W_i in float64 (G~ = alpha G + (1 - alpha) diag G), from our
+    # Grams: which of the two float32 answers is nearer the exact solution
+    ws, gs = [read(m) for m in models], [read(g) for g in grams]
+    out = {}
+    for label, path in targets.items():
+        got = read(path)
+        rows = {}
+        for name in gs[0]:
+            a = sum((g[name].double() * alpha).fill_diagonal_(0) + torch.diag(g[name].double().diagonal()) for g in gs)
+            w = [(x[name].double().T if transpose else x[name].double()) for x in ws]
+            rhs = sum(((g[name].double() * alpha).fill_diagonal_(0) + torch.diag(g[name].double().diagonal())) @ wi
+                      for g, wi in zip(gs, w))
+            ref = torch.linalg.solve(a, rhs)
+            ref = ref.T if transpose else ref
+            d = (got[name].double() - ref).abs().max().item() / ref.abs().max().item()
+            r = rows.setdefault(kind(name), 0.0)
+            rows[kind(name)] = float(f"{max(r, d):.3g}")
+        out[label] = rows
+    return out
+
 spec = json.loads(sys.argv[1])
+ref = spec.pop("_reference", None)
 out = {}
+if ref is not None:
+    out["regmean: max relative difference from the float64 solution, per kind"] = reference(**ref)
 for label, (a, b, strip) in spec.items():
     ra, rb = read(a), read(b)
     out[label] = diff(ra, rb, (lambda k: k[:-7] if k.endswith(".weight") else k) if strip else (lambda k: k))
@@ -194,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "compare-fusionbench")
     ap.add_argument("--no-dump", action="store_true", help="timings only: no statistics comparison")
     ap.add_argument("-o", "--out", type=Path, default=HERE / "results" / "compare_fusionbench.json")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other cases already in --out (a case and method run again is replaced)")
     args = ap.parse_args(argv)
     bad = [c for c in args.cases if c not in CASES] + [m for m in args.methods if m not in METHODS]
     if bad:
@@ -207,6 +233,19 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"examples": args.examples, "tokens": args.tokens, "batch_size": args.batch_size,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(), "cases": []}
+    # what each process pays before any work: our pipeline starts three, FusionBench's one
+    floors = {"ours: import torch, transformers": [sys.executable, "-c", "import torch, transformers"],
+              "theirs: import torch, transformers, lightning, fusion_bench algorithms": [
+                  args.fb_python, "-c", "import torch, transformers, lightning; "
+                  "import fusion_bench.method.regmean.gpt2_regmean, fusion_bench.method.fisher_merging.gpt2_fisher_merging"]}
+    if args.update and args.out.is_file():
+        before = json.loads(args.out.read_text())
+        ran = {(c, m) for c in args.cases for m in args.methods}
+        results["cases"] = [e for e in before.get("cases", []) if (e["case"], e["method"]) not in ran]
+        results["startup_before"] = before.get("startup")
+    results["startup"] = [row_of(run_child(cmd, args.work / "logs" / f"startup-{i}.log", None), label)
+                          for i, (label, cmd) in enumerate(floors.items())]
+    print(json.dumps(results["startup"]), flush=True)
     for case in args.cases:
         work = args.work / case
         work.mkdir(parents=True, exist_ok=True)
@@ -257,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                 spec["merged (each tool end to end)"] = [str(merged), str(fb_out), False]
                 spec["merged: FusionBench's merge of our statistics"] = [
                     str(merged), str(dump / "fb_merge_of_ours.safetensors"), False]
+                if method == "regmean":
+                    spec["_reference"] = {"models": list(map(str, models)), "grams": list(map(str, stats)),
+                                          "alpha": RATIO[case], "transpose": ARCH[case] == "llama",
+                                          "targets": {"ours": str(merged),
+                                                      "fusionbench end to end": str(fb_out),
+                                                      "fusionbench merge of our Grams":
+                                                          str(dump / "fb_merge_of_ours.safetensors")}}
                 r = run_child([sys.executable, "-c", COMPARE, json.dumps(spec)],
                               work / "logs" / f"compare-{method}.log", None)
                 text = Path(r["log"]).read_text()
