@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def ours_cmds(exe: str, method: str, case: str, models: list[Path], data: Path, 
     stats = [work / f"ours-{method}-{m.name}" for m in models]
     cmds = []
     for m, s in zip(models, stats):
-        extra = ["--estimator", "empirical"] if method == "fisher" else []
+        extra = ["--estimator", "empirical"] if method == "fisher" else ["--padding", args.padding]
         cmds.append((f"{'gram' if method == 'regmean' else 'fisher'} {m.name}",
                      [exe, "gram" if method == "regmean" else "fisher", str(m), "-o", str(s), *common, *extra]))
     spec = work / f"ours-{method}.yaml"
@@ -216,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the Python of FusionBench 0.2.33's own virtualenv")
     ap.add_argument("--ckpt-root", type=Path, default=HERE / "work")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "compare-fusionbench")
+    ap.add_argument("--ragged", type=int, default=None, metavar="MIN",
+                    help="lines of MIN to --tokens words (seeded) instead of exactly --tokens: padded batches")
+    ap.add_argument("--padding", choices=["exclude", "include"], default="exclude",
+                    help="our `wsmerge gram --padding` (FusionBench's rows are every padded position)")
     ap.add_argument("--no-dump", action="store_true", help="timings only: no statistics comparison")
     ap.add_argument("-o", "--out", type=Path, default=HERE / "results" / "compare_fusionbench.json")
     ap.add_argument("--update", action="store_true",
@@ -229,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                  f"(the first command in --help)")
     exe = str(Path(sys.executable).parent / "wsmerge")
     child = str(HERE / "_fusionbench_child.py")
-    from bench_stats import write_data
+    from bench_stats import WORDS, write_data
 
     results = {"examples": args.examples, "tokens": args.tokens, "batch_size": args.batch_size,
+               "ragged_min": args.ragged, "padding": args.padding,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpus": os.cpu_count(), "cases": []}
     # what each process pays before any work: our pipeline starts three, FusionBench's one
     floors = {"ours: import torch, transformers": [sys.executable, "-c", "import torch, transformers"],
@@ -250,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work / case
         work.mkdir(parents=True, exist_ok=True)
         base, models, n_params = prepare_case(case, args, work)
-        data = write_data(work / f"data-{args.examples}x{args.tokens}.txt", args.examples, args.tokens)
+        if args.ragged:
+            data = work / f"data-{args.examples}x{args.ragged}-{args.tokens}.txt"
+            rng = random.Random(0)
+            data.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(args.ragged, args.tokens)))
+                                      for _ in range(args.examples)) + "\n")
+        else:
+            data = write_data(work / f"data-{args.examples}x{args.tokens}.txt", args.examples, args.tokens)
         for method in args.methods:
             entry = {"case": case, "method": method, "params": n_params, "runs": []}
             cmds, stats, merged = ours_cmds(exe, method, case, models, data, work, args)
