@@ -59,7 +59,8 @@ def _parse_only(argv: list[str]) -> str | None:
         return f"draws a plot, and this install {why}"
     if (argv[0] == "eval" or "examples/eval/linear.yaml" in argv) and (why := missing_extra("hf")):
         return f"runs a transformers model, and this install {why}"
-    if argv[0] == "evolve" and (why := missing_extra("evolve")):  # `show` reads the search before it
+    if (argv[0] == "evolve" or "runs/evolve/best.yaml" in argv) and (why := missing_extra("evolve")):
+        # `show` and `run best.yaml` read the search before them
         return f"searches with CMA-ES (cma), and this install {why}"
     return None
 
