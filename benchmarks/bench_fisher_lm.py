@@ -30,18 +30,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def write_tokenizer(d: Path, vocab_size: int) -> list[str]:
-    specials = ["<unk>", "<s>", "</s>"]
-    words = [f"t{i}" for i in range(vocab_size - len(specials))]
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, t in enumerate(specials)]
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-           "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-           "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (d / "tokenizer.json").write_text(json.dumps(tok))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
-        "eos_token": "</s>"}))
+    from weightspace.tokenizers.word_level import SPECIALS, write_word_tokenizer
+
+    words = [f"t{i}" for i in range(vocab_size - len(SPECIALS))]
+    write_word_tokenizer(d, words)
     return words
 
 

@@ -8,7 +8,6 @@ checked against sum over the block of tau * dL/dtheta and against finite differe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from weightspace.merges.atlas import learn_coefficients, load_coefficients
 from weightspace.merges.atlas.objectives import supervised_loss
 from weightspace.merges.atlas.task_vectors import TaskVectors
 from weightspace.sources import load_space
+from weightspace.tokenizers.word_level import write_word_tokenizer
 
 pytestmark = pytest.mark.requires("hf")
 
@@ -27,18 +27,8 @@ TEXT = ["apple pear fig sum", "integral proof", "verb noun poem rhyme apple pear
 
 
 def write_tokenizer(d: Path) -> None:
-    """A whitespace WordLevel tokenizer.json with <unk>, <s>, </s> at ids 0, 1, 2."""
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, t in enumerate(specials)]
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-           "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-           "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (d / "tokenizer.json").write_text(json.dumps(tok))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
-        "eos_token": "</s>"}))
+    """A whitespace WordLevel tokenizer: <unk>, <s>, </s> at ids 0, 1, 2, then WORDS."""
+    write_word_tokenizer(d, WORDS)
 
 
 def _llama(root: Path, dtype: torch.dtype = torch.float32) -> tuple[Path, list[Path]]:

@@ -18,6 +18,7 @@ import torch
 from weightspace.errors import InputError
 from weightspace.evaluate.data import read_data
 from weightspace.evaluate.lm import CausalLMScorer, Request, rolling_windows
+from weightspace.tokenizers.word_level import write_word_tokenizer
 from weightspace.zoo.tiny import write_tiny_llama
 
 WORDS = ["apple", "pear", "fig", "sum", "integral", "proof", "verb", "noun", "poem", "rhyme", "café"]
@@ -32,17 +33,8 @@ QUESTIONS = [
 
 
 def write_tokenizer(d: Path) -> None:
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, t in enumerate(specials)]
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-           "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-           "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (d / "tokenizer.json").write_text(json.dumps(tok))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
-        "eos_token": "</s>"}))
+    """A whitespace WordLevel tokenizer: <unk>, <s>, </s> at ids 0, 1, 2, then WORDS."""
+    write_word_tokenizer(d, WORDS)
 
 
 def ids(text: str) -> list[int]:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from weightspace.sources import load_space
+from weightspace.tokenizers.word_level import write_word_tokenizer
 
 pytestmark = pytest.mark.requires("hf")
 
@@ -221,18 +222,8 @@ def test_bf16_model_gives_float32_fishers_close_to_float32_models():
 
 
 def write_tokenizer(d: Path) -> None:
-    """A whitespace WordLevel tokenizer with <unk>, <s>, </s> at 0, 1, 2 and w0.. after them."""
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, t in enumerate(specials)]
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-           "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-           "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (d / "tokenizer.json").write_text(json.dumps(tok))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
-        "eos_token": "</s>"}))
+    """A whitespace WordLevel tokenizer: <unk>, <s>, </s> at ids 0, 1, 2, then WORDS."""
+    write_word_tokenizer(d, WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ one pass, bf16 models, tied embeddings, and the CLI's errors."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from weightspace.merges.regmean import GramRun, gram_info, gram_matrices, save_g
 from weightspace.methods import TensorParams, get_method
 from weightspace.safetensors_io import read_header
 from weightspace.sources import load_space
+from weightspace.tokenizers.word_level import write_word_tokenizer
 
 WORDS = ["apple", "pear", "fig", "sum", "integral", "proof", "verb", "noun", "poem", "rhyme"]
 
@@ -273,17 +273,8 @@ def test_conv2d_and_conv1d_grams_are_of_their_patches_and_the_merge_is_least_squ
 
 
 def write_tokenizer(d: Path) -> None:
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, t in enumerate(specials)]
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-           "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-           "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (d / "tokenizer.json").write_text(json.dumps(tok))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "bos_token": "<s>",
-        "eos_token": "</s>"}))
+    """A whitespace WordLevel tokenizer: <unk>, <s>, </s> at ids 0, 1, 2, then WORDS."""
+    write_word_tokenizer(d, WORDS)
 
 
 @pytest.mark.requires("hf")

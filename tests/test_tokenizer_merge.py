@@ -636,3 +636,17 @@ def test_tokens_past_the_bases_vocab_size_are_dropped_with_the_merges_that_make_
     assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).tokenize("abc") == ["ab", "c"]
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert merged[EMBED].shape == (4, 32)
+
+
+@pytest.mark.requires("hf")
+def test_the_word_level_tokenizer_gives_specials_then_the_words_in_order(tmp_path):
+    import transformers
+
+    from weightspace.tokenizers.word_level import write_word_tokenizer
+
+    write_word_tokenizer(tmp_path, ["apple", "pear"])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert tok("pear apple kiwi", add_special_tokens=False)["input_ids"] == [4, 3, 0]
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    with pytest.raises(ValueError, match="repeat or name a special token"):
+        write_word_tokenizer(tmp_path, ["apple", "apple"])
