@@ -413,3 +413,35 @@ def test_wsmerge_run_on_a_search_spec_points_to_evolve(tmp_path, run_cli):
     code, _, err = run_cli("run", spec, tmp_path / "out")
     assert code == 2 and "this is a search spec" in err and "wsmerge evolve" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_small_zoo_merge_is_scored_in_memory_with_the_directory_path_s_score(tmp_path, monkeypatch):
+    """A zoo candidate under IN_MEMORY_BYTES is merged into memory (no temporary directory) and
+    scores exactly what the same merge written to a directory scores."""
+    from weightspace.zoo.evolve import candidate
+
+    spec = {"merge_method": "task_arithmetic", "base_model": str(DIGITS / "base"),
+            "models": [{"model": str(DIGITS / f"ft{i}"), "parameters": {"weight": w}}
+                       for i, w in enumerate([0.4, 0.7, 0.5])],
+            "parameters": {"lambda": 1.0}}
+    unit = {"spec": spec, "evaluation": {"data": "digits"}, "split": "val"}
+    made = []
+    real_mkdtemp = candidate.tempfile.mkdtemp
+    monkeypatch.setattr(candidate.tempfile, "mkdtemp", lambda **k: made.append(1) or real_mkdtemp(**k))
+    mem = candidate.evaluate_candidate(unit)
+    assert mem["error"] is None and mem.get("in_memory") is True and not made
+    monkeypatch.setattr(candidate, "IN_MEMORY_BYTES", 0)
+    disk = candidate.evaluate_candidate(unit)
+    assert disk["error"] is None and "in_memory" not in disk and made
+    assert mem["value"] == disk["value"] and mem["metrics"] == disk["metrics"]
+
+
+def test_open_model_takes_an_in_memory_zoo_model_only():
+    import torch
+
+    from weightspace.ir import WeightSpace
+    from weightspace.zoo.bind import open_model
+
+    space = WeightSpace.from_tensors({"w": torch.zeros(2)}, {"config": {"model_type": "llama"}})
+    with pytest.raises(SpecError, match="must be a zoo model"):
+        open_model(space)

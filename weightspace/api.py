@@ -24,6 +24,7 @@ from weightspace.errors import SpecError
 from weightspace.executor import execute
 from weightspace.ir import WeightSpace
 from weightspace.methods import get_method
+from weightspace.sink import MemorySink
 
 StateDictLike = Mapping[str, torch.Tensor] | nn.Module
 
@@ -82,7 +83,7 @@ def merge_state_dicts(models: Mapping[Hashable, StateDictLike] | Sequence[StateD
     # validated as a spec file is, naming fields (models[1].parameters.density) without lines
     parsed = validate_spec(spec, source="merge_state_dicts")
     plan = plan_merge(parsed, spaces=spaces)
-    sink = _TensorSink()
+    sink = MemorySink()
     execute(plan.steps, sink, device=device, compute_dtype=plan.compute_dtype, progress=False)
     return {n: sink.result(n) for n in names}
 
@@ -130,25 +131,6 @@ def _per_input(name: str, value: Mapping | Sequence, ids: list) -> dict:
     if len(value) != len(ids):
         raise SpecError(f"merge_state_dicts: parameters.{name}: {len(value)} values for {len(ids)} models")
     return dict(zip(ids, value))
-
-
-class _TensorSink:
-    """Collects the executor's results in memory (row blocks joined per tensor)."""
-
-    out = None
-
-    def __init__(self) -> None:
-        self.parts: dict[str, list[torch.Tensor]] = {}
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.parts.setdefault(name, []).append(tensor)
-
-    def abort(self) -> None:
-        self.parts.clear()
-
-    def result(self, name: str) -> torch.Tensor:
-        parts = self.parts[name]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 __all__ = ["merge_state_dicts", "merge_tensors"]

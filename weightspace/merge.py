@@ -13,9 +13,10 @@ from pathlib import Path
 from weightspace.card import Card, model_card
 from weightspace.executor import Step, execute, stream_threads
 from weightspace.inputs import check_carried
+from weightspace.ir import WeightSpace
 from weightspace.params import evaluate
 from weightspace.plan import MergePlan, plan_merge
-from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink
+from weightspace.sink import DEFAULT_SHARD_SIZE, CheckpointSink, MemorySink
 
 # ---------------------------------------------------------------- running
 
@@ -54,6 +55,17 @@ def run_plan(plan: MergePlan, out: str | Path, *, device: str = "auto",
     stats["out"] = str(out)
     stats["shards"] = len(sink.names)
     return stats
+
+
+def merge_in_memory(plan: MergePlan, *, device: str = "cpu") -> WeightSpace:
+    """The plan's result as an in-memory WeightSpace (meta: the output config), for merges small
+    enough to hold, where writing and reading a directory would cost more than the merge."""
+    sink = MemorySink()
+    names = [n for n, _, _ in plan.outputs()]
+    execute(plan.steps, sink, device=device, compute_dtype=plan.compute_dtype, progress=False,
+            desc=plan.method.name, threads=stream_threads() if plan.method.single_threaded else None)
+    return WeightSpace.from_tensors({n: sink.result(n) for n in names},
+                                    {"source": "memory", "config": plan.config or {}})
 
 
 def card_of(plan: MergePlan) -> Card:

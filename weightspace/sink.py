@@ -89,6 +89,25 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
 
 
+class MemorySink:
+    """Collects the executor's results in memory (row blocks joined per tensor)."""
+
+    out = None
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.parts.setdefault(name, []).append(tensor)
+
+    def abort(self) -> None:
+        self.parts.clear()
+
+    def result(self, name: str) -> torch.Tensor:
+        parts = self.parts[name]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
 class CheckpointSink:
     """Write a checkpoint directory tensor by tensor, atomically."""
 

@@ -33,6 +33,7 @@ from weightspace.binding import (
 )
 from weightspace.errors import InputError, SpecError
 from weightspace.extras import require
+from weightspace.ir import WeightSpace
 from weightspace.sources import load_space
 
 TASKS = ("auto", "classification", "causal-lm")
@@ -47,26 +48,31 @@ def _local_dir(model: str | Path) -> Path:
     return Path(resolve_hub(str(model)))
 
 
-def open_model(model: str | Path, *, task: str = "auto", num_labels: int | None = None,
+def open_model(model: str | Path | WeightSpace, *, task: str = "auto", num_labels: int | None = None,
                seed: int = 0, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Adapter:
-    """An adapter over the model at `model` (a zoo checkpoint or a transformers directory).
+    """An adapter over the model at `model` (a zoo checkpoint or a transformers directory, or a
+    zoo model's in-memory WeightSpace whose meta holds its config).
 
     The module is put on `device`; `dtype` None keeps the checkpoint's floating dtype
     (a transformers model loads with ``dtype="auto"``), a dtype casts its floating tensors.
     """
     if task not in TASKS:
         raise SpecError(f"--task: unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    space = load_space(model)
+    space = model if isinstance(model, WeightSpace) else load_space(model)
     cfg = space.meta.get("config") or {}
     if cfg.get("model_type") == "weightspace-zoo":
         from weightspace.zoo.arch import model_from_config
 
-        module = model_from_config(cfg, str(model), tensors=space)
+        name = "an in-memory merge" if isinstance(model, WeightSpace) else str(model)
+        module = model_from_config(cfg, name, tensors=space)
         load_into(module, space)
         module.to(device=device, dtype=dtype)
         module.eval()
         return ClassifierAdapter(module, num_classes=int(cfg["num_classes"]))
+    if isinstance(model, WeightSpace):
+        raise SpecError("open_model: an in-memory WeightSpace must be a zoo model (config model_type "
+                        "weightspace-zoo); save a transformers model to a directory first")
     adapter = _open_hf(model, cfg, task, num_labels, seed, dtype)
     adapter.module.to(device)
     return adapter

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from weightspace.errors import InputError, SpecError
+from weightspace.ir import WeightSpace
 from weightspace.spec import MergeSpec, validate_spec
 
 # the most candidates one --search tries: each is a whole merge and an evaluation
@@ -65,13 +66,15 @@ def with_value(spec: MergeSpec, param: str, value: float, option: str | None = N
     return validate_spec(data, source=option).with_origin_of(spec)
 
 
-def accuracy(model_dir: str | Path, data: str, split: str = "val", batch_size: int = 512) -> float:
-    """Top-1 accuracy of a merged model on DATA's split."""
+def accuracy(model_dir: str | Path | WeightSpace, data: str, split: str = "val", batch_size: int = 512) -> float:
+    """Top-1 accuracy of a merged model (a directory, or a zoo model's in-memory WeightSpace) on
+    DATA's split."""
     from weightspace.zoo.bind import open_batches, open_model
 
     adapter = open_model(model_dir)
+    tokenizer = None if isinstance(model_dir, WeightSpace) else model_dir
     acc = adapter.accuracy(adapter.params(), open_batches(data, adapter, split=split, batch_size=batch_size,
-                                                          tokenizer=model_dir))
+                                                          tokenizer=tokenizer))
     if acc is None:
         raise SpecError(f"--data {data}: no labelled examples in split {split!r}")
     return acc

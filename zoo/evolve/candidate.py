@@ -5,9 +5,10 @@
     result  # {"value": 0.71, "metrics": {...}, "merge_s": 0.04, "eval_s": 0.02, "error": None}
 
 A unit and its result are plain data (dicts of str, float), so the same function runs in this
-process, in a local worker process or as a Ray task. The merge streams through
-weightspace.merge.run_plan into a temporary directory of the worker's machine (TMPDIR; a
-tmpfs there keeps small models in memory), which is removed whatever happens. An error in the
+process, in a local worker process or as a Ray task. A zoo model's merge of at most
+IN_MEMORY_BYTES is held in memory (weightspace.merge.merge_in_memory) and scored there; any
+other merge streams through weightspace.merge.run_plan into a temporary directory of the
+worker's machine (TMPDIR), which is removed whatever happens. An error in the
 merge or the evaluation is returned, not raised, so one bad candidate never stops a search.
 """
 
@@ -32,17 +33,22 @@ def evaluate_candidate(unit: dict[str, Any]) -> dict[str, Any]:
                            "error": None, "worker": f"{os.uname().nodename}:{os.getpid()}"}
     work = None
     try:
-        from weightspace.merge import plan_merge, run_plan
+        from weightspace.merge import merge_in_memory, plan_merge, run_plan
         from weightspace.spec import validate_spec
 
         spec = validate_spec(unit["spec"], source=unit.get("source", "candidate"))
-        work = Path(tempfile.mkdtemp(prefix="wsmerge-evolve-"))
         t = time.perf_counter()
         plan = plan_merge(spec, spec_dir=unit.get("spec_dir"))
-        run_plan(plan, work / "merged", progress=False, write_card=False, device=unit.get("device", "cpu"))
+        if _in_memory(plan, unit["evaluation"]):
+            merged = merge_in_memory(plan, device=unit.get("device", "cpu"))
+            out["in_memory"] = True
+        else:
+            work = Path(tempfile.mkdtemp(prefix="wsmerge-evolve-"))
+            run_plan(plan, work / "merged", progress=False, write_card=False, device=unit.get("device", "cpu"))
+            merged = work / "merged"
         out["merge_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        value, metrics = score(work / "merged", unit["evaluation"], unit.get("split", "val"),
+        value, metrics = score(merged, unit["evaluation"], unit.get("split", "val"),
                                spec_dir=unit.get("spec_dir"), test=unit.get("test", False),
                                device=unit.get("device", "cpu"))
         out["eval_s"] = time.perf_counter() - t
@@ -60,7 +66,22 @@ def evaluate_candidate(unit: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def score(model_dir: Path, evaluation: dict[str, Any], split: str, *, spec_dir: str | None = None,
+# a zoo model's merge up to this size is held in memory and scored there (no directory written
+# and read back, nothing to clean up); a language model is evaluated from a directory, which
+# its tokenizer and transformers' loader need
+IN_MEMORY_BYTES = 256 << 20
+
+
+def _in_memory(plan: Any, evaluation: dict[str, Any]) -> bool:
+    from weightspace.safetensors_io import nbytes_of
+    from weightspace.zoo.evolve.spec import Evaluation
+
+    if Evaluation.model_validate(evaluation).kind == "lm":
+        return False
+    return sum(nbytes_of(shape, dtype) for _, dtype, shape in plan.outputs()) <= IN_MEMORY_BYTES
+
+
+def score(model_dir: Path | Any, evaluation: dict[str, Any], split: str, *, spec_dir: str | None = None,
           test: bool = False, device: str = "cpu") -> tuple[float, dict[str, float]]:
     """The evaluation's metric on the merged model: the mean over its datasets (their own
     values in `metrics`). `test` scores the test split (zoo) or the test files instead."""
