@@ -125,6 +125,19 @@ def replace_dir(tmp: Path, out: Path, *, overwrite: bool) -> None:
     fsync_dir(out.parent)
 
 
+def append_line(path: str | Path, line: bytes) -> None:
+    """Append one log line whole (looping over short writes) and fsync it: a line is a log's
+    unit, so a kill leaves at most a torn last line, which the reader skips."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from weightspace.errors import InputError, SpecError, WeightspaceError
-from weightspace.files import atomic_file, clean_stale_in, temp_sibling
+from weightspace.files import append_line, atomic_file, clean_stale_in, temp_sibling
 from weightspace.methods import suggest
 
 CATALOG = "catalog.parquet"
@@ -263,14 +263,7 @@ class Zoo:
     def _log(self, entry: Mapping[str, Any]) -> None:
         """Append one entry to the catalog log, whole and fsynced (a line is its unit)."""
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.log_path, line)
         self._dirty = True
 
     def compact(self) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from weightspace.errors import InputError
-from weightspace.files import atomic_file
+from weightspace.files import append_line, atomic_file
 
 PARQUET = "candidates.parquet"
 LOG = "candidates.log"
@@ -68,14 +68,7 @@ class SearchLog:
     def append(self, row: dict[str, Any]) -> None:
         line = (json.dumps({k: _finite(v) for k, v in row.items()}, separators=(",", ":"),
                            allow_nan=False) + "\n").encode()
-        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.log, line)
 
     def rows(self) -> list[dict[str, Any]]:
         by_index: dict[int, dict[str, Any]] = {}
