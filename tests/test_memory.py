@@ -50,9 +50,9 @@ def test_a_threshold_the_user_set_is_left_alone():
 def test_a_buffer_is_handed_out_again_only_once_no_tensor_uses_it():
     import torch
 
-    from weightspace.buffers import ReadPool
+    from weightspace.buffers import BufferPool
 
-    pool = ReadPool(cap=64 << 20)
+    pool = BufferPool(cap=64 << 20)
     a = pool.take(6 << 20)
     a.fill_(7)
     ptr = a.data_ptr()
@@ -78,7 +78,7 @@ def test_a_buffer_is_handed_out_again_only_once_no_tensor_uses_it():
 def test_reading_into_pooled_buffers_gives_the_same_tensors(tmp_path):
     import torch
 
-    from weightspace.buffers import empty_like, read_pool
+    from weightspace.buffers import buffer_pool, empty_like
     from weightspace.ir import WeightSpace
     from weightspace.safetensors_io import read_header, read_tensor
     from weightspace.sink import save_space
@@ -88,7 +88,7 @@ def test_reading_into_pooled_buffers_gives_the_same_tensors(tmp_path):
     save_space(WeightSpace.from_tensors(ts), tmp_path / "m")
     path = tmp_path / "m" / "model.safetensors"
     entries, _ = read_header(path)
-    with read_pool(16 << 20) as pool:
+    with buffer_pool(16 << 20) as pool:
         got = {}
         for _ in range(3):                    # later rounds read into buffers freed by earlier ones
             got = {n: read_tensor(path, entries[n]) for n in ts}
@@ -126,7 +126,7 @@ def test_a_merge_reads_into_reused_buffers_and_writes_the_same_bits(tmp_path, ru
             {"model": str(tmp_path / f"m{i}"), "parameters": {"weight": 1.0, "density": 0.3}} for i in (1, 2)]},
     }
     stats = []
-    orig = buffers.ReadPool.clear
+    orig = buffers.BufferPool.clear
 
     def clear(self):
         stats.append((self.reused, self.fresh))
@@ -134,19 +134,19 @@ def test_a_merge_reads_into_reused_buffers_and_writes_the_same_bits(tmp_path, ru
 
     for method, spec in specs.items():
         (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(spec))
-        buffers.ReadPool.clear = clear
+        buffers.BufferPool.clear = clear
         try:
             code, _, err = run_cli("run", str(tmp_path / f"{method}.yaml"), str(tmp_path / f"{method}-pooled"))
         finally:
-            buffers.ReadPool.clear = orig
+            buffers.BufferPool.clear = orig
         assert code == 0, err
         assert stats and stats[-1][0] > 0, stats      # buffers were reused
-        take = buffers.ReadPool._take                  # the same merge with every buffer fresh
-        buffers.ReadPool._take = lambda self, n: torch.empty(n, dtype=torch.uint8)
+        take = buffers.BufferPool._take                  # the same merge with every buffer fresh
+        buffers.BufferPool._take = lambda self, n: torch.empty(n, dtype=torch.uint8)
         try:
             code, _, err = run_cli("run", str(tmp_path / f"{method}.yaml"), str(tmp_path / f"{method}-fresh"))
         finally:
-            buffers.ReadPool._take = take
+            buffers.BufferPool._take = take
         assert code == 0, err
         a = st.load_file(tmp_path / f"{method}-pooled" / "model.safetensors")
         b = st.load_file(tmp_path / f"{method}-fresh" / "model.safetensors")

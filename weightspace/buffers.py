@@ -1,4 +1,5 @@
-"""Reusing read buffers inside one streaming run, so tensors are read into memory already mapped.
+"""Reusing buffers inside one streaming run, so tensors are read (and results written) into
+memory already mapped.
 
 A streaming merge reads every input byte once into a fresh buffer. A fresh buffer larger than
 glibc's mmap threshold (fixed at 8 MiB in the `wsmerge` process, see weightspace.memory) is a new
@@ -6,17 +7,19 @@ mapping, and the kernel zero-fills each of its 4 KiB pages on first touch: 200,0
 and about 0.3-0.6 s of system time for the 0.8 GB a 134M bf16 three-model merge reads, more than
 its compute. The I/O floor pays none of it (it reads into one reused buffer).
 
-    with read_pool(256 << 20):        # in the executor's reader thread
+    with buffer_pool(256 << 20):       # in the executor's reader thread
         t = read_tensor(path, entry)   # its bytes may land in a buffer an earlier tensor used
 
-A `ReadPool` keeps the storages it handed out (up to `cap` bytes) and hands one out again once
+A `BufferPool` keeps the storages it handed out (up to `cap` bytes) and hands one out again once
 no tensor uses it any more: the pool's own reference is then the storage's only one
 (`use_count() == 1`), and nothing outside the pool can take a new reference to it. So a tensor
 that a method keeps is never overwritten, and nothing has to give buffers back. Buffers under
-`min_bytes` are left to malloc, whose heap already reuses them. A pool is active only in the
-thread that entered `read_pool` and only for the `with` block; its buffers are released at the
-end, so the run's peak memory grows by at most the free buffers it holds (bounded by `cap`,
-which the executor sets to its prefetch budget: the bytes in flight anyway).
+`min_bytes` are left to malloc, whose heap already reuses them. A fresh allocation first gives
+back every free buffer, so free buffers never sit beside a new one at a peak. A pool is active
+only in the threads that entered `buffer_pool` with it (the executor shares one between its
+reader and compute threads) and only for the `with` block; it holds at most `cap` bytes, which
+the executor sets to its prefetch budget or the largest step's inputs and output, whichever is
+more: bytes that are in memory at some point anyway.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ def _use_count(storage: torch.UntypedStorage) -> int:
     return _USE_COUNT(storage._cdata) if _USE_COUNT is not None else 2
 
 
-class ReadPool:
-    """Byte buffers for tensors read from disk, reused once no tensor refers to them."""
+class BufferPool:
+    """Byte buffers for tensors read from disk and for methods' outputs, reused once no tensor
+    refers to them."""
 
     def __init__(self, cap: int, min_bytes: int = 1 << 20):
         self.cap, self.min_bytes = cap, min_bytes
@@ -82,17 +86,17 @@ def _tensor_on(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
 
 
 @contextmanager
-def read_pool(cap: int | ReadPool, min_bytes: int = 1 << 20) -> Iterator[ReadPool]:
-    """Make a ReadPool (a new one of `cap` bytes, or the one given, to share it between
+def buffer_pool(cap: int | BufferPool, min_bytes: int = 1 << 20) -> Iterator[BufferPool]:
+    """Make a BufferPool (a new one of `cap` bytes, or the one given, to share it between
     threads) the buffer source of `read_buffer` and `empty_like` in this thread for the block."""
-    pool = cap if isinstance(cap, ReadPool) else ReadPool(cap, min_bytes)
+    pool = cap if isinstance(cap, BufferPool) else BufferPool(cap, min_bytes)
     before = getattr(_active, "pool", None)
     _active.pool = pool
     try:
         yield pool
     finally:
         _active.pool = before
-        if not isinstance(cap, ReadPool):
+        if not isinstance(cap, BufferPool):
             pool.clear()
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from weightspace.buffers import ReadPool, read_pool
+from weightspace.buffers import BufferPool, buffer_pool
 from weightspace.errors import NonFiniteError, WeightspaceError
 from weightspace.safetensors_io import nbytes_of
 
@@ -201,7 +201,7 @@ class _Run:
         # read and output buffers, reused (weightspace.buffers): as many bytes as the budget lets
         # the reader hold, or the largest step's inputs and output, which are in memory anyway
         largest = max((s.read_bytes + s.out_bytes for s in steps), default=0)
-        self.pool = ReadPool(max(prefetch_bytes, largest))
+        self.pool = BufferPool(max(prefetch_bytes, largest))
         self.errors: list[BaseException] = []
         self.bar = None
         self.lock = threading.Lock()
@@ -231,7 +231,7 @@ class _Run:
         wt.start()
         failed = False
         try:
-            with read_pool(self.pool):  # outputs of methods that draw from it (empty_like)
+            with buffer_pool(self.pool):  # outputs of methods that draw from it (empty_like)
                 self._compute_all()
         except BaseException:
             failed = True
@@ -276,7 +276,7 @@ class _Run:
     def read(self) -> None:
         """Load each step's inputs on the CPU (in the compute dtype there), within the budget,
         into buffers reused once no tensor holds them (weightspace.buffers)."""
-        with read_pool(self.pool):
+        with buffer_pool(self.pool):
             self._read_all()
 
     def _read_all(self) -> None:

@@ -154,7 +154,7 @@ HAS_PREADV = hasattr(os, "preadv")
 def read_tensor(path: str | Path, entry: Entry, fd: int | None = None) -> torch.Tensor:
     """Read one tensor's bytes with positioned reads into a fresh CPU tensor (`fd`: an open
     descriptor of `path` to read from, where the platform has positioned reads). Inside a
-    `weightspace.buffers.read_pool` block the buffer may be one an earlier, dropped tensor used."""
+    `weightspace.buffers.buffer_pool` block the buffer may be one an earlier, dropped tensor used."""
     buf = read_buffer(entry.nbytes)
     if entry.nbytes:
         view = memoryview(buf.numpy()).cast("B")
