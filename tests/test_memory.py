@@ -157,3 +157,14 @@ def test_a_merge_reads_into_reused_buffers_and_writes_the_same_bits(tmp_path, ru
     for n in base:
         want = (models[0][n] + 2 * models[1][n] + 3 * models[2][n]) / 6
         torch.testing.assert_close(lin[n], want, rtol=0, atol=1e-6)
+
+
+def test_without_a_storage_use_count_the_pool_holds_nothing(monkeypatch):
+    """A torch without the private use count cannot tell a free buffer: every buffer is fresh and
+    none is held (held ones could never be freed)."""
+    import weightspace.buffers as buffers
+
+    monkeypatch.setattr(buffers, "_USE_COUNT", None)
+    pool = buffers.BufferPool(cap=64 << 20)
+    assert pool.take(4 << 20).numel() == 4 << 20
+    assert pool.held_bytes == 0 and pool.held == []

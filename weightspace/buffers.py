@@ -33,11 +33,11 @@ import torch
 _active = threading.local()
 
 
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # without it, nothing is reused
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # without it, nothing is pooled
 
 
 def _use_count(storage: torch.UntypedStorage) -> int:
-    return _USE_COUNT(storage._cdata) if _USE_COUNT is not None else 2
+    return _USE_COUNT(storage._cdata)
 
 
 class BufferPool:
@@ -53,7 +53,7 @@ class BufferPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A uint8 CPU tensor of `nbytes` bytes (contents undefined)."""
-        if nbytes < self.min_bytes:
+        if nbytes < self.min_bytes or _USE_COUNT is None:  # no use count: nothing can be reused
             return torch.empty(nbytes, dtype=torch.uint8)
         with self.lock:
             return self._take(nbytes)
