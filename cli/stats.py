@@ -98,7 +98,7 @@ def _shard_size_option(fn):
               show_default=True, help="Per-example gradients by torch.func.vmap, by an autograd loop, "
                                       "or auto: vmap, with the loop where the model does not trace "
                                       "and for a transformers model on the CPU (faster there, and "
-                                      "a third of vmap's memory).")
+                                      "less than half of vmap's memory at 134M).")
 @_shard_size_option
 def fisher(model: str, data: str, out: Path, split: str, n_examples: int, batch_size: int, task: str,
            num_labels: int | None, max_length: int, seed: int, device: str, overwrite: bool,
